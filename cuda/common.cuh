@@ -1,0 +1,34 @@
+// Storage types and conversions shared by every msa_cupy kernel.
+//
+// No CUDA toolkit headers: the sources compile with bare NVRTC (no include path), so
+// fp16/bf16 are 16-bit payloads converted with PTX.  Arrays are token-major; offsets that
+// multiply tokens x heads x dim use int64 (1M tokens x 64 heads x 128 passes 2^31).
+#pragma once
+
+typedef long long i64;
+
+struct bf16 { unsigned short bits; };
+struct f16 { unsigned short bits; };
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
+__device__ __forceinline__ float to_float(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float x) {
+    bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    return r;
+}
+template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
+    f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    return r;
+}
+
+#define MSA_NEG_INF (-__int_as_float(0x7f800000))

@@ -1,0 +1,402 @@
+"""Argument checks and DLPack interop.
+
+Every public function validates its arguments here, on shapes, dtypes and host copies of
+``cu_seqlens``, before any kernel runs, so that nothing is written on error.  Arrays come
+in as NumPy (routed to the reference), CuPy, PyTorch, JAX or any ``__dlpack__`` producer,
+and results go back as the caller's own type, on the caller's stream.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+
+import numpy as np
+
+from ._layout import Layout, single_layout, uniform_layout, varlen_layout
+
+try:  # bfloat16 for NumPy (and CuPy, which takes its dtype from ml_dtypes)
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a declared dependency
+    BFLOAT16 = None
+
+GPU_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16) if d is not None)
+REFERENCE_DTYPES = GPU_DTYPES + (np.dtype(np.float32), np.dtype(np.float64))
+GPU_HEAD_DIMS = (64, 128)
+GPU_BLOCK_SIZES = (64, 128)
+MAX_TOP_K = 64
+
+
+def _dtype_name(dt) -> str:
+    return "bfloat16" if BFLOAT16 is not None and dt == BFLOAT16 else str(dt)
+
+
+def _allowed(dtypes) -> str:
+    return ", ".join(_dtype_name(d) for d in dtypes)
+
+
+# --------------------------------------------------------------------------- scalars
+
+
+def check_int(name: str, value, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_selection_options(top_k, block_size, local_blocks, sink_blocks, *, gpu: bool):
+    top_k = check_int("top_k", top_k, minimum=1)
+    block_size = check_int("block_size", block_size, minimum=1)
+    local_blocks = check_int("local_blocks", local_blocks, minimum=0)
+    sink_blocks = check_int("sink_blocks", sink_blocks, minimum=0)
+    if gpu and top_k > MAX_TOP_K:
+        raise ValueError(f"top_k must be <= {MAX_TOP_K} on the GPU, got {top_k}")
+    if local_blocks + sink_blocks > top_k:
+        raise ValueError(
+            f"local_blocks + sink_blocks ({local_blocks} + {sink_blocks}) must not exceed "
+            f"top_k ({top_k}): forced blocks use up slots of the top_k"
+        )
+    check_block_size(block_size, gpu=gpu)
+    return top_k, block_size, local_blocks, sink_blocks
+
+
+def check_block_size(block_size, *, gpu: bool) -> int:
+    block_size = check_int("block_size", block_size, minimum=1)
+    if gpu and block_size not in GPU_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {GPU_BLOCK_SIZES} on the GPU, got {block_size}")
+    return block_size
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def _check_dtype(name, arr, *, gpu: bool):
+    allowed = GPU_DTYPES if gpu else REFERENCE_DTYPES
+    if np.dtype(arr.dtype) not in allowed:
+        where = "on the GPU" if gpu else "in the reference"
+        raise TypeError(f"{name} must have dtype {_allowed(allowed)} {where}, got {_dtype_name(arr.dtype)}")
+
+
+def _check_rank(name, arr, ranks):
+    if arr.ndim not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(arr.shape)}")
+
+
+def check_contiguous(name, arr):
+    """The kernels index token-major arrays with fixed strides: C order only."""
+    flags = getattr(arr, "flags", None)
+    if flags is not None and not flags.c_contiguous:
+        raise ValueError(
+            f"{name} must be C-contiguous (token-major, last dim innermost); got strides "
+            f"{tuple(arr.strides)} for shape {tuple(arr.shape)}: make a contiguous copy first"
+        )
+
+
+def _host_cu_seqlens(name, cu):
+    if not hasattr(cu, "dtype") or not hasattr(cu, "shape"):
+        raise TypeError(f"{name} must be an int32 array, got {type(cu).__name__}")
+    if np.dtype(cu.dtype) != np.int32:
+        raise TypeError(f"{name} must have dtype int32, got {_dtype_name(cu.dtype)}")
+    if cu.ndim != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D with length batch + 1 >= 2, got shape {tuple(cu.shape)}")
+    host = cu.get() if hasattr(cu, "get") else np.asarray(cu)
+    host = host.astype(np.int64)
+    if host[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
+    if np.any(np.diff(host) < 0):
+        raise ValueError(f"{name} must be non-decreasing, got {host.tolist()}")
+    return host
+
+
+def check_layout(name_q, q_shape, name_k, k_shape, cu_seqlens_q, cu_seqlens_k) -> Layout:
+    """Sequence layout from the shapes of a query-side and a key-side array."""
+    rank = len(q_shape)
+    if len(k_shape) != rank:
+        raise ValueError(
+            f"{name_q} and {name_k} must have the same rank, got {tuple(q_shape)} and {tuple(k_shape)}"
+        )
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+    if cu_seqlens_q is not None:
+        if rank != 3:
+            raise ValueError(
+                f"{name_q} must be (total, heads, dim) when cu_seqlens are given, got shape {tuple(q_shape)}"
+            )
+        cu_q = _host_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+        cu_k = _host_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+        if len(cu_q) != len(cu_k):
+            raise ValueError(
+                f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cu_q)} and {len(cu_k)}"
+            )
+        if cu_q[-1] != q_shape[0]:
+            raise ValueError(f"cu_seqlens_q[-1] = {int(cu_q[-1])} must equal {name_q}.shape[0] = {q_shape[0]}")
+        if cu_k[-1] != k_shape[0]:
+            raise ValueError(f"cu_seqlens_k[-1] = {int(cu_k[-1])} must equal {name_k}.shape[0] = {k_shape[0]}")
+        return varlen_layout(cu_q, cu_k)
+    if rank == 4:
+        if q_shape[0] != k_shape[0]:
+            raise ValueError(
+                f"{name_q} and {name_k} must have the same batch size, got {q_shape[0]} and {k_shape[0]}"
+            )
+        return uniform_layout(q_shape[0], q_shape[1], k_shape[1])
+    return single_layout(q_shape[0], k_shape[0])
+
+
+def check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, *, gpu: bool):
+    """Checks for the main branch. Returns (layout, n_q_heads, n_kv_heads, head_dim)."""
+    for name, arr in (("q", q), ("k", k), ("v", v)):
+        _check_rank(name, arr, (3, 4))
+        _check_dtype(name, arr, gpu=gpu)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k and v must share one dtype, got {_dtype_name(q.dtype)}, {_dtype_name(k.dtype)}, "
+            f"{_dtype_name(v.dtype)}"
+        )
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    layout = check_layout("q", q.shape, "k", k.shape, cu_seqlens_q, cu_seqlens_k)
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv, dk = k.shape[-2], k.shape[-1]
+    if d != dk:
+        raise ValueError(f"q and k must have the same head dim, got {d} and {dk}")
+    if hkv < 1 or hq < 1:
+        raise ValueError(f"q and k need at least one head, got {hq} and {hkv}")
+    if hq % hkv:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k heads ({hkv}) for grouped-query attention")
+    if gpu and d not in GPU_HEAD_DIMS:
+        raise ValueError(f"q, k, v head dim must be one of {GPU_HEAD_DIMS} on the GPU, got {d}")
+    if gpu:
+        for name, arr in (("q", q), ("k", k), ("v", v)):
+            check_contiguous(name, arr)
+    return layout, hq, hkv, d
+
+
+def check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, *, gpu: bool, n_kv_heads=None, layout=None):
+    """Checks for the index branch. Returns (layout, n_groups, n_index_k_heads, index_dim)."""
+    for name, arr in (("index_q", index_q), ("index_k", index_k)):
+        _check_rank(name, arr, (3, 4))
+        _check_dtype(name, arr, gpu=gpu)
+        if gpu:
+            check_contiguous(name, arr)
+    if index_q.dtype != index_k.dtype:
+        raise TypeError(
+            f"index_q and index_k must share one dtype, got {_dtype_name(index_q.dtype)} and "
+            f"{_dtype_name(index_k.dtype)}"
+        )
+    idx_layout = check_layout("index_q", index_q.shape, "index_k", index_k.shape, cu_seqlens_q, cu_seqlens_k)
+    groups, di = index_q.shape[-2], index_q.shape[-1]
+    hk, dik = index_k.shape[-2], index_k.shape[-1]
+    if di != dik:
+        raise ValueError(f"index_q and index_k must have the same index dim, got {di} and {dik}")
+    if groups < 1:
+        raise ValueError(f"index_q needs at least one head, got shape {tuple(index_q.shape)}")
+    if hk not in (1, groups):
+        raise ValueError(f"index_k must have 1 head (shared) or {groups} (one per group), got {hk}")
+    if n_kv_heads is not None and groups != n_kv_heads:
+        raise ValueError(f"index_q must have one head per KV head ({n_kv_heads}), got {groups}")
+    if gpu and di not in GPU_HEAD_DIMS:
+        raise ValueError(f"index_q/index_k dim must be one of {GPU_HEAD_DIMS} on the GPU, got {di}")
+    if layout is not None:
+        same = (
+            idx_layout.batch_shape == layout.batch_shape
+            and np.array_equal(idx_layout.cu_q, layout.cu_q)
+            and np.array_equal(idx_layout.cu_k, layout.cu_k)
+        )
+        if not same:
+            raise ValueError(
+                f"index_q/index_k token counts {tuple(index_q.shape[:-2])}/{tuple(index_k.shape[:-2])} "
+                f"must match q/k"
+            )
+    return idx_layout, groups, hk, di
+
+
+def check_scores(scores, layout: Layout, block_size: int):
+    _check_rank("scores", scores, (3, 4))
+    if np.dtype(scores.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"scores must have dtype float32 (or float64 in the reference), got {_dtype_name(scores.dtype)}")
+    want_blocks = layout.n_blocks(block_size)
+    if scores.shape[-1] != want_blocks:
+        raise ValueError(
+            f"scores must have {want_blocks} key blocks (ceil(num_keys / block_size)) in its last dim, "
+            f"got {scores.shape[-1]}"
+        )
+    lead = tuple(scores.shape[:-2])
+    want_lead = (*layout.batch_shape, layout.max_q) if layout.uniform else (layout.total_q,)
+    if lead != want_lead:
+        raise ValueError(f"scores must have leading shape {want_lead} (queries), got {lead}")
+
+
+def check_block_indices(block_indices, layout: Layout, n_kv_heads: int, *, gpu: bool):
+    _check_rank("block_indices", block_indices, (3, 4))
+    if np.dtype(block_indices.dtype) != np.int32:
+        raise TypeError(f"block_indices must have dtype int32, got {_dtype_name(block_indices.dtype)}")
+    lead = tuple(block_indices.shape[:-2])
+    want_lead = (*layout.batch_shape, layout.max_q) if layout.uniform else (layout.total_q,)
+    if lead != want_lead or block_indices.shape[-2] != n_kv_heads:
+        raise ValueError(
+            f"block_indices must have shape {(*want_lead, n_kv_heads)} + (k,), got {tuple(block_indices.shape)}"
+        )
+    if block_indices.shape[-1] < 1:
+        raise ValueError("block_indices must have at least one slot in its last dim")
+    if gpu:
+        check_contiguous("block_indices", block_indices)
+
+
+def check_block_index_values(lo, hi, n_blocks: int):
+    """lo/hi: min and max entry of block_indices (host ints)."""
+    if lo < -1 or hi >= max(n_blocks, 0) and hi != -1:
+        raise ValueError(
+            f"block_indices entries must be -1 (unused) or a key block id in [0, {n_blocks}), "
+            f"got values in [{lo}, {hi}]"
+        )
+
+
+# --------------------------------------------------------------------------- interop
+
+_KDLCUDA, _KDLCUDAMANAGED = 2, 13
+
+
+def framework_of(x) -> str:
+    """'numpy', 'cupy', 'torch', 'jax' or 'dlpack' (any other CUDA __dlpack__ producer)."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    mod = type(x).__module__.split(".")[0]
+    if mod == "cupy":
+        return "cupy"
+    if mod == "torch":
+        return "torch"
+    if mod in ("jax", "jaxlib"):
+        return "jax"
+    if hasattr(x, "__dlpack__"):
+        return "dlpack"
+    raise TypeError(f"expected a NumPy, CuPy, PyTorch or JAX array (or any __dlpack__ object), got {type(x).__name__}")
+
+
+class Call:
+    """One public call: the arrays as NumPy or CuPy, the caller's framework and stream."""
+
+    def __init__(self, named_arrays: dict):
+        present = {k: v for k, v in named_arrays.items() if v is not None}
+        kinds = {name: framework_of(a) for name, a in present.items()}
+        frameworks = set(kinds.values())
+        self.on_gpu = frameworks != {"numpy"}
+        if self.on_gpu and "numpy" in frameworks:
+            host = sorted(n for n, f in kinds.items() if f == "numpy")
+            raise TypeError(
+                f"{', '.join(host)} {'is a NumPy array' if len(host) == 1 else 'are NumPy arrays'} but "
+                f"the other arguments are on the GPU: pass all arrays on one device"
+            )
+        main = [f for f in kinds.values() if f != "numpy"]
+        self.framework = main[0] if main else "numpy"
+        self.arrays = {}
+        self._stream = None
+        if not self.on_gpu:
+            self.arrays = dict(named_arrays)
+            return
+        cp = require_cupy()
+        if self.framework == "torch":
+            import torch
+
+            first = next(a for a in present.values() if framework_of(a) == "torch")
+            if first.is_cuda:
+                ts = torch.cuda.current_stream(first.device)
+                self._stream = cp.cuda.ExternalStream(ts.cuda_stream, first.device.index)
+        devices = set()
+        with self.stream():
+            for name, a in named_arrays.items():
+                if a is None:
+                    self.arrays[name] = None
+                    continue
+                arr = a if kinds[name] == "cupy" else _from_dlpack(name, a, kinds[name])
+                devices.add(arr.device.id)
+                self.arrays[name] = arr
+        if len(devices) > 1:
+            raise ValueError(f"all arrays must be on one GPU, got devices {sorted(devices)}")
+        self.device = devices.pop()
+
+    def stream(self):
+        """Context in which CuPy work runs on the caller's stream."""
+        if self._stream is not None:
+            return self._stream
+        if self.on_gpu:
+            return require_cupy().cuda.Device(getattr(self, "device", None))
+        return contextlib.nullcontext()
+
+    def wrap(self, result):
+        """Hand results back as the caller's own array type (no copy)."""
+        if isinstance(result, tuple):
+            return tuple(self.wrap(r) for r in result)
+        if self.framework in ("numpy", "cupy", "dlpack"):
+            return result
+        if self.framework == "torch":
+            import torch
+
+            return torch.from_dlpack(result)
+        import jax.dlpack
+
+        return jax.dlpack.from_dlpack(result)
+
+
+def _from_dlpack(name, a, kind):
+    cp = require_cupy()
+    if kind == "torch" and not a.is_cuda:
+        raise TypeError(f"{name} is a CPU tensor: pass CUDA tensors, or NumPy arrays for the reference")
+    if hasattr(a, "__dlpack_device__"):
+        dev_type = int(a.__dlpack_device__()[0])
+        if dev_type not in (_KDLCUDA, _KDLCUDAMANAGED):
+            raise TypeError(
+                f"{name} lives on DLPack device type {dev_type}, not a CUDA GPU: pass GPU arrays, "
+                f"or NumPy arrays for the reference"
+            )
+    try:
+        return cp.from_dlpack(a)
+    except Exception as exc:  # pragma: no cover - depends on the producer
+        raise TypeError(f"{name} could not be imported through DLPack: {exc}") from exc
+
+
+_CUPY_ERROR = None
+
+
+def require_cupy():
+    """CuPy with a usable GPU, or an error that names the missing piece."""
+    global _CUPY_ERROR
+    try:
+        import cupy
+    except ImportError as exc:
+        raise RuntimeError(
+            "the GPU path needs CuPy: pip install 'msa-cupy[cuda13]' (or [cuda12]); "
+            "msa_cupy.reference works without it"
+        ) from exc
+    if _CUPY_ERROR is None:
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+            _CUPY_ERROR = "" if n > 0 else "no CUDA GPU is visible"
+        except Exception as exc:  # CUDARuntimeError: no driver / no device
+            _CUPY_ERROR = f"no usable CUDA GPU ({exc})"
+    if _CUPY_ERROR:
+        raise RuntimeError(f"the GPU path needs a CUDA GPU: {_CUPY_ERROR}; msa_cupy.reference works without one")
+    return cupy
+
+
+def gpu_available() -> bool:
+    try:
+        require_cupy()
+        return True
+    except RuntimeError:
+        return False

@@ -1,0 +1,285 @@
+"""NumPy oracle for MiniMax Sparse Attention, float64 inside.
+
+Same signatures as the public API.  Every GPU kernel is judged against these functions.
+Results are float64 (scores, out, lse) and int32 (block indices).  The ``sequence_*``
+functions work on one sequence with explicit query positions, so that tests can check
+sampled rows of a long context without computing all of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _interop
+from ._layout import Layout, query_positions
+
+
+# --------------------------------------------------------------------------- one sequence
+
+
+def _f64(x):
+    return np.asarray(x).astype(np.float64)
+
+
+def _visible_keys(positions, nk: int, causal: bool):
+    """Number of visible keys per query: keys [0, n) are visible."""
+    if causal:
+        return np.clip(positions + 1, 0, nk)
+    return np.full(positions.shape, nk, np.int64)
+
+
+def sequence_block_scores(index_q, index_k, positions, *, block_size=128, causal=True):
+    """(Nq, Hkv, Di) x (Nk, 1|Hkv, Di) -> (Nq, Hkv, n_blocks) masked block maxima."""
+    iq, ik = _f64(index_q), _f64(index_k)
+    nq, groups, _ = iq.shape
+    nk = ik.shape[0]
+    n_blocks = -(-nk // block_size)
+    ik = np.broadcast_to(ik, (nk, groups, ik.shape[-1]))
+    s = np.einsum("qgd,kgd->qgk", iq, ik)
+    visible = np.arange(nk)[None, :] < _visible_keys(positions, nk, causal)[:, None]
+    s = np.where(visible[:, None, :], s, -np.inf)
+    pad = n_blocks * block_size - nk
+    s = np.concatenate([s, np.full((nq, groups, pad), -np.inf)], axis=-1)
+    return s.reshape(nq, groups, n_blocks, block_size).max(axis=-1)
+
+
+def _forced_and_visible(positions, nk, n_blocks, block_size, local_blocks, sink_blocks, causal):
+    """Boolean (Nq, n_blocks) maps: blocks a query may see, and blocks forced into its selection."""
+    n_vis_keys = _visible_keys(positions, nk, causal)
+    n_vis_blocks = -(-n_vis_keys // block_size)
+    b = np.arange(n_blocks)[None, :]
+    visible = b < n_vis_blocks[:, None]
+    local = np.clip(positions, 0, max(nk - 1, 0)) // block_size
+    forced = (b <= local[:, None]) & (b > local[:, None] - local_blocks)
+    forced |= b < sink_blocks
+    return visible, forced & visible
+
+
+def sequence_topk(scores, positions, num_keys, *, top_k=16, block_size=128, local_blocks=1,
+                  sink_blocks=0, causal=True):
+    """(Nq, Hkv, n_blocks) scores -> (Nq, Hkv, top_k) int32 block ids, ascending, -1 padded."""
+    s = _f64(scores)
+    nq, groups, n_blocks = s.shape
+    visible, forced = _forced_and_visible(
+        positions, num_keys, n_blocks, block_size, local_blocks, sink_blocks, causal
+    )
+    s = np.where(np.isnan(s), -np.inf, s)
+    key = np.where(visible[:, None, :], s, -np.inf)
+    key = np.where(forced[:, None, :], np.inf, key)
+    # stable sort of -key: equal scores keep ascending block ids, so the lower id wins ties
+    order = np.argsort(-key, axis=-1, kind="stable")[..., :top_k]
+    chosen = np.take_along_axis(key, order, axis=-1) > -np.inf
+    ids = np.where(chosen, order, n_blocks + 1)
+    ids = np.sort(ids, axis=-1)
+    ids = np.where(ids > n_blocks, -1, ids)
+    if ids.shape[-1] < top_k:
+        ids = np.concatenate([ids, np.full((nq, groups, top_k - ids.shape[-1]), -1)], axis=-1)
+    return ids.astype(np.int32)
+
+
+def sequence_sparse_attention(q, k, v, block_indices, positions, *, block_size=128, causal=True,
+                              scale=None):
+    """Exact softmax over the selected, visible keys. Returns (out (Nq, Hq, D), lse (Nq, Hq))."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    nq, hq, d = q.shape
+    nk, hkv, _ = k.shape
+    scale = _interop.check_scale(scale, d)
+    n_blocks = -(-nk // block_size)
+    bi = np.asarray(block_indices)
+    chosen = np.zeros((nq, hkv, n_blocks + 1), bool)  # last column absorbs -1
+    np.put_along_axis(chosen, np.where(bi < 0, n_blocks, bi).astype(np.int64), True, axis=-1)
+    key_block = np.arange(nk) // block_size
+    keep = chosen[:, :, key_block]  # (Nq, Hkv, Nk)
+    keep &= (np.arange(nk)[None, :] < _visible_keys(positions, nk, causal)[:, None])[:, None, :]
+    group = np.arange(hq) // (hq // hkv)
+    logits = scale * np.einsum("qhd,khd->qhk", q, k[:, group, :])
+    keep_h = keep[:, group, :]
+    logits = np.where(keep_h, logits, -np.inf)
+    m = logits.max(axis=-1, initial=-np.inf, keepdims=True)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    p = np.where(keep_h, np.exp(logits - m_safe), 0.0)
+    denom = p.sum(axis=-1, keepdims=True)
+    out = np.einsum("qhk,khd->qhd", p / np.where(denom > 0, denom, 1.0), v[:, group, :])
+    with np.errstate(divide="ignore"):
+        lse = np.where(denom[..., 0] > 0, np.log(denom[..., 0]) + m_safe[..., 0], -np.inf)
+    return out, lse
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _flat(x, layout: Layout):
+    """(B, N, H, D) -> (B*N, H, D); rank 3 stays."""
+    x = np.asarray(x)
+    return x.reshape(-1, *x.shape[-2:]) if layout.uniform else x
+
+
+def _unflat(x, layout: Layout):
+    return x.reshape(*layout.batch_shape, layout.max_q, *x.shape[1:]) if layout.uniform else x
+
+
+def _per_sequence(layout: Layout, fn, out_tail, dtype, fill):
+    """Run fn(q0, nq, k0, nk) per sequence into a (total_q, *out_tail) array."""
+    result = np.full((layout.total_q, *out_tail), fill, dtype)
+    for q0, nq, k0, nk in layout.sequences():
+        if nq:
+            result[q0:q0 + nq] = fn(q0, nq, k0, nk)
+    return _unflat(result, layout)
+
+
+# --------------------------------------------------------------------------- public oracle
+
+
+def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
+    """float64 (..., Nq, Hkv, n_blocks): max over the visible keys of each block of index_q . index_k."""
+    block_size = _interop.check_block_size(block_size, gpu=False)
+    layout, groups, _, _ = _interop.check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, gpu=False)
+    iq, ik = _flat(index_q, layout), _flat(index_k, layout)
+    n_blocks = layout.n_blocks(block_size)
+
+    def one(q0, nq, k0, nk):
+        s = sequence_block_scores(iq[q0:q0 + nq], ik[k0:k0 + nk], query_positions(nq, nk),
+                                  block_size=block_size, causal=causal)
+        return np.pad(s, ((0, 0), (0, 0), (0, n_blocks - s.shape[-1])), constant_values=-np.inf)
+
+    return _per_sequence(layout, one, (groups, n_blocks), np.float64, -np.inf)
+
+
+def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks=1, sink_blocks=0,
+                causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
+    """int32 (..., Nq, Hkv, top_k): forced blocks + the best other visible blocks, ascending, -1 padded."""
+    top_k, block_size, local_blocks, sink_blocks = _interop.check_selection_options(
+        top_k, block_size, local_blocks, sink_blocks, gpu=False)
+    layout = topk_layout(scores, num_keys, cu_seqlens_q, cu_seqlens_k)
+    _interop.check_scores(scores, layout, block_size)
+    flat = _flat(scores, layout)
+    groups = flat.shape[-2]
+
+    def one(q0, nq, k0, nk):
+        nb = -(-nk // block_size)
+        return sequence_topk(flat[q0:q0 + nq, :, :nb], query_positions(nq, nk), nk, top_k=top_k,
+                             block_size=block_size, local_blocks=local_blocks,
+                             sink_blocks=sink_blocks, causal=causal)
+
+    return _per_sequence(layout, one, (groups, top_k), np.int32, -1)
+
+
+def topk_layout(scores, num_keys, cu_seqlens_q, cu_seqlens_k) -> Layout:
+    """Layout of a score map: num_keys (batched) or cu_seqlens (varlen) say where queries sit."""
+    from ._layout import single_layout, uniform_layout, varlen_layout
+
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if num_keys is not None:
+            raise ValueError("pass either num_keys (batched scores) or cu_seqlens_q/cu_seqlens_k, not both")
+        if scores.ndim != 3:
+            raise ValueError(f"scores must be (total_q, Hkv, n_blocks) with cu_seqlens, got {tuple(scores.shape)}")
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+        cu_q = _interop._host_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+        cu_k = _interop._host_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+        if len(cu_q) != len(cu_k):
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
+        if cu_q[-1] != scores.shape[0]:
+            raise ValueError(f"cu_seqlens_q[-1] = {int(cu_q[-1])} must equal scores.shape[0] = {scores.shape[0]}")
+        return varlen_layout(cu_q, cu_k)
+    if num_keys is None:
+        raise ValueError("num_keys is required for batched scores: the key count sets each query's position")
+    num_keys = _interop.check_int("num_keys", num_keys, minimum=0)
+    if scores.ndim == 4:
+        return uniform_layout(scores.shape[0], scores.shape[1], num_keys)
+    if scores.ndim == 3:
+        return single_layout(scores.shape[0], num_keys)
+    raise ValueError(f"scores must have 3 or 4 dimensions, got shape {tuple(scores.shape)}")
+
+
+def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1, sink_blocks=0,
+                  causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
+    """int32 (..., Nq, Hkv, top_k): block_scores followed by topk_blocks, per sequence."""
+    top_k, block_size, local_blocks, sink_blocks = _interop.check_selection_options(
+        top_k, block_size, local_blocks, sink_blocks, gpu=False)
+    layout, groups, _, _ = _interop.check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, gpu=False)
+    iq, ik = _flat(index_q, layout), _flat(index_k, layout)
+
+    def one(q0, nq, k0, nk):
+        positions = query_positions(nq, nk)
+        s = sequence_block_scores(iq[q0:q0 + nq], ik[k0:k0 + nk], positions, block_size=block_size,
+                                  causal=causal)
+        return sequence_topk(s, positions, nk, top_k=top_k, block_size=block_size,
+                             local_blocks=local_blocks, sink_blocks=sink_blocks, causal=causal)
+
+    return _per_sequence(layout, one, (groups, top_k), np.int32, -1)
+
+
+def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, scale=None,
+                     cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False):
+    """float64 out (..., Nq, Hq, D) [and lse (..., Nq, Hq)] over the selected blocks.
+
+    block_indices is read as a set per (query, group): order does not matter, duplicates
+    count once, -1 marks an unused slot.
+    """
+    block_size = _interop.check_block_size(block_size, gpu=False)
+    layout, hq, hkv, d = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
+    scale = _interop.check_scale(scale, d)
+    _interop.check_block_indices(block_indices, layout, hkv, gpu=False)
+    bi = np.asarray(block_indices)
+    if bi.size:
+        _interop.check_block_index_values(int(bi.min()), int(bi.max()), layout.n_blocks(block_size))
+    qf, kf, vf, bif = (_flat(x, layout) for x in (q, k, v, bi))
+    out = np.zeros((layout.total_q, hq, d))
+    lse = np.full((layout.total_q, hq), -np.inf)
+    for q0, nq, k0, nk in layout.sequences():
+        if nq == 0:
+            continue
+        rows = bif[q0:q0 + nq]
+        nb = -(-nk // block_size)
+        if np.any(rows >= nb):
+            raise ValueError(f"block_indices hold block ids >= {nb}, the block count of their sequence")
+        o, l = sequence_sparse_attention(qf[q0:q0 + nq], kf[k0:k0 + nk], vf[k0:k0 + nk], rows,
+                                         query_positions(nq, nk), block_size=block_size,
+                                         causal=causal, scale=scale)
+        out[q0:q0 + nq], lse[q0:q0 + nq] = o, l
+    out, lse = _unflat(out, layout), _unflat(lse, layout)
+    return (out, lse) if return_lse else out
+
+
+def dense_attention(q, k, v, *, causal=True, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                    return_lse=False):
+    """Ordinary (causal, bottom-right) GQA softmax attention: MSA with every block selected."""
+    layout, _, hkv, _ = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
+    n_blocks = max(layout.n_blocks(1), 1)
+    lead = (*layout.batch_shape, layout.max_q) if layout.uniform else (layout.total_q,)
+    every = np.broadcast_to(np.arange(n_blocks, dtype=np.int32), (*lead, hkv, n_blocks))
+    return sparse_attention(q, k, v, np.ascontiguousarray(every), block_size=1, causal=causal,
+                            scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                            return_lse=return_lse)
+
+
+def training_free_index(q, k):
+    """The default index when a model has no learned one: index_q = mean of each group's
+    query heads, index_k = the group's own key head.  An approximation, not trained MSA."""
+    q = np.asarray(q)
+    hq, hkv = q.shape[-2], np.asarray(k).shape[-2]
+    grouped = _f64(q).reshape(*q.shape[:-2], hkv, hq // hkv, q.shape[-1])
+    return grouped.mean(axis=-2).astype(q.dtype), np.asarray(k)
+
+
+def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, local_blocks=1,
+              sink_blocks=0, causal=True, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
+              return_lse=False, return_indices=False):
+    """MSA end to end: select blocks with the index branch, then sparse attention.
+
+    Returns out, then lse if return_lse, then block_indices if return_indices.
+    """
+    _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=False)
+    layout, _, hkv, _ = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
+    if (index_q is None) != (index_k is None):
+        raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
+    if index_q is None:
+        index_q, index_k = training_free_index(q, k)
+    _interop.check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, gpu=False, n_kv_heads=hkv, layout=layout)
+    indices = select_blocks(index_q, index_k, top_k=top_k, block_size=block_size, local_blocks=local_blocks,
+                            sink_blocks=sink_blocks, causal=causal, cu_seqlens_q=cu_seqlens_q,
+                            cu_seqlens_k=cu_seqlens_k)
+    out, lse = sparse_attention(q, k, v, indices, block_size=block_size, causal=causal, scale=scale,
+                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
+    result = (out,) + ((lse,) if return_lse else ()) + ((indices,) if return_indices else ())
+    return result if len(result) > 1 else out
