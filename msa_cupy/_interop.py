@@ -315,8 +315,7 @@ class Call:
 
             first = next(a for a in present.values() if framework_of(a) == "torch")
             if first.is_cuda:
-                ts = torch.cuda.current_stream(first.device)
-                self._stream = cp.cuda.ExternalStream(ts.cuda_stream, first.device.index)
+                self._stream = external_stream(torch.cuda.current_stream(first.device))
         devices = set()
         with self.stream():
             for name, a in named_arrays.items():
@@ -351,6 +350,17 @@ class Call:
         import jax.dlpack
 
         return jax.dlpack.from_dlpack(result)
+
+
+def external_stream(torch_stream):
+    """A CuPy stream object for a PyTorch stream (work queued on it runs in the caller's order)."""
+    cp = require_cupy()
+    if hasattr(cp.cuda.Stream, "from_external"):
+        try:
+            return cp.cuda.Stream.from_external(torch_stream)
+        except (TypeError, AttributeError, ValueError):
+            pass
+    return cp.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device.index)
 
 
 def _from_dlpack(name, a, kind):

@@ -69,6 +69,21 @@ class CompileError(RuntimeError):
     pass
 
 
+# Every kernel variant the package launches, declared by the module that launches it, so that
+# `python -m msa_cupy check` compiles exactly what runs: {source: {name expression: arch_specific}}.
+VARIANTS: dict[str, dict[str, bool]] = {}
+
+
+def name_expression(name: str, template=None) -> str:
+    return f"{name}<{', '.join(str(t) for t in template)}>" if template else name
+
+
+def declare(source: str, name: str, *templates, arch_specific: bool = False) -> None:
+    """Declare the template instantiations of a kernel that a module may launch."""
+    for template in templates or (None,):
+        VARIANTS.setdefault(source, {})[name_expression(name, template)] = arch_specific
+
+
 # --------------------------------------------------------------------------- NVRTC front ends
 
 
@@ -233,7 +248,7 @@ def get_kernel(source: str, name: str, *, template=None, defines=None, arch_spec
     """
     import cupy
 
-    expr = f"{name}<{', '.join(str(t) for t in template)}>" if template else name
+    expr = name_expression(name, template)
     dev = cupy.cuda.Device()
     cap = device_capability(dev.id)
     if cap < MIN_COMPUTE_CAPABILITY:

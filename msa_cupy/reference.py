@@ -20,11 +20,18 @@ def _f64(x):
     return np.asarray(x).astype(np.float64)
 
 
+def _xp(x):
+    """numpy, or cupy for CuPy arrays: the selection rules below serve the plain GPU path too."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
 def _visible_keys(positions, nk: int, causal: bool):
     """Number of visible keys per query: keys [0, n) are visible."""
-    if causal:
-        return np.clip(positions + 1, 0, nk)
-    return np.full(positions.shape, nk, np.int64)
+    return np.clip(positions + 1, 0, nk) if causal else np.full(positions.shape, nk, np.int64)
 
 
 def sequence_block_scores(index_q, index_k, positions, *, block_size=128, causal=True):
@@ -36,7 +43,7 @@ def sequence_block_scores(index_q, index_k, positions, *, block_size=128, causal
     ik = np.broadcast_to(ik, (nk, groups, ik.shape[-1]))
     s = np.einsum("qgd,kgd->qgk", iq, ik)
     visible = np.arange(nk)[None, :] < _visible_keys(positions, nk, causal)[:, None]
-    s = np.where(visible[:, None, :], s, -np.inf)
+    s = np.where(visible[:, None, :] & ~np.isnan(s), s, -np.inf)  # NaN counts as -inf
     pad = n_blocks * block_size - nk
     s = np.concatenate([s, np.full((nq, groups, pad), -np.inf)], axis=-1)
     return s.reshape(nq, groups, n_blocks, block_size).max(axis=-1)
@@ -44,11 +51,12 @@ def sequence_block_scores(index_q, index_k, positions, *, block_size=128, causal
 
 def _forced_and_visible(positions, nk, n_blocks, block_size, local_blocks, sink_blocks, causal):
     """Boolean (Nq, n_blocks) maps: blocks a query may see, and blocks forced into its selection."""
-    n_vis_keys = _visible_keys(positions, nk, causal)
+    xp = _xp(positions)
+    n_vis_keys = xp.clip(positions + 1, 0, nk) if causal else xp.full(positions.shape, nk, positions.dtype)
     n_vis_blocks = -(-n_vis_keys // block_size)
-    b = np.arange(n_blocks)[None, :]
+    b = xp.arange(n_blocks)[None, :]
     visible = b < n_vis_blocks[:, None]
-    local = np.clip(positions, 0, max(nk - 1, 0)) // block_size
+    local = xp.clip(positions, 0, max(nk - 1, 0)) // block_size
     forced = (b <= local[:, None]) & (b > local[:, None] - local_blocks)
     forced |= b < sink_blocks
     return visible, forced & visible
@@ -56,24 +64,26 @@ def _forced_and_visible(positions, nk, n_blocks, block_size, local_blocks, sink_
 
 def sequence_topk(scores, positions, num_keys, *, top_k=16, block_size=128, local_blocks=1,
                   sink_blocks=0, causal=True):
-    """(Nq, Hkv, n_blocks) scores -> (Nq, Hkv, top_k) int32 block ids, ascending, -1 padded."""
-    s = _f64(scores)
+    """(Nq, Hkv, n_blocks) scores -> (Nq, Hkv, top_k) int32 block ids, ascending, -1 padded.
+
+    Works on NumPy or CuPy arrays alike (the plain GPU path calls it on chunks of rows).
+    """
+    xp = _xp(scores)
+    s = scores
     nq, groups, n_blocks = s.shape
     visible, forced = _forced_and_visible(
         positions, num_keys, n_blocks, block_size, local_blocks, sink_blocks, causal
     )
-    s = np.where(np.isnan(s), -np.inf, s)
-    key = np.where(visible[:, None, :], s, -np.inf)
-    key = np.where(forced[:, None, :], np.inf, key)
+    key = xp.where(visible[:, None, :] & ~xp.isnan(s), s, -xp.inf)  # NaN counts as -inf
+    key = xp.where(forced[:, None, :], xp.inf, key)
     # stable sort of -key: equal scores keep ascending block ids, so the lower id wins ties
-    order = np.argsort(-key, axis=-1, kind="stable")[..., :top_k]
-    chosen = np.take_along_axis(key, order, axis=-1) > -np.inf
-    ids = np.where(chosen, order, n_blocks + 1)
-    ids = np.sort(ids, axis=-1)
-    ids = np.where(ids > n_blocks, -1, ids)
+    order = xp.argsort(-key, axis=-1, kind="stable")[..., :top_k]
+    chosen = xp.take_along_axis(key, order, axis=-1) > -xp.inf
+    ids = xp.sort(xp.where(chosen, order, n_blocks + 1), axis=-1)
+    ids = xp.where(ids > n_blocks, -1, ids).astype(xp.int32)
     if ids.shape[-1] < top_k:
-        ids = np.concatenate([ids, np.full((nq, groups, top_k - ids.shape[-1]), -1)], axis=-1)
-    return ids.astype(np.int32)
+        ids = xp.concatenate([ids, xp.full((nq, groups, top_k - ids.shape[-1]), -1, xp.int32)], axis=-1)
+    return ids
 
 
 def sequence_sparse_attention(q, k, v, block_indices, positions, *, block_size=128, causal=True,

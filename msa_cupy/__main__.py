@@ -1,0 +1,202 @@
+"""`python -m msa_cupy demo | bench | check | info`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import re
+import sys
+import time
+
+import numpy as np
+
+OP_MODULES = ("_plain", "selection", "sparse")  # modules that declare kernel variants
+
+
+def cmd_info(_args):
+    import msa_cupy
+    from msa_cupy import _interop, _jit
+
+    print(f"msa_cupy {msa_cupy.__version__}  python {platform.python_version()}  numpy {np.__version__}")
+    print(f"kernel sources: {_jit.CUDA_DIR} ({len(_jit.kernel_sources())} files)")
+    print(f"kernel cache:   {_jit.cache_dir()}")
+    try:
+        import cupy
+
+        print(f"cupy {cupy.__version__}")
+    except ImportError:
+        print("cupy: not installed (pip install 'msa-cupy[cuda13]' or [cuda12])")
+        return 0
+    try:
+        _interop.require_cupy()
+    except RuntimeError as exc:
+        print(f"GPU: none ({exc})")
+        return 0
+    dev = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+    cap = _jit.device_capability(dev.id)
+    print(f"GPU {dev.id}: {props['name'].decode() if isinstance(props['name'], bytes) else props['name']}, "
+          f"compute capability {cap[0]}.{cap[1]} (arch {_jit.arch_for(cap)}), "
+          f"{props['multiProcessorCount']} SMs, {props['totalGlobalMem'] / 2**30:.0f} GiB, "
+          f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}, driver {cupy.cuda.runtime.driverGetVersion()}")
+    return 0
+
+
+def _declared_variants():
+    from msa_cupy import _jit
+
+    for name in OP_MODULES:
+        try:
+            importlib.import_module(f"msa_cupy.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"msa_cupy.{name}":
+                raise
+    return _jit.VARIANTS
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas(log: str):
+    """{mangled name: (registers, stack bytes, spill store bytes, spill load bytes)} from ptxas -v."""
+    out, current, stats = {}, None, {}
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            current, stats = m.group(1), {}
+        elif current and (m := _SPILL.search(line)):
+            stats["stack"], stats["spill_st"], stats["spill_ld"] = map(int, m.groups())
+        elif current and (m := _REGS.search(line)):
+            out[current] = (int(m.group(1)), stats.get("stack", 0), stats.get("spill_st", 0), stats.get("spill_ld", 0))
+    return out
+
+
+def cmd_check(args):
+    """Compile every declared kernel variant for sm_80 and sm_90 with cuda-python's NVRTC (no GPU needed)."""
+    from msa_cupy import _jit
+
+    variants = _declared_variants()
+    missing = sorted(set(_jit.kernel_sources()) - set(variants))
+    failures = 0
+    if missing:
+        print(f"FAIL: sources with no declared kernel variant: {', '.join(missing)}")
+        failures += 1
+    print(f"{'kernel':<64} {'arch':<7} {'regs':>4} {'stack':>5} {'spill st/ld':>11}")
+    for source in sorted(variants):
+        for cap in args.arch:
+            names = [n for n, specific in variants[source].items() if cap == "sm_90" or not specific]
+            arch = cap + ("a" if cap == "sm_90" and any(variants[source][n] for n in names) else "")
+            t0 = time.perf_counter()
+            try:
+                _, lowered, log = _jit.compile_cubin(source, arch, names, verbose=True,
+                                                     frontend=_jit._nvrtc_cuda_python)
+            except _jit.CompileError as exc:
+                print(f"FAIL {source} [{arch}]:\n{exc}")
+                failures += 1
+                continue
+            stats = parse_ptxas(log)
+            for expr in names:
+                regs, stack, st, ld = stats.get(lowered[expr], (-1, 0, 0, 0))
+                flag = "  <- spills" if st or ld else ""
+                print(f"{source + ':' + expr:<64} {arch:<7} {regs:>4} {stack:>5} {st:>5}/{ld:<5}{flag}")
+            print(f"  ({source} {arch}: {time.perf_counter() - t0:.1f} s)")
+    print("check:", "FAILED" if failures else "all kernels compiled")
+    return 1 if failures else 0
+
+
+def cmd_demo(args):
+    import msa_cupy
+    from msa_cupy import _interop, reference
+
+    if not _interop.gpu_available():
+        print("No CUDA GPU here: running the NumPy reference (float64) on a small case instead.")
+        rng = np.random.default_rng(0)
+        n, hq, hkv, d = 1024, 8, 2, 64
+        q = rng.standard_normal((1, n, hq, d)).astype(np.float32)
+        k, v = (rng.standard_normal((1, n, hkv, d)).astype(np.float32) for _ in range(2))
+        t0 = time.perf_counter()
+        out, ids = msa_cupy.attention(q, k, v, block_size=64, top_k=4, return_indices=True)
+        dt = time.perf_counter() - t0
+        dense = reference.dense_attention(q, k, v)
+        _summary(ids[0], n, 64)
+        print(f"reference MSA, {n} tokens, Hq={hq} Hkv={hkv} D={d}, block 64, top_k 4: {dt * 1e3:.0f} ms on the CPU")
+        rel = np.linalg.norm(out - dense) / np.linalg.norm(dense)
+        print(f"relative difference from dense attention: {rel:.3f} (sparse keeps 4 of {n // 64} blocks)")
+        return 0
+    return _gpu_demo(args)
+
+
+def _summary(ids, n_keys, block_size):
+    n_blocks = -(-n_keys // block_size)
+    valid = ids >= 0
+    counts = np.bincount(ids[valid].ravel(), minlength=n_blocks)
+    print(f"selection: {ids.shape[0]} queries x {ids.shape[1]} groups x top_k {ids.shape[2]} over {n_blocks} blocks;"
+          f" {valid.mean() * 100:.0f}% of slots used; most picked blocks: "
+          + ", ".join(f"#{b} ({c})" for b, c in sorted(enumerate(counts), key=lambda t: -t[1])[:5]))
+
+
+def _gpu_demo(args):
+    import cupy as cp
+
+    import msa_cupy
+    from msa_cupy._bench import harness
+
+    n, hq, hkv, d = args.tokens, 64, 4, 128
+    print(f"MSA on the GPU ({harness.card()['name']}): {n} tokens, Hq={hq} Hkv={hkv} D={d}, bf16, block 128, top_k 16")
+    q = harness.random((1, n, hq, d), harness.BF16)
+    k, v = harness.random((1, n, hkv, d), harness.BF16), harness.random((1, n, hkv, d), harness.BF16)
+    run = lambda: msa_cupy.attention(q, k, v, return_indices=True)  # noqa: E731
+    t0 = time.perf_counter()
+    out, ids = run()
+    cp.cuda.get_current_stream().synchronize()
+    print(f"first call (includes kernel compile or cache load): {time.perf_counter() - t0:.1f} s")
+    ms = harness.time_ms(run, [()], warmup=1, repeat=3)
+    _summary(cp.asnumpy(ids[0]), n, 128)
+    dense = harness.dense_attention_ms(1, n, n, hq, hkv, d)
+    line = f"msa_cupy.attention: {ms:.2f} ms"
+    if dense:
+        line += f"; dense causal attention (cuDNN via torch SDPA): {dense:.2f} ms; speedup {dense / ms:.1f}x"
+    print(line)
+    return 0
+
+
+def cmd_bench(args):
+    from msa_cupy._bench import harness
+
+    report = harness.Report()
+    card = harness.card()
+    report.meta["card"] = card
+    print(f"card: {card}")
+    ceil = harness.ceilings()
+    report.meta["ceilings"] = ceil
+    print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s ({ceil['matmul_via']})")
+    for suite in args.suite:
+        mod = importlib.import_module(f"msa_cupy._bench.{suite}")
+        kwargs = {"tokens": tuple(args.tokens)} if args.tokens else {}
+        mod.run(report, ceil, **kwargs)
+    out = args.out or os.path.join("benchmarks", f"{'-'.join(args.suite)}-{card['name'].replace(' ', '_')}.json")
+    report.write(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m msa_cupy", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, GPU, arch, cache dir")
+    demo = sub.add_parser("demo", help="MSA on a long context (GPU) or the reference on a small case (CPU)")
+    demo.add_argument("--tokens", type=int, default=32768)
+    check = sub.add_parser("check", help="compile every kernel with NVRTC (no GPU needed); registers, spills")
+    check.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
+    bench = sub.add_parser("bench", help="timings against ceilings measured on this card")
+    bench.add_argument("--suite", nargs="+", default=["plain"])
+    bench.add_argument("--tokens", nargs="+", type=int)
+    bench.add_argument("--out")
+    args = parser.parse_args(argv)
+    return {"info": cmd_info, "demo": cmd_demo, "check": cmd_check, "bench": cmd_bench}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The public functions: check arguments, route NumPy to the reference and GPU arrays to the
+kernels (the fast ones where they cover the shape, the plain CuPy path otherwise), and hand
+results back as the caller's array type."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+
+from . import _interop, _plain, reference
+from ._interop import Call
+from ._layout import Layout
+
+
+def _fast(name: str):
+    """The fast-kernel module `name`, or None where it is not built or MSA_CUPY_PLAIN=1."""
+    if os.environ.get("MSA_CUPY_PLAIN") == "1":
+        return None
+    try:
+        return importlib.import_module(f"msa_cupy.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"msa_cupy.{name}":
+            return None
+        raise
+
+
+def _flat(x, layout: Layout):
+    return x.reshape(-1, *x.shape[-2:]) if layout.uniform else x
+
+
+def _unflat(x, layout: Layout):
+    return x.reshape(*layout.batch_shape, layout.max_q, *x.shape[1:]) if layout.uniform else x
+
+
+def _device_cu(call: Call, layout: Layout):
+    cp = _interop.require_cupy()
+    cu_q, cu_k = call.arrays.get("cu_seqlens_q"), call.arrays.get("cu_seqlens_k")
+    if cu_q is None:
+        cu_q, cu_k = cp.asarray(layout.cu_q, cp.int32), cp.asarray(layout.cu_k, cp.int32)
+    return cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
+
+
+def _numpy_result(result, dtype):
+    """Reference results for NumPy callers: out in the caller's dtype, the rest float32/int32."""
+    out = result if not isinstance(result, tuple) else result[0]
+    rest = () if not isinstance(result, tuple) else result[1:]
+    cast = [out.astype(dtype)] + [r if r.dtype == np.int32 else r.astype(np.float32) for r in rest]
+    return tuple(cast) if rest else cast[0]
+
+
+# --------------------------------------------------------------------------- index branch
+
+
+def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
+    """Block scores: for each query, group and key block, the max over the block's visible keys
+    of ``dot(index_q, index_k)``.  float32 ``(..., Nq, Hkv, ceil(Nk / block_size))``, -inf for
+    blocks with no visible key.  Materializes the score map: for selection use select_blocks."""
+    call = Call(dict(index_q=index_q, index_k=index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
+    if not call.on_gpu:
+        return reference.block_scores(index_q, index_k, block_size=block_size, causal=causal,
+                                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k).astype(np.float32)
+    a = call.arrays
+    _interop.check_block_size(block_size, gpu=True)
+    layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
+    with call.stream():
+        iq, ik = _flat(a["index_q"], layout), _flat(a["index_k"], layout)
+        fast = _fast("selection")
+        if fast is not None and fast.supports(top_k=1, block_size=block_size, index_dim=di):
+            cu_q, cu_k = _device_cu(call, layout)
+            scores = fast.block_scores(iq, ik, layout, cu_q, cu_k, block_size=block_size, causal=causal)
+        else:
+            scores = _plain.block_scores(iq, ik, layout, block_size=block_size, causal=causal)
+        return call.wrap(_unflat(scores, layout))
+
+
+def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks=1, sink_blocks=0,
+                causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
+    """Exp-free Top-k over materialized block scores: int32 ``(..., Nq, Hkv, top_k)``, the forced
+    local/sink blocks plus the best other visible blocks, ascending, -1 padded.  Batched scores
+    ``(B, Nq, Hkv, n_blocks)`` need ``num_keys`` (it sets each query's position); varlen scores
+    ``(total_q, Hkv, n_blocks)`` take ``cu_seqlens_q``/``cu_seqlens_k`` instead."""
+    call = Call(dict(scores=scores, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
+    options = dict(top_k=top_k, block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks,
+                   causal=causal)
+    if not call.on_gpu:
+        return reference.topk_blocks(scores, num_keys=num_keys, cu_seqlens_q=cu_seqlens_q,
+                                     cu_seqlens_k=cu_seqlens_k, **options)
+    a = call.arrays
+    _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
+    layout = reference.topk_layout(a["scores"], num_keys, a["cu_seqlens_q"], a["cu_seqlens_k"])
+    _interop.check_scores(a["scores"], layout, block_size)
+    if np.dtype(a["scores"].dtype) != np.float32:
+        raise TypeError("scores must have dtype float32 on the GPU")
+    _interop.check_contiguous("scores", a["scores"])
+    with call.stream():
+        flat = _flat(a["scores"], layout)
+        fast = _fast("selection")
+        if fast is not None and fast.supports(top_k=top_k, block_size=block_size, index_dim=128):
+            cu_q, cu_k = _device_cu(call, layout)
+            ids = fast.topk_blocks(flat, layout, cu_q, cu_k, **options)
+        else:
+            ids = _plain.topk_blocks(flat, layout, **options)
+        return call.wrap(_unflat(ids, layout))
+
+
+def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1, sink_blocks=0, causal=True,
+                  cu_seqlens_q=None, cu_seqlens_k=None):
+    """Fused selection: block scores feeding a running Top-k, so that only int32
+    ``(..., Nq, Hkv, top_k)`` block ids leave the GPU (the score map is never materialized)."""
+    call = Call(dict(index_q=index_q, index_k=index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
+    options = dict(top_k=top_k, block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks,
+                   causal=causal)
+    if not call.on_gpu:
+        return reference.select_blocks(index_q, index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                       **options)
+    a = call.arrays
+    _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
+    layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
+    with call.stream():
+        ids = _select(call, _flat(a["index_q"], layout), _flat(a["index_k"], layout), layout, di, options)
+        return call.wrap(_unflat(ids, layout))
+
+
+def _select(call, iq, ik, layout, di, options):
+    fast = _fast("selection")
+    if fast is not None and fast.supports(top_k=options["top_k"], block_size=options["block_size"], index_dim=di):
+        cu_q, cu_k = _device_cu(call, layout)
+        return fast.select_blocks(iq, ik, layout, cu_q, cu_k, **options)
+    return _plain.select_blocks(iq, ik, layout, **options)
+
+
+# --------------------------------------------------------------------------- main branch
+
+
+def _check_block_index_values(block_indices, layout: Layout, block_size: int):
+    """Every entry is -1 or a block id of its own sequence (one device reduction, one sync)."""
+    cp = _interop.require_cupy()
+    nq = np.diff(layout.cu_q)
+    nb = -(-np.diff(layout.cu_k) // block_size)
+    row_nb = cp.asarray(np.repeat(nb, nq).astype(np.int32))[:, None, None]
+    bad = int(cp.count_nonzero((block_indices < -1) | (block_indices >= row_nb)))
+    if bad:
+        lo, hi = int(block_indices.min()), int(block_indices.max())
+        raise ValueError(
+            f"block_indices hold {bad} entries that are neither -1 nor a key block id of their sequence "
+            f"(values in [{lo}, {hi}], blocks per sequence up to {layout.n_blocks(block_size)})"
+        )
+
+
+def _sparse(call, q, k, v, block_indices, layout, hq, hkv, d, block_size, causal, scale):
+    fast = _fast("sparse")
+    top_k = block_indices.shape[-1]
+    if fast is not None and fast.supports(head_dim=d, block_size=block_size, group_size=hq // hkv, top_k=top_k):
+        cu_q, cu_k = _device_cu(call, layout)
+        return fast.sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, block_size=block_size,
+                                     causal=causal, scale=scale, return_lse=True)
+    return _plain.sparse_attention(q, k, v, block_indices, layout, block_size=block_size, causal=causal, scale=scale)
+
+
+def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, scale=None, cu_seqlens_q=None,
+                     cu_seqlens_k=None, return_lse=False):
+    """Exact softmax attention of each query head over the keys of its group's selected blocks.
+
+    ``block_indices`` ``(..., Nq, Hkv, k)`` int32 is read as a set per (query, group): order does
+    not matter, duplicates count once, -1 marks an unused slot.  Returns ``out`` (q's dtype) and,
+    with ``return_lse``, ``lse`` float32 ``(..., Nq, Hq)`` (natural log; -inf where no key is seen).
+    """
+    call = Call(dict(q=q, k=k, v=v, block_indices=block_indices, cu_seqlens_q=cu_seqlens_q,
+                     cu_seqlens_k=cu_seqlens_k))
+    if not call.on_gpu:
+        result = reference.sparse_attention(q, k, v, block_indices, block_size=block_size, causal=causal,
+                                            scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                            return_lse=return_lse)
+        return _numpy_result(result, np.asarray(q).dtype)
+    a = call.arrays
+    _interop.check_block_size(block_size, gpu=True)
+    layout, hq, hkv, d = _interop.check_qkv(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
+    scale = _interop.check_scale(scale, d)
+    _interop.check_block_indices(a["block_indices"], layout, hkv, gpu=True)
+    with call.stream():
+        bi = _flat(a["block_indices"], layout)
+        _check_block_index_values(bi, layout, block_size)
+        out, lse = _sparse(call, _flat(a["q"], layout), _flat(a["k"], layout), _flat(a["v"], layout), bi,
+                           layout, hq, hkv, d, block_size, causal, scale)
+        result = (_unflat(out, layout), _unflat(lse, layout)) if return_lse else _unflat(out, layout)
+        return call.wrap(result)
+
+
+def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, local_blocks=1, sink_blocks=0,
+              causal=True, scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False,
+              return_indices=False):
+    """MiniMax Sparse Attention end to end: the index branch picks ``top_k`` key blocks per
+    (query, group), then exact softmax attention over them.
+
+    Without ``index_q``/``index_k`` the training-free default is used (index_q = mean of each
+    group's query heads, index_k = the group's key head): an approximation, not trained MSA.
+    Returns ``out``, then ``lse`` if ``return_lse``, then ``block_indices`` if ``return_indices``.
+    """
+    call = Call(dict(q=q, k=k, v=v, index_q=index_q, index_k=index_k, cu_seqlens_q=cu_seqlens_q,
+                     cu_seqlens_k=cu_seqlens_k))
+    options = dict(top_k=top_k, block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks,
+                   causal=causal)
+    if not call.on_gpu:
+        result = reference.attention(q, k, v, index_q=index_q, index_k=index_k, scale=scale,
+                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
+                                     return_indices=return_indices, **options)
+        return _numpy_result(result, np.asarray(q).dtype)
+    a = call.arrays
+    _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
+    layout, hq, hkv, d = _interop.check_qkv(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
+    scale = _interop.check_scale(scale, d)
+    if (index_q is None) != (index_k is None):
+        raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
+    with call.stream():
+        qf, kf, vf = _flat(a["q"], layout), _flat(a["k"], layout), _flat(a["v"], layout)
+        if index_q is None:
+            iq = qf.reshape(qf.shape[0], hkv, hq // hkv, d).astype("float32").mean(axis=2).astype(qf.dtype)
+            ik, di = kf, d
+        else:
+            _, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"],
+                                               gpu=True, n_kv_heads=hkv, layout=layout)
+            iq, ik = _flat(a["index_q"], layout), _flat(a["index_k"], layout)
+        ids = _select(call, iq, ik, layout, di, options)
+        out, lse = _sparse(call, qf, kf, vf, ids, layout, hq, hkv, d, block_size, causal, scale)
+        result = (_unflat(out, layout),)
+        result += (_unflat(lse, layout),) if return_lse else ()
+        result += (_unflat(ids, layout),) if return_indices else ()
+        return call.wrap(result if len(result) > 1 else result[0])

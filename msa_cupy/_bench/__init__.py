@@ -1,0 +1,1 @@
+"""Benchmarks behind `python -m msa_cupy bench`: one module per suite, one shared harness."""

@@ -1,0 +1,158 @@
+"""Timing and ceilings for the benchmarks.
+
+Times are CUDA-event medians after warm-up (JIT excluded), over input sets rotated so that
+repeats do not find their inputs in L2.  Ceilings are measured in the same run on the same
+card: device-to-device copy bandwidth (bytes read + written) and a large bf16 matrix product.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from .._interop import BFLOAT16 as BF16  # noqa: F401  (the benchmarks' dtype)
+from .._interop import external_stream
+
+
+def cupy():
+    from .._interop import require_cupy
+
+    return require_cupy()
+
+
+def time_ms(fn, arg_sets, *, warmup=2, repeat=10):
+    """Median milliseconds of fn(*args), cycling through arg_sets (rotate inputs past L2)."""
+    cp = cupy()
+    for i in range(warmup):
+        fn(*arg_sets[i % len(arg_sets)])
+    cp.cuda.get_current_stream().synchronize()
+    times = []
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    for i in range(repeat):
+        args = arg_sets[i % len(arg_sets)]
+        start.record()
+        fn(*args)
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def rotations(nbytes_per_set: int, limit=4) -> int:
+    """How many input sets it takes to exceed twice the L2 (at least 1, at most limit)."""
+    cp = cupy()
+    l2 = cp.cuda.Device().attributes.get("L2CacheSize", 50 << 20)
+    return int(min(limit, max(1, -(-2 * l2 // max(nbytes_per_set, 1)))))
+
+
+def random(shape, dtype, scale=1.0):
+    """Random normal device array (never zeros), generated in float32 then cast."""
+    cp = cupy()
+    return (cp.random.standard_normal(shape, dtype=cp.float32) * scale).astype(dtype)
+
+
+def selected_visible_keys(block_indices, num_keys: int, block_size: int) -> float:
+    """Sum over (query, group) of the selected keys each query may see (causal, one sequence of
+    num_keys queries and keys, block_indices (Nq, Hkv, k)): the useful work of sparse attention."""
+    cp = cupy()
+    nq = block_indices.shape[0]
+    pos = cp.arange(nq, dtype=cp.int64)[:, None, None] + (num_keys - nq)
+    ids = block_indices.astype(cp.int64)
+    keys = cp.clip(pos + 1 - ids * block_size, 0, block_size)
+    return float(cp.where(ids >= 0, keys, 0).sum())
+
+
+def card() -> dict:
+    cp = cupy()
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    return {"name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "sm_count": props["multiProcessorCount"], "capability": dev.compute_capability,
+            "memory_GiB": round(props["totalGlobalMem"] / 2**30, 1)}
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s) on this card, now."""
+    cp = cupy()
+    n = 1 << 30
+    src, dst = cp.empty(n, cp.uint8), cp.empty(n, cp.uint8)
+    src[:] = 7
+
+    def copy():
+        cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, n, cp.cuda.runtime.memcpyDeviceToDevice,
+                                    cp.cuda.get_current_stream().ptr)
+
+    copy_ms = time_ms(copy, [()], warmup=3, repeat=20)
+    del src, dst
+    m = 8192
+    try:
+        import torch
+
+        a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+        with external_stream(torch.cuda.current_stream()):
+            mm_ms = time_ms(lambda: torch.matmul(a, b), [()], warmup=3, repeat=10)
+        how = "torch bf16"
+    except ImportError:
+        a, b = random((m, m), cp.float16), random((m, m), cp.float16)
+        mm_ms = time_ms(lambda: cp.matmul(a, b), [()], warmup=3, repeat=10)
+        how = "cupy fp16"
+    return {"copy_GBps": 2 * n / copy_ms / 1e6, "matmul_TFLOPs": 2 * m**3 / mm_ms / 1e9, "matmul_via": how}
+
+
+def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn"):
+    """Dense GQA attention through torch SDPA (cuDNN or flash backend), or None if unavailable."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    q = torch.randn(batch, hq, nq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, hkv, nk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, hkv, nk, d, device="cuda", dtype=torch.bfloat16)
+    if nq != nk and causal:
+        return None  # SDPA's causal mask is top-left aligned; we only compare square prefill
+    cp = cupy()
+    try:
+        with sdpa_kernel([which]):
+            fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                q, k, v, is_causal=causal, enable_gqa=hkv != hq)
+            with external_stream(torch.cuda.current_stream()):
+                return time_ms(fn, [()], warmup=2, repeat=5)
+    except RuntimeError:
+        return None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Report:
+    """Collects result rows; prints a table and writes JSON with card, date and commit."""
+
+    def __init__(self):
+        self.rows = []
+        self.meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "commit": git_commit(), "host": platform.node()}
+
+    def __call__(self, name, **fields):
+        row = {"name": name, **fields}
+        self.rows.append(row)
+        print(" ".join([f"{name:<34}"] + [f"{k}={_fmt(v)}" for k, v in fields.items()]), flush=True)
+
+    def write(self, path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({**self.meta, "results": self.rows}, indent=1))
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
