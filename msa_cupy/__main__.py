@@ -179,6 +179,12 @@ def cmd_bench(args):
     out = args.out or os.path.join("benchmarks", f"{'-'.join(args.suite)}-{card['name'].replace(' ', '_')}.json")
     report.write(out)
     print(f"wrote {out}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown())
+        print(f"wrote {args.markdown}")
+    if args.plot and harness.plot_speedup(report.rows, args.plot):
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -193,7 +199,9 @@ def main(argv=None):
     bench = sub.add_parser("bench", help="timings against ceilings measured on this card")
     bench.add_argument("--suite", nargs="+", default=["plain"])
     bench.add_argument("--tokens", nargs="+", type=int)
-    bench.add_argument("--out")
+    bench.add_argument("--out", help="JSON file (default benchmarks/<suite>-<card>.json)")
+    bench.add_argument("--markdown", help="also write the table as Markdown (e.g. docs/perf.md)")
+    bench.add_argument("--plot", help="also plot prefill speedup against context length (PNG)")
     args = parser.parse_args(argv)
     return {"info": cmd_info, "demo": cmd_demo, "check": cmd_check, "bench": cmd_bench}[args.cmd](args)
 

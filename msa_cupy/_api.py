@@ -33,12 +33,22 @@ def _unflat(x, layout: Layout):
     return x.reshape(*layout.batch_shape, layout.max_q, *x.shape[1:]) if layout.uniform else x
 
 
+_uniform_cu = {}  # (device, B, Nq, Nk) -> device cu_seqlens of a batched call, made once
+
+
 def _device_cu(call: Call, layout: Layout):
+    """Device cu_seqlens for the kernels: the caller's (varlen) or cached ones (batched), so that
+    repeated batched calls make no host-to-device copy."""
     cp = _interop.require_cupy()
     cu_q, cu_k = call.arrays.get("cu_seqlens_q"), call.arrays.get("cu_seqlens_k")
-    if cu_q is None:
-        cu_q, cu_k = cp.asarray(layout.cu_q, cp.int32), cp.asarray(layout.cu_k, cp.int32)
-    return cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
+    if cu_q is not None:
+        return cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
+    key = (call.device, layout.n_seq, layout.max_q, layout.max_k)
+    if key not in _uniform_cu:
+        if len(_uniform_cu) > 64:
+            _uniform_cu.clear()
+        _uniform_cu[key] = (cp.asarray(layout.cu_q, cp.int32), cp.asarray(layout.cu_k, cp.int32))
+    return _uniform_cu[key]
 
 
 def _numpy_result(result, dtype):

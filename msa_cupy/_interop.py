@@ -315,6 +315,7 @@ class Call:
 
             first = next(a for a in present.values() if framework_of(a) == "torch")
             if first.is_cuda:
+                self.device = first.device.index
                 self._stream = external_stream(torch.cuda.current_stream(first.device))
         devices = set()
         with self.stream():
@@ -330,12 +331,15 @@ class Call:
         self.device = devices.pop()
 
     def stream(self):
-        """Context in which CuPy work runs on the caller's stream."""
+        """Context in which CuPy work runs on the caller's device and stream."""
+        if not self.on_gpu:
+            return contextlib.nullcontext()
+        cp = require_cupy()
+        stack = contextlib.ExitStack()
+        stack.enter_context(cp.cuda.Device(getattr(self, "device", None)))
         if self._stream is not None:
-            return self._stream
-        if self.on_gpu:
-            return require_cupy().cuda.Device(getattr(self, "device", None))
-        return contextlib.nullcontext()
+            stack.enter_context(self._stream)
+        return stack
 
     def wrap(self, result):
         """Hand results back as the caller's own array type (no copy)."""

@@ -154,5 +154,59 @@ class Report:
         Path(path).write_text(json.dumps({**self.meta, "results": self.rows}, indent=1))
 
 
+    def markdown(self, title="msa_cupy performance") -> str:
+        """A table per kind of row, headed by the card, date, commit and ceilings."""
+        m = self.meta
+        lines = [f"# {title}", ""]
+        card = m.get("card", {})
+        ceil = m.get("ceilings", {})
+        lines += [f"- card: {card.get('name', '?')} ({card.get('sm_count', '?')} SMs, {card.get('memory_GiB', '?')} GiB)",
+                  f"- date: {m['date']}, commit: {m['commit']}",
+                  f"- ceilings measured in the same run: copy {ceil.get('copy_GBps', 0):.0f} GB/s (read + write), "
+                  f"matmul {ceil.get('matmul_TFLOPs', 0):.0f} TFLOP/s ({ceil.get('matmul_via', '?')})", ""]
+        kinds = []
+        for row in self.rows:
+            if row.get("kind", "") not in kinds:
+                kinds.append(row.get("kind", ""))
+        for kind in kinds:
+            rows = [r for r in self.rows if r.get("kind", "") == kind]
+            cols = [c for c in dict.fromkeys(c for r in rows for c in r) if c != "kind"]
+            lines += [f"## {kind or 'results'}", "", "| " + " | ".join(cols) + " |",
+                      "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def plot_speedup(rows, path):
+    """Speedup over dense against context length (prefill rows), as a PNG; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    pts = [(r["tokens"], r["speedup_vs_cudnn"], r.get("dense_estimated")) for r in rows
+           if r.get("kind") == "prefill" and r.get("speedup_vs_cudnn")]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="msa_cupy prefill vs cuDNN dense")
+    for n, s, est in pts:
+        ax.annotate(f"{s:.1f}x" + (" (est.)" if est else ""), (n, s), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("speedup over dense")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _fmt(v):
+    if v is None:
+        return "-"
     return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,143 @@
+"""Selection kernels at the paper's index shapes: Hkv=4, Di=128, Bk=128, k=16, bf16.
+
+- topk_blocks over materialized float32 scores: GB/s (bytes the kernel must read: the visible
+  blocks of each row, plus the ids written) against the copy ceiling; also the time against
+  torch.topk / cupy.argpartition on the same scores (which neither mask nor force blocks).
+- fused select_blocks, causal prefill: useful TFLOP/s (2 * Hkv * Di * visible pairs) against the
+  matmul ceiling, and the speedup over the plain CuPy path.
+- decode selection (1 query per sequence, shared index_k): time against the floor of reading the
+  index keys once at the copy ceiling's bandwidth.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._layout import uniform_layout
+from . import harness
+
+HKV, DI, BLOCK, TOP_K = 4, 128, 128, 16
+OPTS = dict(top_k=TOP_K, block_size=BLOCK, local_blocks=1, sink_blocks=0)
+
+
+def _cu(layout):
+    cp = harness.cupy()
+    return cp.asarray(layout.cu_q.astype(np.int32)), cp.asarray(layout.cu_k.astype(np.int32))
+
+
+def _visible_blocks(nq, nk, causal):
+    pos = np.arange(nq, dtype=np.int64) + (nk - nq)
+    vis = np.clip(pos + 1, 0, nk) if causal else np.full(nq, nk)
+    return int(np.sum(-(-vis // BLOCK)))
+
+
+def bench_topk(report, ceil, nq, nk, causal=True, baselines=True):
+    from .. import selection
+
+    cp = harness.cupy()
+    layout = uniform_layout(1, nq, nk)
+    width = layout.n_blocks(BLOCK)
+    scores = harness.random((nq, HKV, width), cp.float32)
+    cu_q, cu_k = _cu(layout)
+    opts = dict(OPTS, causal=causal)
+    fn = lambda: selection.topk_blocks(scores, layout, cu_q, cu_k, **opts)  # noqa: E731
+    ms = harness.time_ms(fn, [()], warmup=2, repeat=10)
+    read = _visible_blocks(nq, nk, causal) * HKV * 4
+    written = nq * HKV * TOP_K * 4
+    gbps = (read + written) / ms / 1e6
+    full_gbps = (scores.nbytes + written) / ms / 1e6
+    fields = dict(tokens=nk, queries=nq, causal=causal, blocks=width, ms=ms, GBps=gbps,
+                  pct_copy=100 * gbps / ceil["copy_GBps"], matrix_GBps_equiv=full_gbps)
+    if baselines:
+        try:
+            import torch
+
+            from .._interop import external_stream
+
+            t = torch.from_dlpack(scores).view(nq * HKV, width)
+            with external_stream(torch.cuda.current_stream()):
+                fields["torch_topk_ms"] = harness.time_ms(lambda: torch.topk(t, TOP_K, dim=-1), [()], 1, 5)
+        except Exception as exc:  # noqa: BLE001
+            fields["torch_topk_ms"] = f"n/a ({type(exc).__name__})"
+        if scores.nbytes <= (1 << 31):
+            flat = scores.reshape(nq * HKV, width)
+            fields["cupy_argpartition_ms"] = harness.time_ms(
+                lambda: cp.argpartition(flat, width - TOP_K, axis=-1), [()], 1, 3)
+        try:
+            from .. import _plain
+
+            fields["plain_ms"] = harness.time_ms(
+                lambda: _plain.topk_blocks(scores, layout, causal=causal, **OPTS), [()], 1, 3)
+        except Exception as exc:  # noqa: BLE001
+            fields["plain_ms"] = f"n/a ({type(exc).__name__})"
+    report(f"topk_blocks {nk // 1024}K x {nq} q", **fields)
+    del scores
+
+
+def bench_prefill(report, ceil, n, plain=True):
+    from .. import selection
+
+    cp = harness.cupy()
+    layout = uniform_layout(1, n, n)
+    iq = harness.random((n, HKV, DI), harness.BF16)
+    ik = harness.random((n, 1, DI), harness.BF16)
+    cu_q, cu_k = _cu(layout)
+    opts = dict(OPTS, causal=True)
+    fn = lambda: selection.select_blocks(iq, ik, layout, cu_q, cu_k, **opts)  # noqa: E731
+    repeat = 10 if n <= 131072 else 3
+    ms = harness.time_ms(fn, [()], warmup=1, repeat=repeat)
+    flops = 2 * HKV * DI * n * (n + 1) / 2
+    tf = flops / ms / 1e9
+    fields = dict(tokens=n, ms=ms, TFLOPs=tf, pct_matmul=100 * tf / ceil["matmul_TFLOPs"])
+    if plain and n <= 131072:
+        try:
+            from .. import _plain
+
+            pms = harness.time_ms(lambda: _plain.select_blocks(iq, ik, layout, **opts), [()], 1, 2)
+            fields.update(plain_ms=pms, speedup_vs_plain=pms / ms)
+        except Exception as exc:  # noqa: BLE001
+            fields["plain_ms"] = f"n/a ({type(exc).__name__}: {exc})"[:80]
+    report(f"select_blocks prefill {n // 1024}K", **fields)
+
+
+def bench_decode(report, ceil, batch, nk, plain=True):
+    from .. import selection
+
+    cp = harness.cupy()
+    layout = uniform_layout(batch, 1, nk)
+    key_bytes = batch * nk * DI * 2
+    sets = []
+    for _ in range(harness.rotations(key_bytes)):
+        iq = harness.random((batch, HKV, DI), harness.BF16)
+        ik = harness.random((batch * nk, 1, DI), harness.BF16)
+        sets.append((iq, ik))
+    cu_q, cu_k = _cu(layout)
+    opts = dict(OPTS, causal=True)
+    fn = lambda iq, ik: selection.select_blocks(iq, ik, layout, cu_q, cu_k, **opts)  # noqa: E731
+    ms = harness.time_ms(fn, sets, warmup=2, repeat=10)
+    floor_ms = key_bytes / (ceil["copy_GBps"] * 1e6)
+    fields = dict(batch=batch, keys=nk, ms=ms, floor_ms=floor_ms, pct_of_floor=100 * floor_ms / ms,
+                  GBps=key_bytes / ms / 1e6)
+    if plain:
+        try:
+            from .. import _plain
+
+            pms = harness.time_ms(lambda iq, ik: _plain.select_blocks(iq, ik, layout, **opts), sets[:1], 1, 3)
+            fields.update(plain_ms=pms, speedup_vs_plain=pms / ms)
+        except Exception as exc:  # noqa: BLE001
+            fields["plain_ms"] = f"n/a ({type(exc).__name__})"
+    report(f"select_blocks decode b{batch} {nk // 1024}K", **fields)
+    del sets
+
+
+def run(report, ceilings=None, *, quick=False):
+    """All selection benchmarks; `report(name, **fields)` receives each row."""
+    ceil = ceilings or harness.ceilings()
+    report("ceilings", card=harness.card()["name"], **ceil)
+    bench_topk(report, ceil, 131072, 131072, causal=True)
+    bench_topk(report, ceil, 131072, 131072, causal=False)
+    bench_topk(report, ceil, 4096, 1 << 20, causal=True)
+    for n in ((32768, 131072) if quick else (32768, 131072, 1 << 20)):
+        bench_prefill(report, ceil, n)
+    for nk in (131072, 1 << 20):
+        for batch in (1, 8, 32):
+            bench_decode(report, ceil, batch, nk, plain=batch == 1)
