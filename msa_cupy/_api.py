@@ -25,12 +25,6 @@ def _fast(name: str):
         raise
 
 
-def _flat(x, layout: Layout):
-    return x.reshape(-1, *x.shape[-2:]) if layout.uniform else x
-
-
-def _unflat(x, layout: Layout):
-    return x.reshape(*layout.batch_shape, layout.max_q, *x.shape[1:]) if layout.uniform else x
 
 
 _uniform_cu = {}  # (device, B, Nq, Nk) -> device cu_seqlens of a batched call, made once
@@ -74,14 +68,14 @@ def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=
     _interop.check_block_size(block_size, gpu=True)
     layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
     with call.stream():
-        iq, ik = _flat(a["index_q"], layout), _flat(a["index_k"], layout)
+        iq, ik = layout.flatten(a["index_q"]), layout.flatten(a["index_k"])
         fast = _fast("selection")
         if fast is not None and fast.supports(top_k=1, block_size=block_size, index_dim=di):
             cu_q, cu_k = _device_cu(call, layout)
             scores = fast.block_scores(iq, ik, layout, cu_q, cu_k, block_size=block_size, causal=causal)
         else:
             scores = _plain.block_scores(iq, ik, layout, block_size=block_size, causal=causal)
-        return call.wrap(_unflat(scores, layout))
+        return call.wrap(layout.unflatten(scores))
 
 
 def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks=1, sink_blocks=0,
@@ -104,14 +98,14 @@ def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks
         raise TypeError("scores must have dtype float32 on the GPU")
     _interop.check_contiguous("scores", a["scores"])
     with call.stream():
-        flat = _flat(a["scores"], layout)
+        flat = layout.flatten(a["scores"])
         fast = _fast("selection")
         if fast is not None and fast.supports(top_k=top_k, block_size=block_size, index_dim=128):
             cu_q, cu_k = _device_cu(call, layout)
             ids = fast.topk_blocks(flat, layout, cu_q, cu_k, **options)
         else:
             ids = _plain.topk_blocks(flat, layout, **options)
-        return call.wrap(_unflat(ids, layout))
+        return call.wrap(layout.unflatten(ids))
 
 
 def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1, sink_blocks=0, causal=True,
@@ -128,8 +122,8 @@ def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1,
     _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
     layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
     with call.stream():
-        ids = _select(call, _flat(a["index_q"], layout), _flat(a["index_k"], layout), layout, di, options)
-        return call.wrap(_unflat(ids, layout))
+        ids = _select(call, layout.flatten(a["index_q"]), layout.flatten(a["index_k"]), layout, di, options)
+        return call.wrap(layout.unflatten(ids))
 
 
 def _select(call, iq, ik, layout, di, options):
@@ -189,11 +183,11 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, sca
     scale = _interop.check_scale(scale, d)
     _interop.check_block_indices(a["block_indices"], layout, hkv, gpu=True)
     with call.stream():
-        bi = _flat(a["block_indices"], layout)
+        bi = layout.flatten(a["block_indices"])
         _check_block_index_values(bi, layout, block_size)
-        out, lse = _sparse(call, _flat(a["q"], layout), _flat(a["k"], layout), _flat(a["v"], layout), bi,
+        out, lse = _sparse(call, layout.flatten(a["q"]), layout.flatten(a["k"]), layout.flatten(a["v"]), bi,
                            layout, hq, hkv, d, block_size, causal, scale)
-        result = (_unflat(out, layout), _unflat(lse, layout)) if return_lse else _unflat(out, layout)
+        result = (layout.unflatten(out), layout.unflatten(lse)) if return_lse else layout.unflatten(out)
         return call.wrap(result)
 
 
@@ -223,17 +217,17 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
     if (index_q is None) != (index_k is None):
         raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
     with call.stream():
-        qf, kf, vf = _flat(a["q"], layout), _flat(a["k"], layout), _flat(a["v"], layout)
+        qf, kf, vf = layout.flatten(a["q"]), layout.flatten(a["k"]), layout.flatten(a["v"])
         if index_q is None:
             iq = qf.reshape(qf.shape[0], hkv, hq // hkv, d).astype("float32").mean(axis=2).astype(qf.dtype)
             ik, di = kf, d
         else:
             _, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"],
                                                gpu=True, n_kv_heads=hkv, layout=layout)
-            iq, ik = _flat(a["index_q"], layout), _flat(a["index_k"], layout)
+            iq, ik = layout.flatten(a["index_q"]), layout.flatten(a["index_k"])
         ids = _select(call, iq, ik, layout, di, options)
         out, lse = _sparse(call, qf, kf, vf, ids, layout, hq, hkv, d, block_size, causal, scale)
-        result = (_unflat(out, layout),)
-        result += (_unflat(lse, layout),) if return_lse else ()
-        result += (_unflat(ids, layout),) if return_indices else ()
+        result = (layout.unflatten(out),)
+        result += (layout.unflatten(lse),) if return_lse else ()
+        result += (layout.unflatten(ids),) if return_indices else ()
         return call.wrap(result if len(result) > 1 else result[0])

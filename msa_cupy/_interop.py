@@ -237,7 +237,7 @@ def check_scores(scores, layout: Layout, block_size: int):
             f"got {scores.shape[-1]}"
         )
     lead = tuple(scores.shape[:-2])
-    want_lead = (*layout.batch_shape, layout.max_q) if layout.uniform else (layout.total_q,)
+    want_lead = layout.query_shape
     if lead != want_lead:
         raise ValueError(f"scores must have leading shape {want_lead} (queries), got {lead}")
 
@@ -247,7 +247,7 @@ def check_block_indices(block_indices, layout: Layout, n_kv_heads: int, *, gpu: 
     if np.dtype(block_indices.dtype) != np.int32:
         raise TypeError(f"block_indices must have dtype int32, got {_dtype_name(block_indices.dtype)}")
     lead = tuple(block_indices.shape[:-2])
-    want_lead = (*layout.batch_shape, layout.max_q) if layout.uniform else (layout.total_q,)
+    want_lead = layout.query_shape
     if lead != want_lead or block_indices.shape[-2] != n_kv_heads:
         raise ValueError(
             f"block_indices must have shape {(*want_lead, n_kv_heads)} + (k,), got {tuple(block_indices.shape)}"

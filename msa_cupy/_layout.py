@@ -20,6 +20,8 @@ class Layout:
     batch_shape: tuple  # leading dims of the caller's arrays: (B,) batched, () varlen/single
     cu_q: np.ndarray  # int64, length n_seq + 1, host copy
     cu_k: np.ndarray
+    uniform_q: int = 0  # per-sequence lengths of a batched call (kept even when B = 0)
+    uniform_k: int = 0
 
     @property
     def n_seq(self) -> int:
@@ -35,11 +37,11 @@ class Layout:
 
     @property
     def max_k(self) -> int:
-        return int(np.max(np.diff(self.cu_k), initial=0))
+        return self.uniform_k if self.uniform else int(np.max(np.diff(self.cu_k), initial=0))
 
     @property
     def max_q(self) -> int:
-        return int(np.max(np.diff(self.cu_q), initial=0))
+        return self.uniform_q if self.uniform else int(np.max(np.diff(self.cu_q), initial=0))
 
     @property
     def uniform(self) -> bool:
@@ -51,6 +53,19 @@ class Layout:
             q0, q1 = int(self.cu_q[s]), int(self.cu_q[s + 1])
             k0, k1 = int(self.cu_k[s]), int(self.cu_k[s + 1])
             yield q0, q1 - q0, k0, k1 - k0
+
+    def flatten(self, x):
+        """(B, N, H, D) -> (B*N, H, D), free for contiguous arrays; varlen arrays stay."""
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]) if self.uniform else x
+
+    def unflatten(self, x):
+        """(total_q, ...) -> (B, Nq, ...) for batched calls."""
+        return x.reshape(*self.batch_shape, self.uniform_q, *x.shape[1:]) if self.uniform else x
+
+    @property
+    def query_shape(self) -> tuple:
+        """Leading dims of query-side arrays: (B, Nq) batched, (total_q,) varlen."""
+        return (*self.batch_shape, self.uniform_q) if self.uniform else (self.total_q,)
 
     def n_blocks(self, block_size: int) -> int:
         """Key blocks of the longest sequence: the width of score and selection maps."""
@@ -67,6 +82,8 @@ def uniform_layout(batch: int, nq: int, nk: int) -> Layout:
         batch_shape=(batch,),
         cu_q=np.arange(batch + 1, dtype=np.int64) * nq,
         cu_k=np.arange(batch + 1, dtype=np.int64) * nk,
+        uniform_q=nq,
+        uniform_k=nk,
     )
 
 

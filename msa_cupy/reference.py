@@ -75,10 +75,13 @@ def sequence_topk(scores, positions, num_keys, *, top_k=16, block_size=128, loca
         positions, num_keys, n_blocks, block_size, local_blocks, sink_blocks, causal
     )
     key = xp.where(visible[:, None, :] & ~xp.isnan(s), s, -xp.inf)  # NaN counts as -inf
-    key = xp.where(forced[:, None, :], xp.inf, key)
-    # stable sort of -key: equal scores keep ascending block ids, so the lower id wins ties
-    order = xp.argsort(-key, axis=-1, kind="stable")[..., :top_k]
-    chosen = xp.take_along_axis(key, order, axis=-1) > -xp.inf
+    # stable sort by descending score (equal scores keep ascending ids: the lower id wins ties),
+    # then a stable sort that moves forced blocks first, whatever their score (+inf included)
+    forced = xp.broadcast_to(forced[:, None, :], key.shape)
+    order = xp.argsort(-key, axis=-1, kind="stable")
+    unforced_first = (~xp.take_along_axis(forced, order, axis=-1)).astype(xp.int8)
+    order = xp.take_along_axis(order, xp.argsort(unforced_first, axis=-1, kind="stable"), axis=-1)[..., :top_k]
+    chosen = xp.take_along_axis(forced | (key > -xp.inf), order, axis=-1)
     ids = xp.sort(xp.where(chosen, order, n_blocks + 1), axis=-1)
     ids = xp.where(ids > n_blocks, -1, ids).astype(xp.int32)
     if ids.shape[-1] < top_k:
@@ -117,14 +120,6 @@ def sequence_sparse_attention(q, k, v, block_indices, positions, *, block_size=1
 # --------------------------------------------------------------------------- batching
 
 
-def _flat(x, layout: Layout):
-    """(B, N, H, D) -> (B*N, H, D); rank 3 stays."""
-    x = np.asarray(x)
-    return x.reshape(-1, *x.shape[-2:]) if layout.uniform else x
-
-
-def _unflat(x, layout: Layout):
-    return x.reshape(*layout.batch_shape, layout.max_q, *x.shape[1:]) if layout.uniform else x
 
 
 def _per_sequence(layout: Layout, fn, out_tail, dtype, fill):
@@ -133,7 +128,7 @@ def _per_sequence(layout: Layout, fn, out_tail, dtype, fill):
     for q0, nq, k0, nk in layout.sequences():
         if nq:
             result[q0:q0 + nq] = fn(q0, nq, k0, nk)
-    return _unflat(result, layout)
+    return layout.unflatten(result)
 
 
 # --------------------------------------------------------------------------- public oracle
@@ -143,7 +138,7 @@ def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=
     """float64 (..., Nq, Hkv, n_blocks): max over the visible keys of each block of index_q . index_k."""
     block_size = _interop.check_block_size(block_size, gpu=False)
     layout, groups, _, _ = _interop.check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, gpu=False)
-    iq, ik = _flat(index_q, layout), _flat(index_k, layout)
+    iq, ik = layout.flatten(index_q), layout.flatten(index_k)
     n_blocks = layout.n_blocks(block_size)
 
     def one(q0, nq, k0, nk):
@@ -161,7 +156,7 @@ def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks
         top_k, block_size, local_blocks, sink_blocks, gpu=False)
     layout = topk_layout(scores, num_keys, cu_seqlens_q, cu_seqlens_k)
     _interop.check_scores(scores, layout, block_size)
-    flat = _flat(scores, layout)
+    flat = layout.flatten(scores)
     groups = flat.shape[-2]
 
     def one(q0, nq, k0, nk):
@@ -207,7 +202,7 @@ def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1,
     top_k, block_size, local_blocks, sink_blocks = _interop.check_selection_options(
         top_k, block_size, local_blocks, sink_blocks, gpu=False)
     layout, groups, _, _ = _interop.check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, gpu=False)
-    iq, ik = _flat(index_q, layout), _flat(index_k, layout)
+    iq, ik = layout.flatten(index_q), layout.flatten(index_k)
 
     def one(q0, nq, k0, nk):
         positions = query_positions(nq, nk)
@@ -233,21 +228,21 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, sca
     bi = np.asarray(block_indices)
     if bi.size:
         _interop.check_block_index_values(int(bi.min()), int(bi.max()), layout.n_blocks(block_size))
-    qf, kf, vf, bif = (_flat(x, layout) for x in (q, k, v, bi))
+    qf, kf, vf, bif = (layout.flatten(x) for x in (q, k, v, bi))
+    for q0, nq, _, nk in layout.sequences():  # every sequence checked before any work
+        if nq and np.any(bif[q0:q0 + nq] >= -(-nk // block_size)):
+            raise ValueError(f"block_indices hold block ids >= {-(-nk // block_size)}, the block count of "
+                             f"their sequence (queries {q0}..{q0 + nq - 1})")
     out = np.zeros((layout.total_q, hq, d))
     lse = np.full((layout.total_q, hq), -np.inf)
     for q0, nq, k0, nk in layout.sequences():
         if nq == 0:
             continue
-        rows = bif[q0:q0 + nq]
-        nb = -(-nk // block_size)
-        if np.any(rows >= nb):
-            raise ValueError(f"block_indices hold block ids >= {nb}, the block count of their sequence")
-        o, l = sequence_sparse_attention(qf[q0:q0 + nq], kf[k0:k0 + nk], vf[k0:k0 + nk], rows,
+        o, l = sequence_sparse_attention(qf[q0:q0 + nq], kf[k0:k0 + nk], vf[k0:k0 + nk], bif[q0:q0 + nq],
                                          query_positions(nq, nk), block_size=block_size,
                                          causal=causal, scale=scale)
         out[q0:q0 + nq], lse[q0:q0 + nq] = o, l
-    out, lse = _unflat(out, layout), _unflat(lse, layout)
+    out, lse = layout.unflatten(out), layout.unflatten(lse)
     return (out, lse) if return_lse else out
 
 
@@ -255,12 +250,11 @@ def dense_attention(q, k, v, *, causal=True, scale=None, cu_seqlens_q=None, cu_s
                     return_lse=False):
     """Ordinary (causal, bottom-right) GQA softmax attention: MSA with every block selected."""
     layout, _, hkv, _ = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
-    n_blocks = max(layout.n_blocks(1), 1)
-    lead = (*layout.batch_shape, layout.max_q) if layout.uniform else (layout.total_q,)
-    every = np.broadcast_to(np.arange(n_blocks, dtype=np.int32), (*lead, hkv, n_blocks))
-    return sparse_attention(q, k, v, np.ascontiguousarray(every), block_size=1, causal=causal,
-                            scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                            return_lse=return_lse)
+    every = np.full((layout.total_q, hkv, max(layout.max_k, 1)), -1, np.int32)
+    for q0, nq, _, nk in layout.sequences():
+        every[q0:q0 + nq, :, :nk] = np.arange(nk, dtype=np.int32)  # block size 1: a block per key
+    return sparse_attention(q, k, v, layout.unflatten(every), block_size=1, causal=causal, scale=scale,
+                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
 
 
 def training_free_index(q, k):
@@ -280,7 +274,8 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
     Returns out, then lse if return_lse, then block_indices if return_indices.
     """
     _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=False)
-    layout, _, hkv, _ = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
+    layout, _, hkv, d = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
+    scale = _interop.check_scale(scale, d)
     if (index_q is None) != (index_k is None):
         raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
     if index_q is None:

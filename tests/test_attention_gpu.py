@@ -1,4 +1,5 @@
-"""The plain CuPy path (MSA_CUPY_PLAIN=1) against the reference, through the public API."""
+"""The public API on the GPU against the reference: the fast kernels and the plain CuPy path
+(MSA_CUPY_PLAIN=1), on hypothesis-drawn shapes, plus a 128K-token context checked on sampled rows."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,9 +13,13 @@ pytestmark = pytest.mark.gpu
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(autouse=True)
-def plain_path(monkeypatch):
-    monkeypatch.setenv("MSA_CUPY_PLAIN", "1")
+@pytest.fixture(autouse=True, params=["fast", "plain"])
+def path(request, monkeypatch):
+    if request.param == "plain":
+        monkeypatch.setenv("MSA_CUPY_PLAIN", "1")
+    else:
+        monkeypatch.delenv("MSA_CUPY_PLAIN", raising=False)
+    return request.param
 
 
 @st.composite
@@ -139,3 +144,29 @@ def test_repeats_are_bitwise_identical_and_inputs_untouched():
         assert cp.array_equal(x.view(cp.uint8) if x.dtype.itemsize == 2 else x, y.view(cp.uint8) if y.dtype.itemsize == 2 else y)
     for x, y in zip(before, (q, k, v)):
         assert cp.array_equal(x.view(cp.uint16), y.view(cp.uint16))
+
+
+def test_128k_context_on_sampled_rows(path):
+    """A long context end to end; the reference recomputes sampled rows over all keys."""
+    import cupy as cp
+
+    from msa_cupy._layout import query_positions
+
+    if path == "plain":
+        pytest.skip("the plain path is the slow fallback; the long case checks the fast kernels")
+    n, hq, hkv, d, block, top_k = 131072, 16, 4, 128, 128, 16
+    rng = np.random.default_rng(7)
+    dt = DTYPES["bfloat16"]
+    q, k, v = randn((n, hq, d), dt, rng), randn((n, hkv, d), dt, rng), randn((n, hkv, d), dt, rng)
+    iq, ik = randn((n, hkv, d), dt, rng), randn((n, 1, d), dt, rng)
+    out, lse, ids = msa_cupy.attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), index_q=cp.asarray(iq),
+                                       index_k=cp.asarray(ik), return_lse=True, return_indices=True)
+    rows = np.sort(np.concatenate([rng.choice(n, 12, replace=False), [0, 1, 127, 128, n - 1]]))
+    out, lse, ids = out.get()[rows], lse.get()[rows], ids.get()[rows]
+    pos = query_positions(n, n)[rows]
+    scores = reference.sequence_block_scores(iq[rows], ik, pos, block_size=block)
+    ref_ids = reference.sequence_topk(scores, pos, n, top_k=top_k, block_size=block)
+    _assert_same_selection(ids, ref_ids, scores)
+    ref_out, ref_lse = reference.sequence_sparse_attention(q[rows], k, v, ids, pos, block_size=block)
+    assert rel_error(out, ref_out) < TOLERANCE["bfloat16"]
+    assert np.abs(lse - ref_lse).max() < 1e-3
