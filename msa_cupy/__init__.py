@@ -4,6 +4,7 @@ Arrays come in through DLPack (CuPy, PyTorch, JAX) and go back as the caller's t
 arrays run through the float64 reference (``msa_cupy.reference``).
 """
 from ._api import attention, block_scores, select_blocks, sparse_attention, topk_blocks
+from ._interop import gpu_available
 
 __version__ = "0.1.0"
-__all__ = ["attention", "block_scores", "select_blocks", "sparse_attention", "topk_blocks"]
+__all__ = ["attention", "block_scores", "gpu_available", "select_blocks", "sparse_attention", "topk_blocks"]
