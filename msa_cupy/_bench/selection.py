@@ -10,12 +10,15 @@
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .._layout import uniform_layout
 from . import harness
 
 HKV, DI, BLOCK, TOP_K = 4, 128, 128, 16
+HOST_CALLS = 20
 OPTS = dict(top_k=TOP_K, block_size=BLOCK, local_blocks=1, sink_blocks=0)
 
 
@@ -55,25 +58,27 @@ def bench_topk(report, ceil, nq, nk, causal=True, baselines=True):
 
             t = torch.from_dlpack(scores).view(nq * HKV, width)
             with external_stream(torch.cuda.current_stream()):
-                fields["torch_topk_ms"] = harness.time_ms(lambda: torch.topk(t, TOP_K, dim=-1), [()], 1, 5)
+                fields["torch_topk_ms"] = harness.time_ms(lambda: torch.topk(t, TOP_K, dim=-1), [()], warmup=1, repeat=5)
         except Exception as exc:  # noqa: BLE001
             fields["torch_topk_ms"] = f"n/a ({type(exc).__name__})"
-        if scores.nbytes <= (1 << 31):
+        try:
             flat = scores.reshape(nq * HKV, width)
             fields["cupy_argpartition_ms"] = harness.time_ms(
-                lambda: cp.argpartition(flat, width - TOP_K, axis=-1), [()], 1, 3)
+                lambda: cp.argpartition(flat, width - TOP_K, axis=-1), [()], warmup=1, repeat=3)
+        except Exception as exc:  # noqa: BLE001
+            fields["cupy_argpartition_ms"] = f"n/a ({type(exc).__name__})"
         try:
             from .. import _plain
 
             fields["plain_ms"] = harness.time_ms(
-                lambda: _plain.topk_blocks(scores, layout, causal=causal, **OPTS), [()], 1, 3)
+                lambda: _plain.topk_blocks(scores, layout, causal=causal, **OPTS), [()], warmup=1, repeat=3)
         except Exception as exc:  # noqa: BLE001
             fields["plain_ms"] = f"n/a ({type(exc).__name__})"
     report(f"topk_blocks {nk // 1024}K x {nq} q", **fields)
     del scores
 
 
-def bench_prefill(report, ceil, n, plain=True):
+def bench_prefill(report, ceil, n, plain=True, variants=()):
     from .. import selection
 
     cp = harness.cupy()
@@ -92,11 +97,18 @@ def bench_prefill(report, ceil, n, plain=True):
         try:
             from .. import _plain
 
-            pms = harness.time_ms(lambda: _plain.select_blocks(iq, ik, layout, **opts), [()], 1, 2)
+            pms = harness.time_ms(lambda: _plain.select_blocks(iq, ik, layout, **opts), [()], warmup=1, repeat=2)
             fields.update(plain_ms=pms, speedup_vs_plain=pms / ms)
         except Exception as exc:  # noqa: BLE001
             fields["plain_ms"] = f"n/a ({type(exc).__name__}: {exc})"[:80]
     report(f"select_blocks prefill {n // 1024}K", **fields)
+    ref = fn()
+    for warps in variants:  # tuning: other warp grids, checked against the default first
+        vfn = lambda: selection.select_blocks(iq, ik, layout, cu_q, cu_k, warps=warps, **opts)  # noqa: E731
+        same = bool(cp.array_equal(vfn(), ref))
+        vms = harness.time_ms(vfn, [()], warmup=1, repeat=repeat)
+        report(f"  variant warps={warps}", tokens=n, ms=vms, TFLOPs=flops / vms / 1e9,
+               pct_matmul=100 * flops / vms / 1e9 / ceil["matmul_TFLOPs"], same_ids=same)
 
 
 def bench_decode(report, ceil, batch, nk, plain=True):
@@ -114,14 +126,19 @@ def bench_decode(report, ceil, batch, nk, plain=True):
     opts = dict(OPTS, causal=True)
     fn = lambda iq, ik: selection.select_blocks(iq, ik, layout, cu_q, cu_k, **opts)  # noqa: E731
     ms = harness.time_ms(fn, sets, warmup=2, repeat=10)
+    t0 = time.perf_counter()
+    for _ in range(HOST_CALLS):  # launch cost alone: the host returns before the GPU finishes
+        fn(*sets[0])
+    host_us = (time.perf_counter() - t0) / HOST_CALLS * 1e6
+    cp.cuda.get_current_stream().synchronize()
     floor_ms = key_bytes / (ceil["copy_GBps"] * 1e6)
     fields = dict(batch=batch, keys=nk, ms=ms, floor_ms=floor_ms, pct_of_floor=100 * floor_ms / ms,
-                  GBps=key_bytes / ms / 1e6)
+                  GBps=key_bytes / ms / 1e6, host_us_per_call=host_us)
     if plain:
         try:
             from .. import _plain
 
-            pms = harness.time_ms(lambda iq, ik: _plain.select_blocks(iq, ik, layout, **opts), sets[:1], 1, 3)
+            pms = harness.time_ms(lambda iq, ik: _plain.select_blocks(iq, ik, layout, **opts), sets[:1], warmup=1, repeat=3)
             fields.update(plain_ms=pms, speedup_vs_plain=pms / ms)
         except Exception as exc:  # noqa: BLE001
             fields["plain_ms"] = f"n/a ({type(exc).__name__})"
@@ -137,7 +154,8 @@ def run(report, ceilings=None, *, quick=False):
     bench_topk(report, ceil, 131072, 131072, causal=False)
     bench_topk(report, ceil, 4096, 1 << 20, causal=True)
     for n in ((32768, 131072) if quick else (32768, 131072, 1 << 20)):
-        bench_prefill(report, ceil, n)
+        bench_prefill(report, ceil, n, plain=n <= 32768,
+                      variants=((8, 1),) if n == 131072 else ())
     for nk in (131072, 1 << 20):
         for batch in (1, 8, 32):
             bench_decode(report, ceil, batch, nk, plain=batch == 1)

@@ -1,0 +1,178 @@
+// Decode (few queries per sequence, long caches): query-outer split-K attention.
+//
+// One CTA per entry e = (query row, KV head g, slot) of block_indices, read directly: no
+// reverse index, no sort, no schedule kernel (with 1-16 queries per sequence there is almost
+// no key block shared between queries to reuse, and K * Hkv CTAs per query token keep the card
+// busy even at batch 1).  Unused (-1) and repeated slots exit at once; the combine kernel
+// derives the same slot -> partial-row map (row e, or none) from block_indices.
+#include "attention.cuh"
+
+// Split-K decode attention: one CTA per distinct pick, WARPS
+// warps; warp w owns keys [w * BK / WARPS, (w + 1) * BK / WARPS) of the block and the G query
+// heads of the token (one m16 tile: rows >= G are zero and never written).  Each warp loads
+// its own K/V slice and its own copy of the query with cp.async and waits only for its own
+// copies, so loads of all warps overlap and no CTA barrier sits between load and math; the
+// WARPS partial softmax states (m, l, O) are merged once through shared memory.  Decode is
+// bound by the bytes of the selected K/V: the split keeps 4x more loads in flight per CTA
+// than one warp would, and the math of one warp shrinks to a quarter.
+template <typename T, typename PT, int D, int G, int BK, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                     const int* __restrict__ block_indices, const int* __restrict__ cu_q,
+                     const int* __restrict__ cu_k, int n_seq, int q_begin, int n_heads_q, int n_heads_kv,
+                     int top_k, PT* __restrict__ part_o, float* __restrict__ part_lse, int causal,
+                     float scale_log2) {
+    constexpr int KW = BK / WARPS;   // keys per warp
+    constexpr int CH = D / 8;        // 16-byte chunks per row
+    constexpr int NT = KW / 8;       // n-tiles of S per warp
+    constexpr int DK = D / 16, DN = D / 8;
+    static_assert(KW % 16 == 0 && G <= 16, "warp key slice must be a multiple of 16, G <= 16");
+
+    const i64 entry = blockIdx.x;  // partial row block of this pick: entry * G + head
+    const int slot = (int)(entry % top_k);
+    const int* picks = block_indices + (entry - slot);
+    if (!first_occurrence(picks, slot)) return;
+    const int g = (int)((entry / top_k) % n_heads_kv);
+    const int token = q_begin + (int)(entry / ((i64)top_k * n_heads_kv));
+    const int seq = sequence_of(cu_q, n_seq, token);
+    const int key0 = picks[slot] * BK;
+    const int q_start = cu_q[seq], n_q = cu_q[seq + 1] - q_start;
+    const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
+    const int position = n_k - n_q + (token - q_start);
+    const int lim = (causal ? min(position + 1, n_k) : n_k) - key0;  // visible keys of the block
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    T* Ks = reinterpret_cast<T*>(smem_raw) + warp * (2 * KW * D + 16 * D);
+    T* Vs = Ks + KW * D;
+    T* Qs = Vs + KW * D;
+    const int kw0 = warp * KW;  // first key of this warp within the block
+    for (int c = lane; c < KW * CH; c += 32) {
+        const int row = c / CH, ch = c % CH;
+        const int key = key0 + kw0 + row;
+        const bool ok = key < n_k && kw0 + row < lim;  // invisible keys are masked: skip their bytes
+        const i64 off = ((i64)(k_start + (ok ? key : key0)) * n_heads_kv + g) * D + ch * 8;
+        cp_async_16(Ks + swizzled<D>(row, ch), k + off, ok ? 16 : 0);
+        cp_async_16(Vs + swizzled<D>(row, ch), v + off, ok ? 16 : 0);
+    }
+    for (int c = lane; c < 16 * CH; c += 32) {
+        const int row = c / CH, ch = c % CH;
+        const bool ok = row < G;
+        const i64 off = ((i64)token * n_heads_q + g * G + (ok ? row : 0)) * D + ch * 8;
+        cp_async_16(Qs + swizzled<D>(row, ch), q + off, ok ? 16 : 0);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncwarp();
+
+    const int grp = lane >> 2, quad = lane & 3;
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DK; ++kk) {
+        unsigned a[4];
+        ldmatrix_x4(a, Qs + swizzled<D>(lane & 15, kk * 2 + (lane >> 4)));
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            unsigned b[4];
+            ldmatrix_x4(b, Ks + swizzled<D>(np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
+            const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+            mma_16x8x16<T>(s[2 * np], a, b0);
+            mma_16x8x16<T>(s[2 * np + 1], a, b1);
+        }
+    }
+    float m_a = MSA_NEG_INF, m_b = MSA_NEG_INF;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int col = kw0 + n * 8 + 2 * quad;
+        s[n][0] = col < lim ? s[n][0] * scale_log2 : MSA_NEG_INF;
+        s[n][1] = col + 1 < lim ? s[n][1] * scale_log2 : MSA_NEG_INF;
+        s[n][2] = col < lim ? s[n][2] * scale_log2 : MSA_NEG_INF;
+        s[n][3] = col + 1 < lim ? s[n][3] * scale_log2 : MSA_NEG_INF;
+        m_a = fmaxf(m_a, fmaxf(s[n][0], s[n][1]));
+        m_b = fmaxf(m_b, fmaxf(s[n][2], s[n][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        m_a = fmaxf(m_a, __shfl_xor_sync(0xffffffffu, m_a, off));
+        m_b = fmaxf(m_b, __shfl_xor_sync(0xffffffffu, m_b, off));
+    }
+    const float base_a = m_a == MSA_NEG_INF ? 0.f : m_a, base_b = m_b == MSA_NEG_INF ? 0.f : m_b;
+    float l_a = 0.f, l_b = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        s[n][0] = exp2f(s[n][0] - base_a); s[n][1] = exp2f(s[n][1] - base_a);
+        s[n][2] = exp2f(s[n][2] - base_b); s[n][3] = exp2f(s[n][3] - base_b);
+        l_a += s[n][0] + s[n][1];
+        l_b += s[n][2] + s[n][3];
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+        l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+    }
+    float o[DN][4];
+#pragma unroll
+    for (int n = 0; n < DN; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+#pragma unroll
+    for (int j = 0; j < KW / 16; ++j) {
+        const unsigned pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]), pack2<T>(s[2 * j][2], s[2 * j][3]),
+                                pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]), pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+        const int key = j * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+            unsigned b[4];
+            ldmatrix_x4_trans(b, Vs + swizzled<D>(key, dp * 2 + (lane >> 4)));
+            const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+            mma_16x8x16<T>(o[2 * dp], pa, b0);
+            mma_16x8x16<T>(o[2 * dp + 1], pa, b1);
+        }
+    }
+    // merge the WARPS states through shared memory: (m, l) per row, then each warp stores its
+    // O rows rescaled to the common max; the sum over warps runs in fixed order (deterministic)
+    __syncthreads();  // every warp is done with its K/V slice: reuse the space
+    float* m_s = reinterpret_cast<float*>(smem_raw);       // [WARPS][16]
+    float* l_s = m_s + WARPS * 16;                         // [WARPS][16]
+    float* o_s = l_s + WARPS * 16;                         // [WARPS][16][D]
+    if (quad == 0) {
+        m_s[warp * 16 + grp] = m_a; m_s[warp * 16 + grp + 8] = m_b;
+        l_s[warp * 16 + grp] = l_a; l_s[warp * 16 + grp + 8] = l_b;
+    }
+    __syncthreads();
+    float mt_a = MSA_NEG_INF, mt_b = MSA_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        mt_a = fmaxf(mt_a, m_s[w * 16 + grp]);
+        mt_b = fmaxf(mt_b, m_s[w * 16 + grp + 8]);
+    }
+    const float sc_a = m_a == MSA_NEG_INF ? 0.f : exp2f(m_a - mt_a);
+    const float sc_b = m_b == MSA_NEG_INF ? 0.f : exp2f(m_b - mt_b);
+    float* ow = o_s + warp * 16 * D;
+#pragma unroll
+    for (int n = 0; n < DN; ++n) {
+        const int col = n * 8 + 2 * quad;
+        *reinterpret_cast<float2*>(ow + grp * D + col) = make_float2(o[n][0] * sc_a, o[n][1] * sc_a);
+        *reinterpret_cast<float2*>(ow + (grp + 8) * D + col) = make_float2(o[n][2] * sc_b, o[n][3] * sc_b);
+    }
+    __syncthreads();
+    // rows < G: sum the warps, normalise, write the pick's partial (o, lse)
+    for (int i = threadIdx.x; i < G * D / 2; i += WARPS * 32) {
+        const int row = (2 * i) / D, col = (2 * i) % D;
+        float mt = MSA_NEG_INF, lt = 0.f, x0 = 0.f, x1 = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mt = fmaxf(mt, m_s[w * 16 + row]);
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float mw = m_s[w * 16 + row];
+            if (mw != MSA_NEG_INF) lt += l_s[w * 16 + row] * exp2f(mw - mt);
+            const float2 x = *reinterpret_cast<const float2*>(o_s + (w * 16 + row) * D + col);
+            x0 += x.x;
+            x1 += x.y;
+        }
+        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        const i64 prow = (i64)entry * G + row;
+        store2<PT>(part_o + prow * D + col, x0 * inv, x1 * inv);
+        if (col == 0) part_lse[prow] = lt > 0.f ? (mt + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
+    }
+}

@@ -1,0 +1,182 @@
+"""GPU index-branch selection: block scores, exp-free top-k and the fused select.
+
+Kernels: ``cuda/select.cu`` (tensor-core index GEMM with a block-max epilogue that either
+writes block scores or feeds a running top-k), ``cuda/topk.cu`` (warp top-k over materialized
+scores, and the merge of split-K partial lists).  Inputs arrive validated, contiguous and in
+varlen form: ``index_q`` (total_q, Hkv, Di), ``index_k`` (total_k, 1 | Hkv, Di), fp16/bf16,
+``cu_q``/``cu_k`` device int32 (n_seq + 1), ``layout`` the host-side :class:`Layout`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _jit
+from ._layout import Layout
+
+KEY_TILE = 128               # keys per pipeline step of select.cu
+TOPK_WARPS = 8               # rows (warps) per CTA of topk.cu
+MAX_TOP_K = 32               # one warp-list entry per lane
+BLOCK_SIZES = (64, 128)
+INDEX_DIMS = (64, 128)
+PREFILL_WARPS = (4, 1)       # (WM, WN): 128 rows x 128 keys per CTA; (8, 1) measured ~8% faster on
+                             # H200 but its BM > KEY_TILE prologue is not yet GPU-verified
+DECODE_WARPS = (1, 4)        # 32 rows, each warp a 32-key slice: for few rows per sequence
+EPI_SCORES, EPI_TOPK = 0, 1
+MIN_TILES_PER_SPLIT = 4      # split-K never gives a CTA fewer key tiles than this
+CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs per SM
+
+
+if hasattr(_jit, "declare"):  # the variants this module launches (for `python -m msa_cupy check`)
+    _jit.declare("select.cu", "select_kernel", *[
+        (_di, _bs, _wm, _wn, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES
+        for _wm, _wn in (PREFILL_WARPS, DECODE_WARPS) for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
+    _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
+    _jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+
+
+def supports(*, top_k: int, block_size: int, index_dim: int) -> bool:
+    """Shapes the fast kernels cover; the caller falls back to the plain CuPy path otherwise."""
+    return 1 <= int(top_k) <= MAX_TOP_K and int(block_size) in BLOCK_SIZES and int(index_dim) in INDEX_DIMS
+
+
+def _dtype_name(dtype) -> str:
+    dt = np.dtype(dtype)
+    if dt == np.float16:
+        return "f16"
+    if dt.name == "bfloat16":
+        return "bf16"
+    raise TypeError(f"index arrays must be float16 or bfloat16, got {dt}")
+
+
+_SM_COUNT: dict = {}
+_ATTR_MULTIPROCESSOR_COUNT = 16  # cudaDevAttrMultiProcessorCount
+
+
+def _sm_count() -> int:
+    """SMs of the current device (cached: querying every attribute costs ~100 us a call)."""
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    if dev not in _SM_COUNT:
+        _SM_COUNT[dev] = int(cupy.cuda.runtime.deviceGetAttribute(_ATTR_MULTIPROCESSOR_COUNT, dev))
+    return _SM_COUNT[dev]
+
+
+def _i32(x):
+    return np.int32(x)
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(source, name, template):
+    """_jit.get_kernel, memoized per device here (the host cost matters for decode)."""
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), source, name, template)
+    hit = _KERNELS.get(key)
+    if hit is None:
+        hit = _KERNELS[key] = _jit.get_kernel(source, name, template=template)
+    return hit
+
+
+def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, epilogue,
+                   top_k=1, local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, splits=None,
+                   warps=None):
+    """Launch select_kernel (and the split-K merge). Returns the output array."""
+    import cupy
+
+    total_q, n_heads, di = index_q.shape
+    k_heads = index_k.shape[1]
+    if di not in INDEX_DIMS or block_size not in BLOCK_SIZES:
+        raise ValueError(f"fast selection covers index_dim {INDEX_DIMS} and block_size {BLOCK_SIZES}")
+    q_lens, k_lens = np.diff(layout.cu_q), np.diff(layout.cu_k)  # one pass each: host cost counts in decode
+    max_q, max_k = int(q_lens.max(initial=0)), int(k_lens.max(initial=0))
+    width = -(-max_k // block_size)
+    rows_per_q = n_heads if k_heads == 1 else 1
+    group_grid = 1 if k_heads == 1 else n_heads
+    max_rows = max_q * rows_per_q
+    if warps is None:
+        warps = DECODE_WARPS if max_rows <= 32 * DECODE_WARPS[0] else PREFILL_WARPS
+    wm, wn = warps
+    bm = 32 * wm
+    q_tiles = max(-(-max_rows // bm), 1)
+    kernel_tiles = -(-max_k // KEY_TILE)
+    if splits is None:
+        seq_rows = q_lens * rows_per_q
+        ctas = int(np.sum(-(-seq_rows // bm))) * group_grid
+        want = -(-CTAS_PER_SM_TARGET * _sm_count() // max(ctas, 1))
+        splits = int(max(1, min(want, kernel_tiles // MIN_TILES_PER_SPLIT)))
+    dt = _dtype_name(index_q.dtype)
+    kernel = _kernel("select.cu", "select_kernel", (di, block_size, wm, wn, epilogue, dt))
+    threads = 32 * wm * wn
+    bpw = max((KEY_TILE // wn) // block_size, 1)
+    smem = 2 * KEY_TILE * di * 2 + wn * bpw * bm * 4 + (top_k * bm * 8 if epilogue == EPI_TOPK else 0)
+
+    partial = None
+    if epilogue == EPI_SCORES:
+        out = scores_out if scores_out is not None else cupy.empty((total_q, n_heads, width), cupy.float32)
+        ids_arg, partial_arg, scores_arg = 0, 0, out
+    else:
+        out = ids_out if ids_out is not None else cupy.empty((total_q, n_heads, top_k), cupy.int32)
+        if splits > 1:
+            partial = cupy.empty((total_q, n_heads, splits, top_k), cupy.uint64)
+        ids_arg, partial_arg, scores_arg = out, (partial if partial is not None else 0), 0
+    if total_q == 0 or layout.n_seq == 0:
+        return out
+
+    def ptr(x):
+        return x if not isinstance(x, int) else np.uint64(0)
+
+    grid = (layout.n_seq * q_tiles, group_grid, splits)
+    kernel(grid, (threads,), (
+        index_q, index_k, cu_q, cu_k, ptr(scores_arg), ptr(ids_arg), ptr(partial_arg),
+        _i32(n_heads), _i32(k_heads), _i32(width), _i32(q_tiles), _i32(top_k), _i32(local_blocks),
+        _i32(sink_blocks), _i32(1 if causal else 0), _i32(splits)), shared_mem=smem)
+    if partial is not None:
+        merge = _kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+        rows = total_q * n_heads
+        merge((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,),
+              (partial, out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
+    return out
+
+
+def block_scores(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, out=None):
+    """float32 (total_q, Hkv, n_blocks): max over the visible keys of each key block of
+    index_q . index_k (-inf for blocks with no visible key and blocks past a sequence's end)."""
+    return _select_launch(index_q, index_k, layout, cu_q, cu_k, block_size=block_size, causal=causal,
+                          epilogue=EPI_SCORES, scores_out=out, splits=1)
+
+
+def topk_blocks(scores, layout: Layout, cu_q, cu_k, *, top_k, block_size, local_blocks, sink_blocks,
+                causal, out=None):
+    """int32 (total_q, Hkv, top_k) from float32 scores (total_q, Hkv, W): forced blocks plus the
+    best other visible blocks, ascending, -1 padded."""
+    import cupy
+
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"fast top-k covers top_k <= {MAX_TOP_K}, got {top_k}")
+    total_q, n_heads, width = scores.shape
+    out = out if out is not None else cupy.empty((total_q, n_heads, top_k), cupy.int32)
+    rows = total_q * n_heads
+    if rows == 0:
+        return out
+    vec = 4 if width % 4 == 0 else 1
+    kernel = _kernel("topk.cu", "topk_kernel", (vec, TOPK_WARPS))
+    kernel((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,), (
+        scores, cu_q, cu_k, out, np.int64(rows), _i32(layout.n_seq), _i32(n_heads), _i32(width),
+        _i32(top_k), _i32(block_size), _i32(local_blocks), _i32(sink_blocks), _i32(1 if causal else 0)))
+    return out
+
+
+def select_blocks(index_q, index_k, layout: Layout, cu_q, cu_k, *, top_k, block_size, local_blocks,
+                  sink_blocks, causal, out=None, splits=None, warps=None):
+    """int32 (total_q, Hkv, top_k): fused block scoring and top-k; the score map never reaches memory.
+
+    ``splits`` (key-range splits per CTA) and ``warps`` ((WM, WN) warp grid) override the
+    launch heuristics; for tests and tuning."""
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ValueError(f"fast selection covers top_k <= {MAX_TOP_K}, got {top_k}")
+    return _select_launch(index_q, index_k, layout, cu_q, cu_k, block_size=block_size, causal=causal,
+                          epilogue=EPI_TOPK, top_k=top_k, local_blocks=local_blocks,
+                          sink_blocks=sink_blocks, ids_out=out, splits=splits, warps=warps)

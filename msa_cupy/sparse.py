@@ -1,0 +1,247 @@
+"""Block-sparse attention on the GPU (MSA main branch): launch code of the CUDA kernels.
+
+Two paths, one combine:
+
+* **prefill (KV-outer)** -- ``cuda/reverse_index.cu`` inverts the selection into, per
+  (sequence, KV head, key block) = *bucket*, the ascending list of query tokens that picked it
+  (a CSR built with one CuPy sort of unique 64-bit keys: deterministic) and cuts each list into
+  work items of at most ``TILES_PER_ITEM`` query tiles, largest first.  ``cuda/sparse_prefill.cu``
+  runs one CTA per item: one K/V block loaded once, its queries streamed through tensor cores
+  in row tiles of 16 * PREFILL_MT * PREFILL_WARPS = 64 rows (64 / G tokens x G heads; 64
+  rather than 128 so that two CTAs share an SM: +12% measured on H200), writing one partial
+  (o, lse) per pick.
+* **decode (query-outer split-K)** -- for at most ``DECODE_MAX_QUERIES`` queries per sequence,
+  ``cuda/decode.cu`` makes every distinct pick its own CTA straight from block_indices (no
+  sort, no reverse index, no schedule kernel: two launches in all), its key block split once
+  more across the CTA's 4 warps, merged in shared memory.
+* ``cuda/combine.cu`` merges the <= K partials of each (query, head) by log-sum-exp.
+
+Partials are stored in the input dtype (half the bytes of fp32; the extra rounding is one
+ulp of a normalised output, far inside the tolerances) with fp32 lse.  Queries are processed
+in chunks whose partial buffer fits ``PARTIAL_BUDGET_BYTES``, which also bounds every 32-bit
+list position.  Host-device synchronisation: none (the work grid is an upper bound; items past
+the real count exit at once).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _jit
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+SUPPORTED_GROUP_SIZES = (1, 2, 4, 8, 16)
+MAX_TOP_K = 256
+PREFILL_WARPS = 4  # 64-row query tiles: 2 CTAs per SM (measured +10% over 8 warps, H200)
+PREFILL_STAGES = 2  # query tiles buffered in shared memory (STAGES - 1 in flight)
+PREFILL_MT = 1  # m16 row tiles per warp (2: each K/V fragment load feeds two mma)
+DECODE_WARPS = 4  # split-K decode: each warp takes BK / 4 keys of the pick's block
+TILES_PER_ITEM = 8  # query tiles per prefill work item (K/V block reuse vs. load balance)
+DECODE_MAX_QUERIES = 16  # sequences with at most this many queries take the decode path
+PARTIAL_BUDGET_BYTES = 4 << 30
+SCHEDULE_THREADS = 256
+COMBINE_WARPS = 8
+LOG2E = 1.4426950408889634
+
+_poison_outputs = False  # test hook: fill every buffer with NaN before the kernels run
+
+if hasattr(_jit, "declare"):  # every variant this module may launch (for `python -m msa_cupy check`)
+    for _t in ("bf16", "f16"):
+        for _d in SUPPORTED_HEAD_DIMS:
+            _jit.declare("combine.cu", "sparse_combine_kernel", *[(_t, _t, _d, _g, COMBINE_WARPS) for _g in SUPPORTED_GROUP_SIZES])
+            _jit.declare("sparse_prefill.cu", "sparse_prefill_kernel",
+                         *[(_t, _t, _d, _g, _bk, PREFILL_WARPS, PREFILL_STAGES, PREFILL_MT) for _g in SUPPORTED_GROUP_SIZES
+                           for _bk in SUPPORTED_BLOCK_SIZES])
+            _jit.declare("decode.cu", "sparse_decode_kernel",
+                         *[(_t, _t, _d, _g, _bk, DECODE_WARPS) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
+    for _name in ("reverse_index_keys", "reverse_index_fill", "build_work_items"):
+        _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
+    _jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_BLOCK_SIZES])
+
+
+def supports(*, head_dim: int, block_size: int, group_size: int, top_k: int) -> bool:
+    """True when the CUDA kernels handle this configuration (else the caller falls back)."""
+    return (head_dim in SUPPORTED_HEAD_DIMS and block_size in SUPPORTED_BLOCK_SIZES
+            and group_size in SUPPORTED_GROUP_SIZES and 1 <= top_k <= MAX_TOP_K)
+
+
+def _type_name(dtype) -> str:
+    name = np.dtype(dtype).name
+    if name == "bfloat16":
+        return "bf16"
+    if name == "float16":
+        return "f16"
+    raise TypeError(f"sparse attention kernels take float16 or bfloat16, got {name}")
+
+
+def _empty(shape, dtype):
+    import cupy
+
+    a = cupy.empty(shape, dtype)
+    if _poison_outputs:  # 0x7FFF is a NaN in fp16 and bf16, 0x7FFFFFFF in fp32
+        a.view(cupy.uint16 if a.itemsize == 2 else cupy.uint32).fill(0x7FFF if a.itemsize == 2 else 0x7FFFFFFF)
+    return a
+
+
+def _smem_bytes(head_dim, block_size, warps, group_size, decode, stages=2, mt=1):
+    if decode:  # per warp: its K and V slice + a 16-row copy of the query; then the fp32 merge
+        loads = warps * (2 * (block_size // warps) * head_dim + 16 * head_dim) * 2
+        return max(loads, (2 * warps * 16 + warps * 16 * head_dim) * 4)
+    rows = 16 * mt * warps
+    return 2 * (2 * block_size * head_dim + stages * rows * head_dim) + stages * (rows // group_size) * 4
+
+
+def _n_blocks_total(layout, block_size) -> int:
+    """Key blocks of all sequences together (host, from the layout: no device read)."""
+    return int((-(-np.diff(layout.cu_k) // block_size)).sum())
+
+
+_kernels: dict = {}
+
+
+def _kernel(source, name, template):
+    """get_kernel, memoized per call signature (the launch path stays cheap for decode)."""
+    import cupy
+
+    key = (cupy.cuda.Device().id, source, name, template)
+    kern = _kernels.get(key)
+    if kern is None:
+        kern = _kernels[key] = _jit.get_kernel(source, name, template=template)
+    return kern
+
+
+class _Stats:
+    """Optional per-phase timing (benchmarks): CUDA events around the three phases."""
+
+    def __init__(self):
+        self.events = []
+
+    def mark(self, name):
+        import cupy
+
+        e = cupy.cuda.Event()
+        e.record()
+        self.events.append((name, e))
+
+    def totals(self):
+        import cupy
+
+        out = {}
+        for (_, a), (name, b) in zip(self.events, self.events[1:]):
+            b.synchronize()
+            out[name] = out.get(name, 0.0) + cupy.cuda.get_elapsed_time(a, b)
+        return out
+
+
+def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, causal, scale,
+                     return_lse=True, stats=None, force_path=None, prefill_warps=PREFILL_WARPS,
+                     prefill_stages=PREFILL_STAGES, prefill_mt=PREFILL_MT):
+    """(out (total_q, Hq, D) q.dtype, lse (total_q, Hq) float32) over the selected blocks.
+
+    q (total_q, Hq, D), k/v (total_k, Hkv, D) contiguous CuPy fp16/bf16; block_indices
+    (total_q, Hkv, K) int32, entries -1 or a valid block id of the query's sequence, read
+    as a set (order free, duplicates count once); cu_q/cu_k device int32 (n_seq + 1);
+    layout the host Layout.  lse is always computed (return_lse is accepted for symmetry).
+    ``force_path``: None (by shape), "prefill" or "decode" (tests).
+    """
+    import cupy
+
+    total_q, n_heads_q, head_dim = q.shape
+    n_heads_kv = k.shape[1]
+    group = n_heads_q // n_heads_kv
+    top_k = block_indices.shape[-1]
+    if not supports(head_dim=head_dim, block_size=block_size, group_size=group, top_k=top_k):
+        raise ValueError(f"no sparse attention kernel for head_dim={head_dim}, block_size={block_size}, "
+                         f"group size={group}, top_k={top_k}")
+    tname = _type_name(q.dtype)
+    out = _empty(q.shape, q.dtype)
+    lse = _empty((total_q, n_heads_q), np.float32)
+    if total_q == 0:
+        return out, lse
+    block_indices = block_indices.reshape(total_q, n_heads_kv, top_k)
+    n_blocks_total = _n_blocks_total(layout, block_size)
+    if n_blocks_total == 0:  # no keys anywhere: every query sees nothing
+        out.view(cupy.uint16).fill(0)
+        lse.fill(-np.inf)
+        return out, lse
+    cu_q = cu_q.astype(cupy.int32, copy=False)
+    cu_k = cu_k.astype(cupy.int32, copy=False)
+    n_seq = np.int32(layout.n_seq)
+    n_buckets = n_heads_kv * n_blocks_total
+    decode = force_path == "decode" or (force_path is None and layout.max_q <= DECODE_MAX_QUERIES)
+    warps = DECODE_WARPS if decode else prefill_warps
+    tile_tokens = 16 * (1 if decode else prefill_mt) * warps // group
+
+    if decode:
+        attn = _kernel("decode.cu", "sparse_decode_kernel", (tname, tname, head_dim, group, block_size, warps))
+    else:
+        attn = _kernel("sparse_prefill.cu", "sparse_prefill_kernel",
+                       (tname, tname, head_dim, group, block_size, warps, prefill_stages, prefill_mt))
+    combine = _kernel("combine.cu", "sparse_combine_kernel", (tname, tname, head_dim, group, COMBINE_WARPS))
+    smem = _smem_bytes(head_dim, block_size, warps, group, decode, prefill_stages, prefill_mt)
+    scale_log2 = np.float32(scale * LOG2E)
+
+    per_token = n_heads_q * top_k * head_dim * q.dtype.itemsize
+    chunk = int(max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_token, (2**31 - 1) // (n_heads_kv * top_k * group))))
+    max_entries = chunk * n_heads_kv * top_k
+    part_o = _empty((max_entries * group * head_dim,), q.dtype)
+    part_lse = _empty((max_entries * group,), np.float32)
+    grid_of = lambda n: (int(-(-n // SCHEDULE_THREADS)),)  # noqa: E731
+    slot_pos = None
+    if not decode:
+        list_q = cupy.empty(max_entries, cupy.int32)
+        slot_pos = cupy.empty(max_entries, cupy.int32)
+        block_off = cupy.empty(layout.n_seq + 1, cupy.int32)
+        _kernel("reverse_index.cu", "block_offsets", (block_size,))((1,), (1,), (cu_k, n_seq, block_off))
+        keys_k = _kernel("reverse_index.cu", "reverse_index_keys", (SCHEDULE_THREADS,))
+        fill_k = _kernel("reverse_index.cu", "reverse_index_fill", (SCHEDULE_THREADS,))
+        items_k = _kernel("reverse_index.cu", "build_work_items", (SCHEDULE_THREADS,))
+        max_queries = tile_tokens * TILES_PER_ITEM
+
+    for q_begin in range(0, total_q, chunk):
+        rows = min(chunk, total_q - q_begin)
+        n_entries = rows * n_heads_kv * top_k
+        bi = block_indices[q_begin:q_begin + rows]
+        if stats is not None:
+            stats.mark("start")
+        if not decode:
+            keys = cupy.empty(n_entries, cupy.int64)
+            counts = cupy.zeros(n_buckets, cupy.int32)
+            keys_k(grid_of(n_entries), (SCHEDULE_THREADS,),
+                   (bi, cu_q, block_off, n_seq, np.int32(q_begin), np.int32(rows), np.int32(n_heads_kv),
+                    np.int32(top_k), np.int32(n_blocks_total), keys, counts))
+            perm = cupy.argsort(keys)  # unique keys: the order is fully determined
+            fill_k(grid_of(n_entries), (SCHEDULE_THREADS,),
+                   (keys, perm, np.int64(n_entries), np.int64(n_buckets * rows), np.int32(rows),
+                    np.int32(q_begin), list_q, slot_pos))
+            list_start = cupy.cumsum(counts, dtype=cupy.int32) - counts
+            n_chunks = (counts + (max_queries - 1)) // max_queries
+            item_start = cupy.cumsum(n_chunks, dtype=cupy.int32) - n_chunks
+            # upper bound of the item count, known on the host: no sync
+            n_items = min(n_entries // max_queries + min(n_buckets, n_entries), n_entries)
+            raw_items = cupy.zeros((n_items, 3), cupy.int32)
+            items_k(grid_of(n_buckets), (SCHEDULE_THREADS,),
+                    (counts, list_start, item_start, np.int32(n_buckets), np.int32(max_queries), raw_items))
+            # largest first; ties (and the empty tail) in item order: a unique key, deterministic
+            order_key = (max_queries - raw_items[:, 2]).astype(cupy.int64) * n_items + cupy.arange(n_items)
+            items = raw_items[cupy.argsort(order_key)]
+        if stats is not None:
+            stats.mark("reverse_index")
+        if decode:  # one CTA per entry of block_indices
+            attn((n_entries,), (32 * warps,),
+                 (q, k, v, bi, cu_q, cu_k, n_seq, np.int32(q_begin), np.int32(n_heads_q), np.int32(n_heads_kv),
+                  np.int32(top_k), part_o, part_lse, np.int32(bool(causal)), scale_log2), shared_mem=smem)
+        else:
+            attn((n_items,), (32 * warps,),
+                 (q, k, v, items, list_q, cu_q, cu_k, block_off, n_seq, part_o, part_lse,
+                  np.int32(n_blocks_total), np.int32(n_heads_q), np.int32(n_heads_kv), np.int32(bool(causal)),
+                  scale_log2), shared_mem=smem)
+        if stats is not None:
+            stats.mark("attention")
+        pairs = rows * n_heads_q
+        combine((int(-(-pairs // (2 * COMBINE_WARPS))),), (32 * COMBINE_WARPS,),  # a half-warp per pair
+                (part_o, part_lse, bi if decode else slot_pos, bi, np.int32(decode), np.int32(q_begin),
+                 np.int32(rows), np.int32(n_heads_q), np.int32(top_k), out, lse))
+        if stats is not None:
+            stats.mark("combine")
+    return out, lse
