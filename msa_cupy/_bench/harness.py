@@ -49,10 +49,17 @@ def rotations(nbytes_per_set: int, limit=4) -> int:
     return int(min(limit, max(1, -(-2 * l2 // max(nbytes_per_set, 1)))))
 
 
+RANDOM_CHUNK = 1 << 28  # elements generated in float32 at a time: bounded temporaries
+
+
 def random(shape, dtype, scale=1.0):
-    """Random normal device array (never zeros), generated in float32 then cast."""
+    """Random normal device array (never zeros), generated in float32 chunks and cast."""
     cp = cupy()
-    return (cp.random.standard_normal(shape, dtype=cp.float32) * scale).astype(dtype)
+    out = cp.empty(int(np.prod(shape)), dtype)
+    for i in range(0, out.size, RANDOM_CHUNK):
+        n = min(RANDOM_CHUNK, out.size - i)
+        out[i:i + n] = (cp.random.standard_normal(n, dtype=cp.float32) * scale).astype(dtype)
+    return out.reshape(shape)
 
 
 def selected_visible_keys(block_indices, num_keys: int, block_size: int) -> float:
