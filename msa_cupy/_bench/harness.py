@@ -136,6 +136,11 @@ def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn
 
 
 def git_commit() -> str:
+    """The source commit: MSA_CUPY_COMMIT where the tree has no git metadata, else git's HEAD."""
+    import os
+
+    if os.environ.get("MSA_CUPY_COMMIT"):
+        return os.environ["MSA_CUPY_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or "unknown"
