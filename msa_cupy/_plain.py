@@ -75,22 +75,33 @@ def block_scores(index_q, index_k, layout: Layout, *, block_size: int, causal: b
     return out
 
 
+def _select_chunks(layout: Layout, groups, top_k, bytes_per_row, select_rows):
+    """int32 (total_q, groups, top_k): select_rows(q0, r0, r1, nq, k0, nk) for chunks of each
+    sequence's queries sized to bytes_per_row(nk); sequences without keys stay -1."""
+    cp = _cp()
+    out = cp.full((layout.total_q, groups, top_k), -1, cp.int32)
+    for q0, nq, k0, nk in layout.sequences():
+        if nq == 0 or nk == 0:
+            continue
+        step = _rows_per_chunk(bytes_per_row(nk))
+        for r0 in range(0, nq, step):
+            r1 = min(nq, r0 + step)
+            out[q0 + r0:q0 + r1] = select_rows(q0, r0, r1, nq, k0, nk)
+    return out
+
+
 def topk_blocks(scores, layout: Layout, *, top_k, block_size, local_blocks, sink_blocks, causal):
     """int32 (total_q, Hkv, top_k) from (total_q, Hkv, n_blocks) float32 scores."""
-    cp = _cp()
     groups = scores.shape[1]
     options = dict(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
                    sink_blocks=sink_blocks, causal=causal)
-    out = cp.full((layout.total_q, groups, top_k), -1, cp.int32)
-    for q0, nq, k0, nk in layout.sequences():
+
+    def rows(q0, r0, r1, nq, k0, nk):
         nb = -(-nk // block_size)
-        if nq == 0 or nb == 0:
-            continue  # nothing to select: the rows stay -1
-        step = _rows_per_chunk(groups * nb * 24)  # key, order and sort temporaries
-        for r0 in range(0, nq, step):
-            r1 = min(nq, r0 + step)
-            out[q0 + r0:q0 + r1] = _topk_rows(scores[q0 + r0:q0 + r1, :, :nb], nk - nq + r0, nk, **options)
-    return out
+        return _topk_rows(scores[q0 + r0:q0 + r1, :, :nb], nk - nq + r0, nk, **options)
+
+    # per row: the key, the order and the sort's temporaries
+    return _select_chunks(layout, groups, top_k, lambda nk: groups * -(-nk // block_size) * 24, rows)
 
 
 def select_blocks(index_q, index_k, layout: Layout, *, top_k, block_size, local_blocks, sink_blocks, causal):
@@ -99,19 +110,16 @@ def select_blocks(index_q, index_k, layout: Layout, *, top_k, block_size, local_
     groups = index_q.shape[1]
     options = dict(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
                    sink_blocks=sink_blocks, causal=causal)
-    out = cp.full((layout.total_q, groups, top_k), -1, cp.int32)
-    for q0, nq, k0, nk in layout.sequences():
-        nb = -(-nk // block_size)
-        if nq == 0 or nb == 0:
-            continue
-        step = _rows_per_chunk(groups * (nk * 4 + nb * 24))
-        for r0 in range(0, nq, step):
-            r1 = min(nq, r0 + step)
-            scores = cp.full((r1 - r0, groups, nb), -cp.inf, cp.float32)
-            _score_rows(index_q[q0 + r0:q0 + r1], index_k[k0:k0 + nk], nk - nq + r0, scores,
-                        block_size=block_size, causal=causal)
-            out[q0 + r0:q0 + r1] = _topk_rows(scores, nk - nq + r0, nk, **options)
-    return out
+
+    def rows(q0, r0, r1, nq, k0, nk):
+        scores = cp.full((r1 - r0, groups, -(-nk // block_size)), -cp.inf, cp.float32)
+        _score_rows(index_q[q0 + r0:q0 + r1], index_k[k0:k0 + nk], nk - nq + r0, scores,
+                    block_size=block_size, causal=causal)
+        return _topk_rows(scores, nk - nq + r0, nk, **options)
+
+    # per row: the dense scores of one chunk, then the top-k temporaries
+    return _select_chunks(layout, groups, top_k,
+                          lambda nk: groups * (nk * 4 + -(-nk // block_size) * 24), rows)
 
 
 def sparse_attention(q, k, v, block_indices, layout: Layout, *, block_size, causal, scale):

@@ -73,6 +73,23 @@ def _check(out, lse, ref_out, ref_lse, dtype_name):
     assert np.all(out[np.isneginf(ref_lse)] == 0), "queries that see no key must give 0"
 
 
+def _varlen_case(rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode, scale=None):
+    """Random varlen q/k/v and picks for `lengths` [(nq, nk), ...], with the oracle's answer."""
+    dt = _dtype(dtype_name)
+    cu_q = np.concatenate([[0], np.cumsum([nq for nq, _ in lengths])]).astype(np.int64)
+    cu_k = np.concatenate([[0], np.cumsum([nk for _, nk in lengths])]).astype(np.int64)
+    q = rng.standard_normal((cu_q[-1], group * hkv, head_dim)).astype(dt)
+    k = rng.standard_normal((cu_k[-1], hkv, head_dim)).astype(dt)
+    v = rng.standard_normal((cu_k[-1], hkv, head_dim)).astype(dt)
+    bi = np.concatenate([_random_picks(rng, nq, nk, hkv, top_k, block_size, causal, mode)
+                         for nq, nk in lengths]).reshape(-1, hkv, top_k).astype(np.int32)
+    scale = 1 / np.sqrt(head_dim) if scale is None else scale
+    ref_out, ref_lse = reference.sparse_attention(
+        q, k, v, bi, block_size=block_size, causal=causal, scale=scale,
+        cu_seqlens_q=cu_q.astype(np.int32), cu_seqlens_k=cu_k.astype(np.int32), return_lse=True)
+    return (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse)
+
+
 @st.composite
 def _cases(draw):
     group = draw(st.sampled_from([1, 2, 4, 8, 16]))
@@ -100,21 +117,11 @@ def _cases(draw):
 def test_sparse_attention_matches_reference(case):
     group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, path, seed = case
     rng = np.random.default_rng(seed)
-    dt = _dtype(dtype_name)
-    hq = group * hkv
-    cu_q = np.concatenate([[0], np.cumsum([nq for nq, _ in lengths])]).astype(np.int64)
-    cu_k = np.concatenate([[0], np.cumsum([nk for _, nk in lengths])]).astype(np.int64)
-    q = rng.standard_normal((cu_q[-1], hq, head_dim)).astype(dt)
-    k = rng.standard_normal((cu_k[-1], hkv, head_dim)).astype(dt)
-    v = rng.standard_normal((cu_k[-1], hkv, head_dim)).astype(dt)
     if mode == "all":
         top_k = max(top_k, max((-(-nk // block_size) for _, nk in lengths), default=1), 1)
-    bi = np.concatenate([_random_picks(rng, nq, nk, hkv, top_k, block_size, causal, mode)
-                         for nq, nk in lengths]).reshape(-1, hkv, top_k).astype(np.int32)
-    scale = float(rng.uniform(0.5, 1.5)) / np.sqrt(head_dim)
-    ref_out, ref_lse = reference.sparse_attention(
-        q, k, v, bi, block_size=block_size, causal=causal, scale=scale,
-        cu_seqlens_q=cu_q.astype(np.int32), cu_seqlens_k=cu_k.astype(np.int32), return_lse=True)
+    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _varlen_case(
+        rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode,
+        scale=float(rng.uniform(0.5, 1.5)) / np.sqrt(head_dim))
     out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=path)
     _check(out, lse, ref_out, ref_lse, dtype_name)
     out2, lse2 = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=path)
@@ -128,20 +135,10 @@ def test_sparse_attention_matches_reference(case):
 def test_decode_shaped_batch(rng, group, path):
     """Decode-shaped batch (1-16 queries per sequence, long caches), both paths vs the oracle;
     the automatic choice takes the decode path (bitwise equal to forcing it)."""
-    import ml_dtypes
-
     hkv, head_dim, block_size, top_k = 2, 128, 128, 16
     lengths = [(1, 5000), (16, 3000), (0, 100), (7, 1)]
-    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lengths])]).astype(np.int64)
-    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lengths])]).astype(np.int64)
-    dt = np.dtype(ml_dtypes.bfloat16)
-    q = rng.standard_normal((cu_q[-1], group * hkv, head_dim)).astype(dt)
-    k = rng.standard_normal((cu_k[-1], hkv, head_dim)).astype(dt)
-    v = rng.standard_normal((cu_k[-1], hkv, head_dim)).astype(dt)
-    bi = np.concatenate([_random_picks(rng, a, b, hkv, top_k, block_size, True, "local") for a, b in lengths])
-    ref_out, ref_lse = reference.sparse_attention(
-        q, k, v, bi, block_size=block_size, causal=True, cu_seqlens_q=cu_q.astype(np.int32),
-        cu_seqlens_k=cu_k.astype(np.int32), return_lse=True)
+    (q, k, v, bi, cu_q, cu_k, _), (ref_out, ref_lse) = _varlen_case(
+        rng, lengths, group, hkv, head_dim, "bfloat16", top_k, block_size, True, "local")
     out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim), force_path=path)
     _check(out, lse, ref_out, ref_lse, "bfloat16")
     if path == "decode":
@@ -156,16 +153,8 @@ def test_prefill_tile_variants(rng, warps, stages, mt, group, head_dim):
     """Non-default prefill tilings (benchmarked alternatives) stay correct."""
     hkv, block_size, top_k = 2, 64, 5
     lengths = [(300, 700), (1, 1), (130, 130)]
-    cu_q = np.concatenate([[0], np.cumsum([a for a, _ in lengths])]).astype(np.int64)
-    cu_k = np.concatenate([[0], np.cumsum([b for _, b in lengths])]).astype(np.int64)
-    dt = _dtype("float16")
-    q = rng.standard_normal((cu_q[-1], group * hkv, head_dim)).astype(dt)
-    k = rng.standard_normal((cu_k[-1], hkv, head_dim)).astype(dt)
-    v = rng.standard_normal((cu_k[-1], hkv, head_dim)).astype(dt)
-    bi = np.concatenate([_random_picks(rng, a, b, hkv, top_k, block_size, True, "local") for a, b in lengths])
-    ref_out, ref_lse = reference.sparse_attention(
-        q, k, v, bi, block_size=block_size, causal=True, cu_seqlens_q=cu_q.astype(np.int32),
-        cu_seqlens_k=cu_k.astype(np.int32), return_lse=True)
+    (q, k, v, bi, cu_q, cu_k, _), (ref_out, ref_lse) = _varlen_case(
+        rng, lengths, group, hkv, head_dim, "float16", top_k, block_size, True, "local")
     out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim), force_path="prefill",
                     prefill_warps=warps, prefill_stages=stages, prefill_mt=mt)
     _check(out, lse, ref_out, ref_lse, "float16")

@@ -30,16 +30,22 @@ def _inputs(batch, nq, nk):
     return q, k, v, iq, ik
 
 
+def _time_stages(q, k, v, iq, ik, repeat):
+    """Median ms of selection, sparse attention and attention end to end; and the selection."""
+    opts = dict(block_size=BLOCK, top_k=TOP_K)
+    select_ms = harness.time_ms(lambda: msa_cupy.select_blocks(iq, ik, **opts), [()], warmup=1, repeat=repeat)
+    ids = msa_cupy.select_blocks(iq, ik, **opts)
+    sparse_ms = harness.time_ms(lambda: msa_cupy.sparse_attention(q, k, v, ids, block_size=BLOCK), [()],
+                                warmup=1, repeat=repeat)
+    total_ms = harness.time_ms(lambda: msa_cupy.attention(q, k, v, index_q=iq, index_k=ik, **opts), [()],
+                               warmup=1, repeat=repeat)
+    return select_ms, sparse_ms, total_ms, ids
+
+
 def prefill(report, ceilings, n, dense_ref):
     cp = harness.cupy()
     q, k, v, iq, ik = _inputs(1, n, n)
-    opts = dict(block_size=BLOCK, top_k=TOP_K)
-    select_ms = harness.time_ms(lambda: msa_cupy.select_blocks(iq, ik, **opts), [()], warmup=1, repeat=3)
-    ids = msa_cupy.select_blocks(iq, ik, **opts)
-    sparse_ms = harness.time_ms(lambda: msa_cupy.sparse_attention(q, k, v, ids, block_size=BLOCK), [()],
-                                warmup=1, repeat=3)
-    total_ms = harness.time_ms(lambda: msa_cupy.attention(q, k, v, index_q=iq, index_k=ik, **opts), [()],
-                               warmup=1, repeat=3)
+    select_ms, sparse_ms, total_ms, ids = _time_stages(q, k, v, iq, ik, repeat=3)
     pairs = n * (n + 1) / 2
     index_flops = 2 * HKV * DI * pairs
     attn_flops = 4 * (HQ // HKV) * D * harness.selected_visible_keys(ids[0], n, BLOCK)
@@ -72,13 +78,7 @@ def decode(report, ceilings, batch, n):
                skipped=f"needs ~{need / 2**30:.0f} GiB, more than is free")
         return
     q, k, v, iq, ik = _inputs(batch, 1, n)
-    opts = dict(block_size=BLOCK, top_k=TOP_K)
-    select_ms = harness.time_ms(lambda: msa_cupy.select_blocks(iq, ik, **opts), [()], warmup=1, repeat=5)
-    ids = msa_cupy.select_blocks(iq, ik, **opts)
-    sparse_ms = harness.time_ms(lambda: msa_cupy.sparse_attention(q, k, v, ids, block_size=BLOCK), [()],
-                                warmup=1, repeat=5)
-    total_ms = harness.time_ms(lambda: msa_cupy.attention(q, k, v, index_q=iq, index_k=ik, **opts), [()],
-                               warmup=1, repeat=5)
+    select_ms, sparse_ms, total_ms, ids = _time_stages(q, k, v, iq, ik, repeat=5)
     selected_blocks = float((ids >= 0).sum())
     floor_bytes = batch * n * DI * 2 + selected_blocks * BLOCK * D * 2 * 2
     floor_ms = floor_bytes / ceilings["copy_GBps"] / 1e6  # copy_GBps: all bytes moved per second
