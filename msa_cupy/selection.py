@@ -26,12 +26,12 @@ MIN_TILES_PER_SPLIT = 4      # split-K never gives a CTA fewer key tiles than th
 CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs per SM
 
 
-if hasattr(_jit, "declare"):  # the variants this module launches (for `python -m msa_cupy check`)
-    _jit.declare("select.cu", "select_kernel", *[
-        (_di, _bs, _wm, _wn, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES
-        for _wm, _wn in (PREFILL_WARPS, DECODE_WARPS) for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
-    _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
-    _jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+# every variant this module may launch, for `python -m msa_cupy check`
+_jit.declare("select.cu", "select_kernel", *[
+    (_di, _bs, _wm, _wn, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES
+    for _wm, _wn in (PREFILL_WARPS, DECODE_WARPS) for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
+_jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
+_jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
 
 
 def supports(*, top_k: int, block_size: int, index_dim: int) -> bool:

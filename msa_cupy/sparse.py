@@ -45,18 +45,18 @@ LOG2E = 1.4426950408889634
 
 _poison_outputs = False  # test hook: fill every buffer with NaN before the kernels run
 
-if hasattr(_jit, "declare"):  # every variant this module may launch (for `python -m msa_cupy check`)
-    for _t in ("bf16", "f16"):
-        for _d in SUPPORTED_HEAD_DIMS:
-            _jit.declare("combine.cu", "sparse_combine_kernel", *[(_t, _t, _d, _g, COMBINE_WARPS) for _g in SUPPORTED_GROUP_SIZES])
-            _jit.declare("sparse_prefill.cu", "sparse_prefill_kernel",
-                         *[(_t, _t, _d, _g, _bk, PREFILL_WARPS, PREFILL_STAGES, PREFILL_MT) for _g in SUPPORTED_GROUP_SIZES
-                           for _bk in SUPPORTED_BLOCK_SIZES])
-            _jit.declare("decode.cu", "sparse_decode_kernel",
-                         *[(_t, _t, _d, _g, _bk, DECODE_WARPS) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
-    for _name in ("reverse_index_keys", "reverse_index_fill", "build_work_items"):
-        _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
-    _jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_BLOCK_SIZES])
+# every variant this module may launch, for `python -m msa_cupy check`
+for _t in ("bf16", "f16"):
+    for _d in SUPPORTED_HEAD_DIMS:
+        _jit.declare("combine.cu", "sparse_combine_kernel", *[(_t, _t, _d, _g, COMBINE_WARPS) for _g in SUPPORTED_GROUP_SIZES])
+        _jit.declare("sparse_prefill.cu", "sparse_prefill_kernel",
+                     *[(_t, _t, _d, _g, _bk, PREFILL_WARPS, PREFILL_STAGES, PREFILL_MT) for _g in SUPPORTED_GROUP_SIZES
+                       for _bk in SUPPORTED_BLOCK_SIZES])
+        _jit.declare("decode.cu", "sparse_decode_kernel",
+                     *[(_t, _t, _d, _g, _bk, DECODE_WARPS) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
+for _name in ("reverse_index_keys", "reverse_index_fill", "build_work_items"):
+    _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
+_jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_BLOCK_SIZES])
 
 
 def supports(*, head_dim: int, block_size: int, group_size: int, top_k: int) -> bool:
