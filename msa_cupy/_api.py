@@ -27,22 +27,26 @@ def _fast(name: str):
 
 
 
-_uniform_cu = {}  # (device, B, Nq, Nk) -> device cu_seqlens of a batched call, made once
-
-
 def _device_cu(call: Call, layout: Layout):
-    """Device cu_seqlens for the kernels: the caller's (varlen) or cached ones (batched), so that
-    repeated batched calls make no host-to-device copy."""
+    """Device cu_seqlens for the kernels: the caller's (varlen), or made on the caller's stream
+    (batched: two tiny kernels, ordered with the work that follows, no host copy)."""
     cp = _interop.require_cupy()
     cu_q, cu_k = call.arrays.get("cu_seqlens_q"), call.arrays.get("cu_seqlens_k")
     if cu_q is not None:
         return cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
-    key = (call.device, layout.n_seq, layout.max_q, layout.max_k)
-    if key not in _uniform_cu:
-        if len(_uniform_cu) > 64:
-            _uniform_cu.clear()
-        _uniform_cu[key] = (cp.asarray(layout.cu_q, cp.int32), cp.asarray(layout.cu_k, cp.int32))
-    return _uniform_cu[key]
+    steps = cp.arange(layout.n_seq + 1, dtype=cp.int32)
+    return steps * np.int32(layout.uniform_q), steps * np.int32(layout.uniform_k)
+
+
+def _group_mean(q, n_groups):
+    """Training-free index_q: the mean of each group's query heads, accumulated one head at a
+    time in float32 so that no float32 copy of all of q is made."""
+    cp = _interop.require_cupy()
+    grouped = q.reshape(q.shape[0], n_groups, q.shape[1] // n_groups, q.shape[2])
+    total = cp.zeros((q.shape[0], n_groups, q.shape[2]), cp.float32)
+    for j in range(grouped.shape[2]):
+        total += grouped[:, :, j].astype(cp.float32)
+    return (total / grouped.shape[2]).astype(q.dtype)
 
 
 def _numpy_result(result, dtype):
@@ -65,9 +69,9 @@ def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=
         return reference.block_scores(index_q, index_k, block_size=block_size, causal=causal,
                                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k).astype(np.float32)
     a = call.arrays
-    _interop.check_block_size(block_size, gpu=True)
-    layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
-    with call.stream():
+    with call.stream():  # host reads of cu_seqlens ordered after the caller's work
+        _interop.check_block_size(block_size, gpu=True)
+        layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
         iq, ik = layout.flatten(a["index_q"]), layout.flatten(a["index_k"])
         fast = _fast("selection")
         if fast is not None and fast.supports(top_k=1, block_size=block_size, index_dim=di):
@@ -91,13 +95,13 @@ def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks
         return reference.topk_blocks(scores, num_keys=num_keys, cu_seqlens_q=cu_seqlens_q,
                                      cu_seqlens_k=cu_seqlens_k, **options)
     a = call.arrays
-    _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
-    layout = reference.topk_layout(a["scores"], num_keys, a["cu_seqlens_q"], a["cu_seqlens_k"])
-    _interop.check_scores(a["scores"], layout, block_size)
-    if np.dtype(a["scores"].dtype) != np.float32:
-        raise TypeError("scores must have dtype float32 on the GPU")
-    _interop.check_contiguous("scores", a["scores"])
-    with call.stream():
+    with call.stream():  # host reads of cu_seqlens ordered after the caller's work
+        _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
+        layout = reference.topk_layout(a["scores"], num_keys, a["cu_seqlens_q"], a["cu_seqlens_k"])
+        _interop.check_scores(a["scores"], layout, block_size)
+        if np.dtype(a["scores"].dtype) != np.float32:
+            raise TypeError("scores must have dtype float32 on the GPU")
+        _interop.check_contiguous("scores", a["scores"])
         flat = layout.flatten(a["scores"])
         fast = _fast("selection")
         if fast is not None and fast.supports(top_k=top_k, block_size=block_size, index_dim=128):
@@ -119,9 +123,9 @@ def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1,
         return reference.select_blocks(index_q, index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                        **options)
     a = call.arrays
-    _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
-    layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
-    with call.stream():
+    with call.stream():  # host reads of cu_seqlens ordered after the caller's work
+        _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
+        layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
         ids = _select(call, layout.flatten(a["index_q"]), layout.flatten(a["index_k"]), layout, di, options)
         return call.wrap(layout.unflatten(ids))
 
@@ -178,11 +182,11 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, sca
                                             return_lse=return_lse)
         return _numpy_result(result, np.asarray(q).dtype)
     a = call.arrays
-    _interop.check_block_size(block_size, gpu=True)
-    layout, hq, hkv, d = _interop.check_qkv(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
-    scale = _interop.check_scale(scale, d)
-    _interop.check_block_indices(a["block_indices"], layout, hkv, gpu=True)
-    with call.stream():
+    with call.stream():  # host reads of cu_seqlens ordered after the caller's work
+        _interop.check_block_size(block_size, gpu=True)
+        layout, hq, hkv, d = _interop.check_qkv(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
+        scale = _interop.check_scale(scale, d)
+        _interop.check_block_indices(a["block_indices"], layout, hkv, gpu=True)
         bi = layout.flatten(a["block_indices"])
         _check_block_index_values(bi, layout, block_size)
         out, lse = _sparse(call, layout.flatten(a["q"]), layout.flatten(a["k"]), layout.flatten(a["v"]), bi,
@@ -211,15 +215,15 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
                                      return_indices=return_indices, **options)
         return _numpy_result(result, np.asarray(q).dtype)
     a = call.arrays
-    _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
-    layout, hq, hkv, d = _interop.check_qkv(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
-    scale = _interop.check_scale(scale, d)
-    if (index_q is None) != (index_k is None):
-        raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
-    with call.stream():
+    with call.stream():  # host reads of cu_seqlens ordered after the caller's work
+        _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
+        layout, hq, hkv, d = _interop.check_qkv(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
+        scale = _interop.check_scale(scale, d)
+        if (index_q is None) != (index_k is None):
+            raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
         qf, kf, vf = layout.flatten(a["q"]), layout.flatten(a["k"]), layout.flatten(a["v"])
         if index_q is None:
-            iq = qf.reshape(qf.shape[0], hkv, hq // hkv, d).astype("float32").mean(axis=2).astype(qf.dtype)
+            iq = _group_mean(qf, hkv)
             ik, di = kf, d
         else:
             _, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"],

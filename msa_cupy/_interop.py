@@ -98,13 +98,24 @@ def _check_rank(name, arr, ranks):
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(arr.shape)}")
 
 
+KERNEL_ALIGNMENT = 16  # bytes: the kernels load rows with 16-byte cp.async and vector loads
+
+
 def check_contiguous(name, arr):
-    """The kernels index token-major arrays with fixed strides: C order only."""
+    """The kernels index token-major arrays with fixed strides (C order only) from 16-byte
+    aligned bases: a misaligned load would fault and poison the CUDA context."""
     flags = getattr(arr, "flags", None)
     if flags is not None and not flags.c_contiguous:
         raise ValueError(
             f"{name} must be C-contiguous (token-major, last dim innermost); got strides "
             f"{tuple(arr.strides)} for shape {tuple(arr.shape)}: make a contiguous copy first"
+        )
+    data = getattr(arr, "data", None)
+    ptr = getattr(data, "ptr", None)
+    if ptr is not None and arr.size and ptr % KERNEL_ALIGNMENT:
+        raise ValueError(
+            f"{name} must start at a {KERNEL_ALIGNMENT}-byte aligned address, got {ptr:#x} (a view at an "
+            f"odd offset into a larger buffer?): make a copy first"
         )
 
 

@@ -20,6 +20,7 @@ BLOCK_SIZES = (64, 128)
 INDEX_DIMS = (64, 128)
 PREFILL_WARPS = (8, 1)       # (WM, WN): 256 rows x 128 keys per CTA; 8% faster than (4, 1) on an
                              # H200 (28.9 vs 31.4 ms at 128K), same ids; both tested
+SMALL_SMEM_WARPS = (4, 1)    # 128 rows: fits 99 KB of shared memory at top_k 32 (sm_86, sm_89)
 DECODE_WARPS = (1, 4)        # 32 rows, each warp a 32-key slice: for few rows per sequence
 EPI_SCORES, EPI_TOPK = 0, 1
 MIN_TILES_PER_SPLIT = 4      # split-K never gives a CTA fewer key tiles than this
@@ -29,7 +30,7 @@ CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs p
 # every variant this module may launch, for `python -m msa_cupy check`
 _jit.declare("select.cu", "select_kernel", *[
     (_di, _bs, _wm, _wn, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES
-    for _wm, _wn in (PREFILL_WARPS, DECODE_WARPS) for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
+    for _wm, _wn in (PREFILL_WARPS, SMALL_SMEM_WARPS, DECODE_WARPS) for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
 _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
 _jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
 
@@ -48,18 +49,31 @@ def _dtype_name(dtype) -> str:
     raise TypeError(f"index arrays must be float16 or bfloat16, got {dt}")
 
 
-_SM_COUNT: dict = {}
+_DEVICE_ATTRS: dict = {}
 _ATTR_MULTIPROCESSOR_COUNT = 16  # cudaDevAttrMultiProcessorCount
+_ATTR_SMEM_PER_BLOCK_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+
+def _device_attr(attr: int) -> int:
+    """An attribute of the current device (cached: a query costs ~100 us)."""
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), attr)
+    if key not in _DEVICE_ATTRS:
+        _DEVICE_ATTRS[key] = int(cupy.cuda.runtime.deviceGetAttribute(attr, key[0]))
+    return _DEVICE_ATTRS[key]
 
 
 def _sm_count() -> int:
-    """SMs of the current device (cached: querying every attribute costs ~100 us a call)."""
-    import cupy
+    return _device_attr(_ATTR_MULTIPROCESSOR_COUNT)
 
-    dev = cupy.cuda.runtime.getDevice()
-    if dev not in _SM_COUNT:
-        _SM_COUNT[dev] = int(cupy.cuda.runtime.deviceGetAttribute(_ATTR_MULTIPROCESSOR_COUNT, dev))
-    return _SM_COUNT[dev]
+
+def _smem_bytes(di, block_size, warps, top_k, epilogue) -> int:
+    """Double-buffered key tiles + per-warp block maxima + the top-k lists (EPI_TOPK)."""
+    wm, wn = warps
+    bm = 32 * wm
+    bpw = max((KEY_TILE // wn) // block_size, 1)
+    return 2 * KEY_TILE * di * 2 + wn * bpw * bm * 4 + (top_k * bm * 8 if epilogue == EPI_TOPK else 0)
 
 
 def _i32(x):
@@ -98,6 +112,8 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
     max_rows = max_q * rows_per_q
     if warps is None:
         warps = DECODE_WARPS if max_rows <= 32 * DECODE_WARPS[0] else PREFILL_WARPS
+        if _smem_bytes(di, block_size, warps, top_k, epilogue) > _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN):
+            warps = SMALL_SMEM_WARPS  # cards with ~99 KB a block (sm_86, sm_89): 128-row CTAs
     wm, wn = warps
     bm = 32 * wm
     q_tiles = max(-(-max_rows // bm), 1)
@@ -110,8 +126,7 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
     dt = _dtype_name(index_q.dtype)
     kernel = _kernel("select.cu", "select_kernel", (di, block_size, wm, wn, epilogue, dt))
     threads = 32 * wm * wn
-    bpw = max((KEY_TILE // wn) // block_size, 1)
-    smem = 2 * KEY_TILE * di * 2 + wn * bpw * bm * 4 + (top_k * bm * 8 if epilogue == EPI_TOPK else 0)
+    smem = _smem_bytes(di, block_size, warps, top_k, epilogue)
 
     partial = None
     if epilogue == EPI_SCORES:

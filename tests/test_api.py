@@ -106,6 +106,10 @@ def test_gpu_only_checks_raise_before_any_work(rng):
         msa_cupy.attention(q, k.get(), v)
     with pytest.raises(ValueError, match="block_size must be one of"):
         msa_cupy.attention(q, k, v, block_size=32)
+    flat = cp.asarray(arrays(rng, d=64)[0]).ravel()
+    shifted = cp.concatenate([flat[:1], flat])[1:].reshape(q.shape)  # contiguous, 2 bytes off 16
+    with pytest.raises(ValueError, match="q must start at a 16-byte aligned address"):
+        msa_cupy.attention(shifted, k, v)
     ids = cp.full((1, 40, 2, 4), 7, cp.int32)  # 300 keys = 3 blocks of 128
     out_before = q.copy()
     with pytest.raises(ValueError, match="block_indices"):

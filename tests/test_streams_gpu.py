@@ -29,6 +29,23 @@ def test_side_stream_producer_and_consumer_need_no_sync():
     assert torch.equal(got, expected)
 
 
+def test_varlen_cu_seqlens_made_on_a_side_stream():
+    """cu_seqlens computed on the caller's stream are read after that stream's work."""
+    torch = pytest.importorskip("torch")
+    q, k, v = (x[0] for x in _torch_inputs(torch, 3))
+    lengths = torch.tensor([700, 0, 1, 1347], device="cuda", dtype=torch.int32)
+    expected = msa_cupy.attention(q, k, v, cu_seqlens_q=torch.nn.functional.pad(lengths.cumsum(0).int(), (1, 0)),
+                                  cu_seqlens_k=torch.nn.functional.pad(lengths.cumsum(0).int(), (1, 0))).float()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(50_000_000)  # keep the stream busy so that an unordered read sees garbage
+        cu = torch.nn.functional.pad((lengths * 1).cumsum(0).int(), (1, 0))
+        got = msa_cupy.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu).float()
+    stream.synchronize()
+    assert torch.equal(got, expected)
+
+
 def test_two_streams_concurrently():
     torch = pytest.importorskip("torch")
     inputs = [_torch_inputs(torch, s) for s in (1, 2)]
