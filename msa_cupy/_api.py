@@ -34,8 +34,10 @@ def _device_cu(call: Call, layout: Layout):
     cu_q, cu_k = call.arrays.get("cu_seqlens_q"), call.arrays.get("cu_seqlens_k")
     if cu_q is not None:
         return cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
+    # batched: B sequences of equal length; rank 3 without cu_seqlens: one sequence of all tokens
+    q_len, k_len = (layout.uniform_q, layout.uniform_k) if layout.uniform else (layout.total_q, layout.total_k)
     steps = cp.arange(layout.n_seq + 1, dtype=cp.int32)
-    return steps * np.int32(layout.uniform_q), steps * np.int32(layout.uniform_k)
+    return steps * np.int32(q_len), steps * np.int32(k_len)
 
 
 def _group_mean(q, n_groups):
