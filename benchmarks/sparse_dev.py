@@ -8,27 +8,16 @@ Reports useful TFLOP/s (4 * Hq * D * selected visible keys) against a bf16 torch
 measured in the same run, the reverse-index / attention / combine split, decode bytes of
 selected K/V over time against the measured copy bandwidth, and the speedup over dense causal
 attention by torch SDPA (cuDNN backend for prefill).  CUDA events, warm-up, median of repeats.
-``--test`` first runs tests/test_sparse_gpu.py through pytest (with a package shim when the
-rest of msa_cupy does not import).
+``--test`` first runs tests/test_sparse_gpu.py through pytest.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-try:
-    import msa_cupy  # noqa: F401
-except Exception as exc:  # others' modules in progress: load ours without the package __init__
-    print(f"(msa_cupy __init__ failed: {exc!r}; using a package shim)")
-    for name in [m for m in sys.modules if m == "msa_cupy" or m.startswith("msa_cupy.")]:
-        del sys.modules[name]
-    pkg = types.ModuleType("msa_cupy")
-    pkg.__path__ = [os.path.join(ROOT, "msa_cupy")]
-    sys.modules["msa_cupy"] = pkg
 
 import numpy as np  # noqa: E402
 
