@@ -46,6 +46,21 @@ __device__ __forceinline__ bool msa_is_forced(int b, int local, int local_blocks
     return ((unsigned)(b - (local - local_blocks + 1)) < (unsigned)local_blocks) || (b < sink_blocks);
 }
 
+// Bitonic sort of one value per lane across the warp (lane 0 first), 15 shuffle steps.
+template <bool DESCENDING, typename T>
+__device__ __forceinline__ T warp_bitonic_sort(T v, int lane) {
+#pragma unroll
+    for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            const T other = __shfl_xor_sync(MSA_FULL_MASK, v, stride);
+            const bool take_max = (((lane & stride) == 0) == ((lane & size) == 0)) == DESCENDING;
+            v = take_max ? (v > other ? v : other) : (v < other ? v : other);
+        }
+    }
+    return v;
+}
+
 // Top-k of one row held by one warp: lane i holds the i-th best key (descending).
 struct WarpTopK {
     u64 entry;    // this lane's list entry
@@ -84,16 +99,7 @@ struct WarpTopK {
     // descending, keep the best 32 of (list, candidates), re-sort.  ~20 shuffle steps, cheaper
     // than one insert per candidate when more than a few lanes have one.
     __device__ __forceinline__ void merge(u64 c) {
-#pragma unroll
-        for (int size = 2; size <= 32; size <<= 1) {
-#pragma unroll
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                const u64 other = __shfl_xor_sync(MSA_FULL_MASK, c, stride);
-                const bool descending = (lane & size) == 0;
-                const bool low = (lane & stride) == 0;
-                c = (low == descending) ? (c > other ? c : other) : (c < other ? c : other);
-            }
-        }
+        c = warp_bitonic_sort<true>(c, lane);
         const u64 mirrored = __shfl_sync(MSA_FULL_MASK, c, 31 - lane);
         entry = entry > mirrored ? entry : mirrored;  // top 32 of the union, a bitonic sequence
 #pragma unroll
@@ -117,18 +123,7 @@ struct WarpTopK {
     // Write the chosen block ids ascending, then -1 padding: out[0..top_k).
     __device__ __forceinline__ void write_sorted(int* out) const {
         constexpr int NONE = 0x7fffffff;
-        int v = (lane < top_k && entry != 0ull) ? msa_key_block(entry) : NONE;
-        // bitonic sort of 32 lanes, ascending
-#pragma unroll
-        for (int size = 2; size <= 32; size <<= 1) {
-#pragma unroll
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                const int other = __shfl_xor_sync(MSA_FULL_MASK, v, stride);
-                const bool ascending = (lane & size) == 0;
-                const bool low = (lane & stride) == 0;
-                v = (low == ascending) ? min(v, other) : max(v, other);
-            }
-        }
+        const int v = warp_bitonic_sort<false>((lane < top_k && entry != 0ull) ? msa_key_block(entry) : NONE, lane);
         if (lane < top_k) out[lane] = (v == NONE) ? -1 : v;
     }
 };
