@@ -53,6 +53,14 @@ __device__ __forceinline__ void ldmatrix_x2_trans(unsigned (&r)[2], const void* 
                  : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row_ptr)));
 }
 
+// K-major tile of ROWS rows x DI elements stored as DI/64 panels of [ROWS][64], 128-byte XOR
+// swizzle inside each panel: element offset of 16-byte chunk `chunk` of row `row`.  This is
+// the wgmma SWIZZLE_128B layout and is conflict-free for ldmatrix (8 rows, one chunk each).
+template <int DI, int ROWS>
+__device__ __forceinline__ int swizzled_panel(int row, int chunk) {
+    return (chunk >> 3) * (ROWS * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+}
+
 // 16-byte asynchronous copy global -> shared; src_bytes < 16 zero-fills the rest (0 for
 // out-of-range rows, so tails need no separate path).
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes = 16) {

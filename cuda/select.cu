@@ -4,13 +4,7 @@
 //   EPI_TOPK  : a running top-k per (query, group) row in shared memory, so only block ids
 //               (or, with split-K, top_k partial keys per split) leave the kernel (select_blocks).
 //
-// Rows.  A CTA owns BM = 32*WM rows of one sequence.  With a shared index_k (1 head) a row is
-// a (query, group) pair taken in memory order (q * Hkv + g): all groups read the same keys, so
-// one key tile feeds Hkv groups (decode reads the index keys once).  With per-group index_k
-// (Hkv heads) a CTA holds one group (grid.y) and its rows are queries.
-// Grid: x = sequence * q_tiles + row tile (heaviest causal tiles first), y = group (per-group
-// index_k) or 1, z = split of the CTA's key range (split-K for decode; partial lists are merged
-// by topk_merge_kernel).
+// Rows, grid and the per-row epilogue: select_tile.cuh.
 //
 // Tiles.  Keys stream in KEY_TILE = 128-key tiles (one 128-block or two 64-blocks), double
 // buffered with cp.async into XOR-swizzled shared memory (conflict-free ldmatrix).  Warps form a
@@ -18,25 +12,13 @@
 // run: Di=128 -> 64 registers) x 128/WN keys.  Four 8-key n-tiles at a time: B by ldmatrix,
 // then 2 m-tiles x 4 n-tiles = 8 independent mma.m16n8k16 chains over Di/16 k-steps (one chain
 // stalls on mma latency: 24% -> 36% of the matmul ceiling), and each 16x8 fp32 result folds
-// straight into running block maxima (no accumulator tile).  WM=4, WN=1 (BM=128) for prefill;
-// WM=1, WN=4 (BM=32) for decode, where few rows exist and the key stream sets the time.
-// Causal: a CTA visits only key tiles up to its last row's position; only tiles crossing the
-// first row's position are masked.  Each row has one owner thread that writes its block score
+// straight into running block maxima (no accumulator tile).  WM=8, WN=1 (BM=256) for prefill
+// (select_sm90.cu replaces it on sm_90); WM=1, WN=4 (BM=32) for decode, where few rows exist and the key stream sets the time.
+// Causal: only tiles crossing the first row's position are masked.  Each row has one owner thread that writes its block score
 // or offers the block to its top-k list (kept in shared memory, ThreadTopK): with WN = 1 the
 // owner is a lane of the warp that computed the row (quad shuffles, one barrier per tile);
 // with WN > 1 the warps' partial maxima meet in shared memory first.
-#include "common.cuh"
-#include "mma.cuh"
-#include "warp_topk.cuh"
-
-constexpr int KEY_TILE = 128;
-constexpr int EPI_SCORES = 0;
-constexpr int EPI_TOPK = 1;
-
-template <int DI>
-__device__ __forceinline__ int swizzled(int row, int chunk) {  // element offset of 16-byte chunk
-    return row * DI + ((chunk ^ (row & 7)) << 3);
-}
+#include "select_tile.cuh"
 
 template <int DI, int BS, int WM, int WN, int EPI, typename T>
 __global__ void __launch_bounds__(32 * WM * WN)
@@ -50,7 +32,6 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     constexpr int NW = KEY_TILE / WN;        // keys per warp per tile
     constexpr int NJ = NW / 8;               // n8 tiles per warp
     constexpr int KS = DI / 16;              // k16 steps
-    constexpr int CH = DI / 8;               // 16-byte chunks per row
     constexpr int BPW = NW > BS ? NW / BS : 1;   // blocks a warp's key slice touches
     constexpr int TB = KEY_TILE / BS;        // blocks per key tile
     constexpr int NG = NJ < 4 ? NJ : 4;      // n-tiles in flight together
@@ -67,46 +48,10 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     const int warp_m = warp / WN, warp_n = warp % WN;
     const int group = lane >> 2, quad = lane & 3;
 
-    const int seq = blockIdx.x / q_tiles;
-    const int tile = q_tiles - 1 - (int)(blockIdx.x % q_tiles);
-    const int q_start = cu_q[seq], nq = cu_q[seq + 1] - q_start;
-    const int k_start = cu_k[seq], nk = cu_k[seq + 1] - k_start;
-    const bool shared_k = (k_heads == 1);
-    const int rows_per_q = shared_k ? n_heads : 1;
-    const int g0 = shared_k ? 0 : (int)blockIdx.y;
-    const int seq_rows = nq * rows_per_q;
-    const int row0 = tile * BM;
-    if (row0 >= seq_rows) return;
-    const int rows_here = min(BM, seq_rows - row0);
-
-    auto n_visible = [&](int r) {  // visible keys of local row r
-        const int pos = nk - nq + (row0 + r) / rows_per_q;
-        return causal ? min(max(pos + 1, 0), nk) : nk;
-    };
-    auto global_row = [&](int r) {  // row index into (total_q * Hkv)
-        const int fr = row0 + r;
-        return (i64)(q_start + fr / rows_per_q) * n_heads + g0 + fr % rows_per_q;
-    };
-    const int n_vis_min = n_visible(0);
-    const int n_tiles = (n_visible(rows_here - 1) + KEY_TILE - 1) / KEY_TILE;
-    const int t_begin = (int)((i64)blockIdx.z * n_tiles / n_splits);
-    const int t_end = (int)((i64)(blockIdx.z + 1) * n_tiles / n_splits);
-    const int k_head = shared_k ? 0 : g0;
-
-    auto load_keys = [&](int buf, int t) {
-        T* dst = kbuf + buf * KEY_TILE * DI;
-        for (int c = tid; c < KEY_TILE * CH; c += THREADS) {
-            const int kr = c / CH, ch = c % CH;
-            const int key = t * KEY_TILE + kr;
-            const T* src = index_k;
-            int bytes = 0;
-            if (key < nk) {
-                src = index_k + ((i64)(k_start + key) * k_heads + k_head) * DI + ch * 8;
-                bytes = 16;
-            }
-            cp_async_16(dst + swizzled<DI>(kr, ch), src, bytes);
-        }
-    };
+    SelectRows<BM> rows;
+    if (!rows.init(cu_q, cu_k, n_heads, k_heads, q_tiles, causal, n_splits)) return;
+    const int rows_here = rows.rows_here, t_begin = rows.t_begin, t_end = rows.t_end;
+    auto load_keys = [&](int buf, int t) { rows.template load_keys<DI, THREADS>(kbuf + buf * KEY_TILE * DI, index_k, t); };
 
     // ---- Q rows -> shared -> A fragments in registers.  BM <= KEY_TILE: Q is staged in buffer 1
     // while the first key tile lands in buffer 0.  BM > KEY_TILE (WM = 8): Q needs both buffers,
@@ -114,19 +59,7 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     constexpr bool Q_IN_BUFFER_1 = BM <= KEY_TILE;
     static_assert(BM <= 2 * KEY_TILE, "Q staging must fit the two key buffers");
     if (Q_IN_BUFFER_1 && t_begin < t_end) load_keys(0, t_begin);
-    {
-        T* qs = Q_IN_BUFFER_1 ? kbuf + KEY_TILE * DI : kbuf;
-        for (int c = tid; c < BM * CH; c += THREADS) {
-            const int r = c / CH, ch = c % CH;
-            const T* src = index_q;
-            int bytes = 0;
-            if (r < rows_here) {
-                src = index_q + global_row(r) * DI + ch * 8;
-                bytes = 16;
-            }
-            cp_async_16(qs + swizzled<DI>(r, ch), src, bytes);
-        }
-    }
+    rows.template load_rows<DI, THREADS>(Q_IN_BUFFER_1 ? kbuf + KEY_TILE * DI : kbuf, index_q);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -137,7 +70,7 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk)
-                ldmatrix_x4(a[mt][kk], qs + swizzled<DI>(warp_m * 32 + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                ldmatrix_x4(a[mt][kk], qs + swizzled_panel<DI, BM>(warp_m * 32 + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
     }
     if (!Q_IN_BUFFER_1) {
         __syncthreads();  // every warp has its A fragments: the buffers are free
@@ -152,7 +85,7 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = warp_m * 32 + mt * 16 + h * 8 + group;
-            row_vis[mt][h] = r < rows_here ? n_visible(r) : 0;
+            row_vis[mt][h] = r < rows_here ? rows.n_visible(r) : 0;
         }
 
     // ---- the row owned by this thread in the epilogue.  WN == 1: a warp holds whole rows, so
@@ -160,22 +93,12 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     // stays inside the warp (no shared-memory reduction, one barrier per key tile).
     // WN > 1: thread r owns row r after a reduction through shared memory.
     const int own = (WN == 1) ? warp_m * 32 + (quad >> 1) * 16 + (quad & 1) * 8 + group : tid;
-    const bool owner = own < rows_here;
-    const i64 my_row = owner ? global_row(own) : 0;
-    const int my_vis = owner ? n_visible(own) : 0;
-    const int my_pos = nk - nq + (row0 + own) / rows_per_q;
-    const int my_local = min(max(my_pos, 0), max(nk - 1, 0)) / BS;
-    ThreadTopK best;
-    if (EPI == EPI_TOPK && own < BM) best.init(lists + own, BM, top_k);
+    SelectRowOwner<BS, EPI> row_owner;
+    row_owner.init(rows, own, lists, top_k);
+    const bool owner = row_owner.owner;
     __syncthreads();  // A fragments read: buffer 1 is free
 
-    auto consume = [&](int blk, float m) {  // block score m of block blk for the owned row
-        if (EPI == EPI_SCORES) {
-            if (blk < width) scores_out[my_row * width + blk] = m;
-        } else if (blk * BS < my_vis) {
-            best.offer(msa_block_key(m, blk, msa_is_forced(blk, my_local, local_blocks, sink_blocks)));
-        }
-    };
+    auto consume = [&](int blk, float m) { row_owner.consume(blk, m, scores_out, width, local_blocks, sink_blocks); };
 
     for (int t = t_begin; t < t_end; ++t) {
         const int cur = (t - t_begin) & 1;
@@ -186,7 +109,7 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
 
         const T* ks = kbuf + cur * KEY_TILE * DI;
         const int key0 = t * KEY_TILE;
-        const bool need_mask = key0 + KEY_TILE > n_vis_min;
+        const bool need_mask = key0 + KEY_TILE > rows.n_vis_min;
         float mx[2][2][BPW];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
@@ -211,7 +134,7 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                 unsigned r4[NG][4];  // n-tile j0+g, k-steps 2p and 2p+1
 #pragma unroll
                 for (int g = 0; g < NG; ++g)
-                    ldmatrix_x4(r4[g], ks + swizzled<DI>(warp_n * NW + (j0 + g) * 8 + (lane & 7), p * 4 + (lane >> 3)));
+                    ldmatrix_x4(r4[g], ks + swizzled_panel<DI, KEY_TILE>(warp_n * NW + (j0 + g) * 8 + (lane & 7), p * 4 + (lane >> 3)));
 #pragma unroll
                 for (int s2 = 0; s2 < 2; ++s2)
 #pragma unroll
@@ -286,18 +209,5 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         // the next iteration's first barrier orders these reads of red before its writes
     }
 
-    if (EPI == EPI_SCORES) {
-        // blocks after the CTA's key range hold -inf (written by the last split)
-        if (blockIdx.z == n_splits - 1) {
-            const int fill0 = min(n_tiles * TB, width);
-            const int count = width - fill0;
-            for (int i = tid; i < rows_here * count; i += THREADS) {
-                const int r = i / count, blk = fill0 + i % count;
-                scores_out[global_row(r) * width + blk] = MSA_NEG_INF;
-            }
-        }
-    } else if (owner) {
-        if (n_splits == 1) best.write_sorted(ids_out + my_row * top_k);
-        else best.write_keys(partial_out + (my_row * n_splits + blockIdx.z) * top_k);
-    }
+    row_owner.template finish<BM, THREADS>(rows, scores_out, ids_out, partial_out, width, top_k, n_splits);
 }

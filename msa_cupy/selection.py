@@ -1,7 +1,8 @@
 """GPU index-branch selection: block scores, exp-free top-k and the fused select.
 
 Kernels: ``cuda/select.cu`` (tensor-core index GEMM with a block-max epilogue that either
-writes block scores or feeds a running top-k), ``cuda/topk.cu`` (warp top-k over materialized
+writes block scores or feeds a running top-k; mma.sync, sm_80+), ``cuda/select_sm90.cu`` (the
+same on wgmma, for prefill on sm_90), ``cuda/topk.cu`` (warp top-k over materialized
 scores, and the merge of split-K partial lists).  Inputs arrive validated, contiguous and in
 varlen form: ``index_q`` (total_q, Hkv, Di), ``index_k`` (total_k, 1 | Hkv, Di), fp16/bf16,
 ``cu_q``/``cu_k`` device int32 (n_seq + 1), ``layout`` the host-side :class:`Layout`.
@@ -22,6 +23,8 @@ PREFILL_WARPS = (8, 1)       # (WM, WN): 256 rows x 128 keys per CTA; 8% faster 
                              # H200 (28.9 vs 31.4 ms at 128K), same ids; both tested
 SMALL_SMEM_WARPS = (4, 1)    # 128 rows: fits 99 KB of shared memory at top_k 32 (sm_86, sm_89)
 DECODE_WARPS = (1, 4)        # 32 rows, each warp a 32-key slice: for few rows per sequence
+WGMMA = "wgmma"              # `warps` value of select_sm90.cu: two warpgroups, 256 rows (sm_90 prefill)
+WGMMA_ROWS, WGMMA_STAGES = 256, 3
 EPI_SCORES, EPI_TOPK = 0, 1
 MIN_TILES_PER_SPLIT = 4      # split-K never gives a CTA fewer key tiles than this
 CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs per SM
@@ -31,6 +34,9 @@ CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs p
 _jit.declare("select.cu", "select_kernel", *[
     (_di, _bs, _wm, _wn, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES
     for _wm, _wn in (PREFILL_WARPS, SMALL_SMEM_WARPS, DECODE_WARPS) for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
+_jit.declare("select_sm90.cu", "select_sm90_kernel", *[
+    (_di, _bs, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES for _epi in (EPI_SCORES, EPI_TOPK)
+    for _t in ("bf16", "f16")], arch_specific=True)
 _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
 _jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
 
@@ -69,11 +75,15 @@ def _sm_count() -> int:
 
 
 def _smem_bytes(di, block_size, warps, top_k, epilogue) -> int:
-    """Double-buffered key tiles + per-warp block maxima + the top-k lists (EPI_TOPK)."""
+    """Double-buffered key tiles + per-warp block maxima + the top-k lists (EPI_TOPK); for
+    wgmma, the resident rows + the key ring + the lists + 1 KB to align the swizzle atoms."""
+    lists = top_k * 8 if epilogue == EPI_TOPK else 0
+    if warps == WGMMA:
+        return WGMMA_ROWS * di * 2 + WGMMA_STAGES * KEY_TILE * di * 2 + lists * WGMMA_ROWS + 1024
     wm, wn = warps
     bm = 32 * wm
     bpw = max((KEY_TILE // wn) // block_size, 1)
-    return 2 * KEY_TILE * di * 2 + wn * bpw * bm * 4 + (top_k * bm * 8 if epilogue == EPI_TOPK else 0)
+    return 2 * KEY_TILE * di * 2 + wn * bpw * bm * 4 + lists * bm
 
 
 def _i32(x):
@@ -83,15 +93,24 @@ def _i32(x):
 _KERNELS: dict = {}
 
 
-def _kernel(source, name, template):
+def _kernel(source, name, template, arch_specific=False):
     """_jit.get_kernel, memoized per device here (the host cost matters for decode)."""
     import cupy
 
     key = (cupy.cuda.runtime.getDevice(), source, name, template)
     hit = _KERNELS.get(key)
     if hit is None:
-        hit = _KERNELS[key] = _jit.get_kernel(source, name, template=template)
+        hit = _KERNELS[key] = _jit.get_kernel(source, name, template=template, arch_specific=arch_specific)
     return hit
+
+
+def _has_wgmma() -> bool:
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    if ("wgmma", dev) not in _DEVICE_ATTRS:
+        _DEVICE_ATTRS["wgmma", dev] = _jit.device_capability(dev) == (9, 0)
+    return _DEVICE_ATTRS["wgmma", dev]
 
 
 def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, epilogue,
@@ -112,10 +131,13 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
     max_rows = max_q * rows_per_q
     if warps is None:
         warps = DECODE_WARPS if max_rows <= 32 * DECODE_WARPS[0] else PREFILL_WARPS
+        if warps == PREFILL_WARPS and _has_wgmma():
+            warps = WGMMA
         if _smem_bytes(di, block_size, warps, top_k, epilogue) > _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN):
             warps = SMALL_SMEM_WARPS  # cards with ~99 KB a block (sm_86, sm_89): 128-row CTAs
-    wm, wn = warps
-    bm = 32 * wm
+    if warps == WGMMA and not _has_wgmma():
+        raise ValueError("the wgmma selection kernel needs an sm_90 GPU")
+    bm = WGMMA_ROWS if warps == WGMMA else 32 * warps[0]
     q_tiles = max(-(-max_rows // bm), 1)
     kernel_tiles = -(-max_k // KEY_TILE)
     if splits is None:
@@ -124,8 +146,12 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
         want = -(-CTAS_PER_SM_TARGET * _sm_count() // max(ctas, 1))
         splits = int(max(1, min(want, kernel_tiles // MIN_TILES_PER_SPLIT)))
     dt = _dtype_name(index_q.dtype)
-    kernel = _kernel("select.cu", "select_kernel", (di, block_size, wm, wn, epilogue, dt))
-    threads = 32 * wm * wn
+    if warps == WGMMA:
+        kernel = _kernel("select_sm90.cu", "select_sm90_kernel", (di, block_size, epilogue, dt), arch_specific=True)
+        threads = 256
+    else:
+        kernel = _kernel("select.cu", "select_kernel", (di, block_size, *warps, epilogue, dt))
+        threads = 32 * warps[0] * warps[1]
     smem = _smem_bytes(di, block_size, warps, top_k, epilogue)
 
     partial = None
@@ -156,11 +182,12 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
     return out
 
 
-def block_scores(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, out=None):
+def block_scores(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, out=None, warps=None):
     """float32 (total_q, Hkv, n_blocks): max over the visible keys of each key block of
-    index_q . index_k (-inf for blocks with no visible key and blocks past a sequence's end)."""
+    index_q . index_k (-inf for blocks with no visible key and blocks past a sequence's end).
+    ``warps``: as in :func:`select_blocks`."""
     return _select_launch(index_q, index_k, layout, cu_q, cu_k, block_size=block_size, causal=causal,
-                          epilogue=EPI_SCORES, scores_out=out, splits=1)
+                          epilogue=EPI_SCORES, scores_out=out, splits=1, warps=warps)
 
 
 def topk_blocks(scores, layout: Layout, cu_q, cu_k, *, top_k, block_size, local_blocks, sink_blocks,
@@ -188,8 +215,9 @@ def select_blocks(index_q, index_k, layout: Layout, cu_q, cu_k, *, top_k, block_
                   sink_blocks, causal, out=None, splits=None, warps=None):
     """int32 (total_q, Hkv, top_k): fused block scoring and top-k; the score map never reaches memory.
 
-    ``splits`` (key-range splits per CTA) and ``warps`` ((WM, WN) warp grid) override the
-    launch heuristics; for tests and tuning."""
+    ``splits`` (key-range splits per CTA) and ``warps`` ((WM, WN) warp grid of the mma.sync
+    kernel, or ``"wgmma"`` for the sm_90 kernel) override the launch heuristics; for tests and
+    tuning."""
     if not 1 <= top_k <= MAX_TOP_K:
         raise ValueError(f"fast selection covers top_k <= {MAX_TOP_K}, got {top_k}")
     return _select_launch(index_q, index_k, layout, cu_q, cu_k, block_size=block_size, causal=causal,

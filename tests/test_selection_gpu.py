@@ -171,8 +171,8 @@ def _run_twice(fn, make_out, poison):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(case=selection_case())
-def test_block_scores_matches_reference(case):
+@given(case=selection_case(), warps=st.sampled_from([None, (8, 1), (1, 4)]))
+def test_block_scores_matches_reference(case, warps):
     import cupy
 
     from msa_cupy import selection
@@ -184,7 +184,8 @@ def test_block_scores_matches_reference(case):
     diq, dik = cupy.asarray(iq), cupy.asarray(ik)
     width = layout.n_blocks(bs)
     got = _run_twice(
-        lambda out: selection.block_scores(diq, dik, layout, cu_q, cu_k, block_size=bs, causal=case["causal"], out=out),
+        lambda out: selection.block_scores(diq, dik, layout, cu_q, cu_k, block_size=bs, causal=case["causal"], out=out,
+                                           warps=warps),
         lambda: cupy.empty((layout.total_q, case["hkv"], width), cupy.float32), SCORE_POISON)
     want = _ref_scores(iq, ik, layout, bs, case["causal"])
     assert np.array_equal(np.isneginf(got), np.isneginf(want)), "-inf pattern differs"
@@ -312,6 +313,33 @@ def test_select_blocks_decode_split(case):
 def test_select_blocks_splits_and_warp_grids(case, splits, warps):
     """Every warp grid (prefill/decode shapes and the tuning variants) with split-K forced."""
     _check_fused(case, splits=splits, warps=warps)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(case=selection_case(), splits=st.integers(1, 5), scores=st.booleans())
+def test_select_wgmma_kernel(case, splits, scores):
+    """The sm_90 wgmma kernel on every shape (decode ones too), split-K forced, both epilogues."""
+    import cupy
+
+    from msa_cupy import selection
+
+    if not selection._has_wgmma():
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    if not scores:
+        _check_fused(case, splits=splits, warps=selection.WGMMA)
+        return
+    layout, bs = case["layout"], case["block_size"]
+    rng = np.random.default_rng(case["seed"])
+    iq, ik = _index_inputs(rng, layout, case["hkv"], case["shared"], case["di"], _dtype(case["dtype"]))
+    cu_q, cu_k = _device_cu(layout)
+    got = _run_twice(
+        lambda out: selection.block_scores(cupy.asarray(iq), cupy.asarray(ik), layout, cu_q, cu_k, block_size=bs,
+                                           causal=case["causal"], out=out, warps=selection.WGMMA),
+        lambda: cupy.empty((layout.total_q, case["hkv"], layout.n_blocks(bs)), cupy.float32), SCORE_POISON)
+    want = _ref_scores(iq, ik, layout, bs, case["causal"])
+    assert np.array_equal(np.isneginf(got), np.isneginf(want)), "-inf pattern differs"
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=0, atol=_score_tol(iq, ik))
 
 
 def test_supports():

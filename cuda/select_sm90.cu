@@ -1,0 +1,136 @@
+// Index-branch selection for prefill on Hopper (sm_90a): select.cu's kernel with the index
+// GEMM on wgmma instead of mma.sync.  Same rows, grid, epilogues and results
+// (select_tile.cuh); only the inner product and the pipeline differ.
+//
+// CTA: two warpgroups, 256 rows (a warpgroup owns 128 rows = two m64 tiles).  The query rows
+// stay in shared memory for the whole run (wgmma reads A from there, no register copy); keys
+// stream in 128-key tiles through a 3-stage cp.async ring, so the tile after next loads while
+// this one multiplies.  Per tile a warpgroup issues the two m64n128 products as two commit
+// groups: it folds the first into block maxima while the second still runs on the tensor
+// cores, and the two warpgroups' epilogues overlap each other's products.
+// Shared memory: rows (256 x Di) + 3 key stages (128 x Di) + top-k lists (top_k x 256 x 8 B),
+// 224 KB at Di = 128, top_k = 32.
+#include "select_tile.cuh"
+#include "wgmma.cuh"
+
+constexpr int SM90_ROWS = 256;
+constexpr int SM90_STAGES = 3;
+
+template <int DI, int BS, int EPI, typename T>
+__global__ void __launch_bounds__(256, 1)
+select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
+                   const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+                   float* __restrict__ scores_out, int* __restrict__ ids_out, u64* __restrict__ partial_out,
+                   int n_heads, int k_heads, int width, int q_tiles, int top_k, int local_blocks,
+                   int sink_blocks, int causal, int n_splits) {
+    constexpr int THREADS = 256;
+    constexpr int BM = SM90_ROWS;
+    constexpr int KS = DI / 16;              // k16 steps
+    constexpr int TB = KEY_TILE / BS;        // blocks per key tile
+    static_assert(DI == 64 || DI == 128, "index dim");
+    static_assert(BS == 64 || BS == 128, "block size");
+
+    // 1024-byte aligned base: the swizzle atoms of every tile start on a 1024-byte boundary
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    T* qs = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));  // [BM x DI]
+    T* kbuf = qs + BM * DI;                                                   // [STAGES][KEY_TILE x DI]
+    u64* lists = reinterpret_cast<u64*>(kbuf + SM90_STAGES * KEY_TILE * DI);  // [top_k][BM]
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it
+    const int group = lane >> 2, quad = lane & 3;
+
+    SelectRows<BM> rows;
+    if (!rows.init(cu_q, cu_k, n_heads, k_heads, q_tiles, causal, n_splits)) return;
+    const int rows_here = rows.rows_here, t_begin = rows.t_begin, t_end = rows.t_end;
+    auto stage_of = [&](int t) { return kbuf + ((t - t_begin) % SM90_STAGES) * KEY_TILE * DI; };
+
+    rows.template load_rows<DI, THREADS>(qs, index_q);
+    if (t_begin < t_end) rows.template load_keys<DI, THREADS>(stage_of(t_begin), index_k, t_begin);
+    cp_async_commit();
+    if (t_begin + 1 < t_end) rows.template load_keys<DI, THREADS>(stage_of(t_begin + 1), index_k, t_begin + 1);
+    cp_async_commit();
+
+    int row_vis[2][2];  // visible keys of this thread's accumulator rows (0 for padding rows)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = wg * 128 + mt * 64 + wq * 16 + h * 8 + group;
+            row_vis[mt][h] = r < rows_here ? rows.n_visible(r) : 0;
+        }
+    // lane (group, quad) owns row (mt, h) = (quad / 2, quad % 2) of its group: the epilogue
+    // stays inside the warp (quad shuffles, no shared-memory reduction)
+    const int own = wg * 128 + (quad >> 1) * 64 + wq * 16 + (quad & 1) * 8 + group;
+    SelectRowOwner<BS, EPI> row_owner;
+    row_owner.init(rows, own, lists, top_k);
+
+    const unsigned q_base = smem_addr(qs) + wg * 128 * 128;  // this warpgroup's first m64 tile, panel 0
+    for (int t = t_begin; t < t_end; ++t) {
+        cp_async_wait<1>();
+        fence_proxy_async();
+        __syncthreads();  // tile t landed for all; every warpgroup is done with tile t-1's stage
+        if (t + 2 < t_end) rows.template load_keys<DI, THREADS>(stage_of(t + 2), index_k, t + 2);
+        cp_async_commit();
+
+        const unsigned k_base = smem_addr(stage_of(t));
+        float acc[2][64];
+        wgmma_fence();
+        // no branch around the products, even for padding rows (zero-filled, never owned): a
+        // wgmma under a condition the compiler cannot prove warpgroup-uniform is serialized
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {  // panel kk / 4, 32 bytes per k16 step inside it
+                const unsigned a = q_base + mt * 64 * 128 + (kk >> 2) * (BM * 128) + (kk & 3) * 32;
+                const unsigned b = k_base + (kk >> 2) * (KEY_TILE * 128) + (kk & 3) * 32;
+                wgmma_m64n128k16<T>(acc[mt], wgmma_desc_sw128(a), wgmma_desc_sw128(b), kk > 0);
+            }
+            wgmma_commit();
+        }
+        wgmma_fence_operands(acc[0]);
+        wgmma_fence_operands(acc[1]);
+
+        const int key0 = t * KEY_TILE;
+        const bool need_mask = key0 + KEY_TILE > rows.n_vis_min;
+        float mx[2][2][TB];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+            if (mt == 0) wgmma_wait<1>();
+            else wgmma_wait<0>();
+            wgmma_fence_operands(acc[mt]);
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int lb = 0; lb < TB; ++lb) mx[mt][h][lb] = MSA_NEG_INF;
+#pragma unroll
+            for (int i = 0; i < 64; ++i) {
+                const int h = (i >> 1) & 1;
+                const int col = 8 * (i >> 2) + 2 * quad + (i & 1);
+                const int lb = (8 * (i >> 2)) / BS;  // constant after unrolling
+                const float v = (need_mask && key0 + col >= row_vis[mt][h]) ? MSA_NEG_INF : acc[mt][i];
+                mx[mt][h][lb] = fmaxf(mx[mt][h][lb], v);
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int lb = 0; lb < TB; ++lb) {
+                    float v = mx[mt][h][lb];
+                    v = fmaxf(v, __shfl_xor_sync(MSA_FULL_MASK, v, 1));
+                    v = fmaxf(v, __shfl_xor_sync(MSA_FULL_MASK, v, 2));
+                    mx[mt][h][lb] = v;
+                }
+        if (row_owner.owner) {
+#pragma unroll
+            for (int lb = 0; lb < TB; ++lb) {
+                const float m = quad == 0 ? mx[0][0][lb] : quad == 1 ? mx[0][1][lb]
+                              : quad == 2 ? mx[1][0][lb] : mx[1][1][lb];
+                row_owner.consume(key0 / BS + lb, m, scores_out, width, local_blocks, sink_blocks);
+            }
+        }
+    }
+    row_owner.template finish<BM, THREADS>(rows, scores_out, ids_out, partial_out, width, top_k, n_splits);
+}

@@ -1,0 +1,135 @@
+// What the index-branch selection kernels (select.cu: mma.sync, select_sm90.cu: wgmma) share:
+// which rows and key tiles a CTA owns, the key/query tile loads, and the per-row epilogue
+// (block score out, or a running top-k).
+//
+// Rows.  A CTA owns BM rows of one sequence.  With a shared index_k (1 head) a row is a
+// (query, group) pair taken in memory order (q * Hkv + g): all groups read the same keys, so
+// one key tile feeds Hkv groups (decode reads the index keys once).  With per-group index_k
+// (Hkv heads) a CTA holds one group (grid.y) and its rows are queries.
+// Grid: x = sequence * q_tiles + row tile (heaviest causal tiles first), y = group (per-group
+// index_k) or 1, z = split of the CTA's key range (split-K for decode; partial lists are merged
+// by topk_merge_kernel).  Keys stream in KEY_TILE-key tiles; causal CTAs visit only the tiles
+// up to their last row's position.
+#pragma once
+#include "common.cuh"
+#include "mma.cuh"
+#include "warp_topk.cuh"
+
+constexpr int KEY_TILE = 128;
+constexpr int EPI_SCORES = 0;
+constexpr int EPI_TOPK = 1;
+
+template <int BM>
+struct SelectRows {
+    int q_start, nq, k_start, nk;
+    int rows_per_q, g0, k_head, n_heads, k_heads, causal;
+    int row0, rows_here;
+    int t_begin, t_end, n_tiles, n_vis_min;
+
+    // false when the CTA has no rows (a row tile past its sequence's end)
+    __device__ __forceinline__ bool init(const int* cu_q, const int* cu_k, int n_heads_, int k_heads_,
+                                         int q_tiles, int causal_, int n_splits) {
+        const int seq = blockIdx.x / q_tiles;
+        const int tile = q_tiles - 1 - (int)(blockIdx.x % q_tiles);
+        q_start = cu_q[seq];
+        nq = cu_q[seq + 1] - q_start;
+        k_start = cu_k[seq];
+        nk = cu_k[seq + 1] - k_start;
+        n_heads = n_heads_;
+        k_heads = k_heads_;
+        causal = causal_;
+        const bool shared_k = (k_heads == 1);
+        rows_per_q = shared_k ? n_heads : 1;
+        g0 = shared_k ? 0 : (int)blockIdx.y;
+        k_head = shared_k ? 0 : g0;
+        row0 = tile * BM;
+        const int seq_rows = nq * rows_per_q;
+        if (row0 >= seq_rows) return false;
+        rows_here = min(BM, seq_rows - row0);
+        n_vis_min = n_visible(0);
+        n_tiles = (n_visible(rows_here - 1) + KEY_TILE - 1) / KEY_TILE;
+        t_begin = (int)((i64)blockIdx.z * n_tiles / n_splits);
+        t_end = (int)((i64)(blockIdx.z + 1) * n_tiles / n_splits);
+        return true;
+    }
+    __device__ __forceinline__ int position(int r) const { return nk - nq + (row0 + r) / rows_per_q; }
+    __device__ __forceinline__ int n_visible(int r) const {  // visible keys of local row r
+        return causal ? min(max(position(r) + 1, 0), nk) : nk;
+    }
+    __device__ __forceinline__ i64 global_row(int r) const {  // row index into (total_q * Hkv)
+        const int fr = row0 + r;
+        return (i64)(q_start + fr / rows_per_q) * n_heads + g0 + fr % rows_per_q;
+    }
+
+    // Key tile t -> dst ([KEY_TILE][DI] in swizzled panels), zero past the sequence's end.
+    template <int DI, int THREADS, typename T>
+    __device__ __forceinline__ void load_keys(T* dst, const T* index_k, int t) const {
+        constexpr int CH = DI / 8;
+        for (int c = threadIdx.x; c < KEY_TILE * CH; c += THREADS) {
+            const int kr = c / CH, ch = c % CH;
+            const int key = t * KEY_TILE + kr;
+            const bool in = key < nk;
+            const T* src = in ? index_k + ((i64)(k_start + key) * k_heads + k_head) * DI + ch * 8 : index_k;
+            cp_async_16(dst + swizzled_panel<DI, KEY_TILE>(kr, ch), src, in ? 16 : 0);
+        }
+    }
+    // The CTA's query rows -> dst ([BM][DI] in swizzled panels), zero past rows_here.
+    template <int DI, int THREADS, typename T>
+    __device__ __forceinline__ void load_rows(T* dst, const T* index_q) const {
+        constexpr int CH = DI / 8;
+        for (int c = threadIdx.x; c < BM * CH; c += THREADS) {
+            const int r = c / CH, ch = c % CH;
+            const bool in = r < rows_here;
+            const T* src = in ? index_q + global_row(r) * DI + ch * 8 : index_q;
+            cp_async_16(dst + swizzled_panel<DI, BM>(r, ch), src, in ? 16 : 0);
+        }
+    }
+};
+
+// The epilogue of one row, run by the thread that owns it: every block score of the row
+// passes through consume(); finish() writes the ids (or the split's partial list).
+template <int BS, int EPI>
+struct SelectRowOwner {
+    bool owner;
+    i64 row;
+    int vis, local;
+    ThreadTopK best;
+
+    // `own`: the local row this thread owns (>= BM: none); lists: [top_k][BM] in shared memory
+    template <int BM>
+    __device__ __forceinline__ void init(const SelectRows<BM>& s, int own, u64* lists, int top_k) {
+        owner = own < s.rows_here;
+        row = owner ? s.global_row(own) : 0;
+        vis = owner ? s.n_visible(own) : 0;
+        local = min(max(s.position(own), 0), max(s.nk - 1, 0)) / BS;
+        if (EPI == EPI_TOPK && own < BM) best.init(lists + own, BM, top_k);
+    }
+    // block score m of block blk for the owned row (owner threads only)
+    __device__ __forceinline__ void consume(int blk, float m, float* scores_out, int width, int local_blocks,
+                                            int sink_blocks) {
+        if (EPI == EPI_SCORES) {
+            if (blk < width) scores_out[row * width + blk] = m;
+        } else if (blk * BS < vis) {
+            best.offer(msa_block_key(m, blk, msa_is_forced(blk, local, local_blocks, sink_blocks)));
+        }
+    }
+    // after the last key tile: ids (one split) or this split's partial keys (top-k); for
+    // scores, the blocks after the CTA's key range get -inf (written by the last split)
+    template <int BM, int THREADS>
+    __device__ __forceinline__ void finish(const SelectRows<BM>& s, float* scores_out, int* ids_out,
+                                           u64* partial_out, int width, int top_k, int n_splits) {
+        if (EPI == EPI_SCORES) {
+            if (blockIdx.z == n_splits - 1) {
+                const int fill0 = min(s.n_tiles * (KEY_TILE / BS), width);
+                const int count = width - fill0;
+                for (int i = threadIdx.x; i < s.rows_here * count; i += THREADS) {
+                    const int r = i / count, blk = fill0 + i % count;
+                    scores_out[s.global_row(r) * width + blk] = MSA_NEG_INF;
+                }
+            }
+        } else if (owner) {
+            if (n_splits == 1) best.write_sorted(ids_out + row * top_k);
+            else best.write_keys(partial_out + (row * n_splits + blockIdx.z) * top_k);
+        }
+    }
+};

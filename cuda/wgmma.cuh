@@ -1,0 +1,66 @@
+// Hopper warpgroup matrix multiply (wgmma, sm_90a only) with operands in shared memory.
+//
+// A warpgroup (4 consecutive warps, first warp index divisible by 4) issues
+// wgmma.mma_async m64n128k16: D (64 x 128, fp32, in registers) += A (64 x 16) * B (128 x 16)^T,
+// A and B K-major in shared memory, described by 64-bit matrix descriptors.  Tiles use the
+// 128-byte swizzle: rows of 64 16-bit elements (128 bytes), 8-row atoms of 1024 bytes
+// (1024-byte aligned), 16-byte chunk c of row r stored at chunk c ^ (r % 8) -- the layout
+// `swizzled_panel` (mma.cuh) gives.  A k16 step inside a panel advances the start address by 32 bytes.
+//
+// Accumulator layout (PTX ISA, "wgmma register fragment D" for m64nNk16 fp32): warp w of the
+// warpgroup holds rows 16w..16w+15; lane l, register i: row 16w + l/4 + 8*((i/2)%2),
+// column 8*(i/4) + 2*(l%4) + i%2 -- the mma.m16n8 C layout repeated over N/8 column tiles.
+#pragma once
+#include "mma.cuh"
+
+typedef unsigned long long u64;
+
+// Descriptor of a SWIZZLE_128B K-major operand starting at shared byte address `addr`:
+// start >> 4 (bits 0-13), leading byte offset 16 (unused with this swizzle, bits 16-29),
+// stride byte offset 1024 between 8-row atoms (bits 32-45), swizzle mode 1 = 128B (bits 62-63).
+__device__ __forceinline__ u64 wgmma_desc_sw128(unsigned addr) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// Shared memory written through the generic proxy (st.shared, cp.async) and read next by
+// wgmma (async proxy): each writing thread fences before the barrier that publishes it.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Keeps the compiler from touching accumulators while a wgmma that writes them is in flight
+// (no moves or reloads across this point).
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+
+#define MSA_WGMMA_D64                                                                              \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+    "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "   \
+    "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "   \
+    "%56, %57, %58, %59, %60, %61, %62, %63}"
+#define MSA_F8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                     "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define MSA_WGMMA_M64N128K16(TYPE)                                                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " MSA_WGMMA_D64    \
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                   \
+                 : MSA_F8(d, 0), MSA_F8(d, 8), MSA_F8(d, 16), MSA_F8(d, 24), MSA_F8(d, 32),          \
+                   MSA_F8(d, 40), MSA_F8(d, 48), MSA_F8(d, 56)                                       \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+
+// D (+)= A * B^T over one k16 step; accumulate = 0 overwrites D.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate);
+template <>
+__device__ __forceinline__ void wgmma_m64n128k16<bf16>(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
+    MSA_WGMMA_M64N128K16("bf16");
+}
+template <>
+__device__ __forceinline__ void wgmma_m64n128k16<f16>(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
+    MSA_WGMMA_M64N128K16("f16");
+}
