@@ -3,20 +3,22 @@
 // (select_tile.cuh); only the inner product and the pipeline differ.
 //
 // CTA: two warpgroups, 256 rows (a warpgroup owns 128 rows = two m64 tiles).  The query rows
-// stay in shared memory for the whole run (wgmma reads A from there, no register copy); keys
-// stream in 128-key tiles through a 3-stage cp.async ring, so the tile after next loads while
-// this one multiplies.  Per tile a warpgroup issues the two m64n128 products as two commit
-// groups: it folds the first into block maxima while the second still runs on the tensor
-// cores, and the two warpgroups' epilogues overlap each other's products.
-// Shared memory: rows (256 x Di) + 3 key stages (128 x Di) + top-k lists (top_k x 256 x 8 B),
-// 224 KB at Di = 128, top_k = 32.
+// pass through shared memory into registers once (wgmma A operand from registers); keys
+// stream in 128-key tiles through a STAGES-deep cp.async ring, loaded STAGES - 1 tiles ahead.
+// Per tile a warpgroup issues the two m64n128 products as two commit groups: it folds the
+// first into block maxima while the second still runs on the tensor cores, and the two
+// warpgroups' epilogues overlap each other's products.
+// (Issuing the next tile's first product before this tile's second fold, so that one product
+// is always in flight, made ptxas serialize every wgmma: C7514, two accumulators in flight
+// across the loop.)
+// Shared memory: rows (256 x Di) + STAGES key tiles (128 x Di) + top-k lists (top_k x 256 x 8 B):
+// 224 KB at Di = 128 with 4 stages and top_k 16, or 3 stages and top_k 32.
 #include "select_tile.cuh"
 #include "wgmma.cuh"
 
 constexpr int SM90_ROWS = 256;
-constexpr int SM90_STAGES = 3;
 
-template <int DI, int BS, int EPI, typename T>
+template <int DI, int BS, int STAGES, int EPI, typename T>
 __global__ void __launch_bounds__(256, 1)
 select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
@@ -34,7 +36,7 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     T* qs = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));  // [BM x DI]
     T* kbuf = qs + BM * DI;                                                   // [STAGES][KEY_TILE x DI]
-    u64* lists = reinterpret_cast<u64*>(kbuf + SM90_STAGES * KEY_TILE * DI);  // [top_k][BM]
+    u64* lists = reinterpret_cast<u64*>(kbuf + STAGES * KEY_TILE * DI);  // [top_k][BM]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp inside it
@@ -43,13 +45,15 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     SelectRows<BM> rows;
     if (!rows.init(cu_q, cu_k, n_heads, k_heads, q_tiles, causal, n_splits)) return;
     const int rows_here = rows.rows_here, t_begin = rows.t_begin, t_end = rows.t_end;
-    auto stage_of = [&](int t) { return kbuf + ((t - t_begin) % SM90_STAGES) * KEY_TILE * DI; };
+    auto stage_of = [&](int t) { return kbuf + ((t - t_begin) % STAGES) * KEY_TILE * DI; };
 
     rows.template load_rows<DI, THREADS>(qs, index_q);
-    if (t_begin < t_end) rows.template load_keys<DI, THREADS>(stage_of(t_begin), index_k, t_begin);
     cp_async_commit();
-    if (t_begin + 1 < t_end) rows.template load_keys<DI, THREADS>(stage_of(t_begin + 1), index_k, t_begin + 1);
-    cp_async_commit();
+#pragma unroll
+    for (int d = 0; d < STAGES - 1; ++d) {
+        if (t_begin + d < t_end) rows.template load_keys<DI, THREADS>(stage_of(t_begin + d), index_k, t_begin + d);
+        cp_async_commit();
+    }
 
     int row_vis[2][2];  // visible keys of this thread's accumulator rows (0 for padding rows)
 #pragma unroll
@@ -65,12 +69,22 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     SelectRowOwner<BS, EPI> row_owner;
     row_owner.init(rows, own, lists, top_k);
 
-    const unsigned q_base = smem_addr(qs) + wg * 128 * 128;  // this warpgroup's first m64 tile, panel 0
+    // A fragments (this warp's 16 rows of each m64 tile) stay in registers for the whole run:
+    // only the keys are read from shared memory by wgmma (3% faster than A from shared memory)
+    unsigned a_frag[2][KS][4];
+    cp_async_wait<STAGES - 1>();  // the rows' group
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk)
+            ldmatrix_x4(a_frag[mt][kk], qs + swizzled_panel<DI, BM>(wg * 128 + mt * 64 + wq * 16 + (lane & 15), kk * 2 + (lane >> 4)));
     for (int t = t_begin; t < t_end; ++t) {
-        cp_async_wait<1>();
+        cp_async_wait<STAGES - 2>();
         fence_proxy_async();
         __syncthreads();  // tile t landed for all; every warpgroup is done with tile t-1's stage
-        if (t + 2 < t_end) rows.template load_keys<DI, THREADS>(stage_of(t + 2), index_k, t + 2);
+        if (t + STAGES - 1 < t_end)
+            rows.template load_keys<DI, THREADS>(stage_of(t + STAGES - 1), index_k, t + STAGES - 1);
         cp_async_commit();
 
         const unsigned k_base = smem_addr(stage_of(t));
@@ -82,9 +96,8 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk) {  // panel kk / 4, 32 bytes per k16 step inside it
-                const unsigned a = q_base + mt * 64 * 128 + (kk >> 2) * (BM * 128) + (kk & 3) * 32;
                 const unsigned b = k_base + (kk >> 2) * (KEY_TILE * 128) + (kk & 3) * 32;
-                wgmma_m64n128k16<T>(acc[mt], wgmma_desc_sw128(a), wgmma_desc_sw128(b), kk > 0);
+                wgmma_m64n128k16<T>(acc[mt], a_frag[mt][kk], wgmma_desc_sw128(b), kk > 0);
             }
             wgmma_commit();
         }
@@ -92,25 +105,37 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         wgmma_fence_operands(acc[1]);
 
         const int key0 = t * KEY_TILE;
-        const bool need_mask = key0 + KEY_TILE > rows.n_vis_min;
         float mx[2][2][TB];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-            if (mt == 0) wgmma_wait<1>();
-            else wgmma_wait<0>();
-            wgmma_fence_operands(acc[mt]);
+        // block maxima of the thread's two rows per m-tile: 4 independent max chains per (row,
+        // block); the masked version only on tiles that cross the first row's position
+        auto fold = [&](const float (&acc)[64], int mt, bool masked) {
+            float part[2][TB][4];
 #pragma unroll
             for (int h = 0; h < 2; ++h)
 #pragma unroll
-                for (int lb = 0; lb < TB; ++lb) mx[mt][h][lb] = MSA_NEG_INF;
+                for (int lb = 0; lb < TB; ++lb)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) part[h][lb][c] = MSA_NEG_INF;
 #pragma unroll
             for (int i = 0; i < 64; ++i) {
-                const int h = (i >> 1) & 1;
-                const int col = 8 * (i >> 2) + 2 * quad + (i & 1);
-                const int lb = (8 * (i >> 2)) / BS;  // constant after unrolling
-                const float v = (need_mask && key0 + col >= row_vis[mt][h]) ? MSA_NEG_INF : acc[mt][i];
-                mx[mt][h][lb] = fmaxf(mx[mt][h][lb], v);
+                const int h = (i >> 1) & 1, lb = (8 * (i >> 2)) / BS, c = (i >> 2) & 3;
+                const bool keep = !masked || key0 + 8 * (i >> 2) + 2 * quad + (i & 1) < row_vis[mt][h];
+                part[h][lb][c] = fmaxf(part[h][lb][c], keep ? acc[i] : MSA_NEG_INF);
             }
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int lb = 0; lb < TB; ++lb)
+                    mx[mt][h][lb] = fmaxf(fmaxf(part[h][lb][0], part[h][lb][1]), fmaxf(part[h][lb][2], part[h][lb][3]));
+        };
+        const bool need_mask = key0 + KEY_TILE > rows.n_vis_min;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+            if (mt == 0) wgmma_wait<1>();  // fold m-tile 0 while m-tile 1 multiplies
+            else wgmma_wait<0>();
+            wgmma_fence_operands(acc[mt]);
+            if (need_mask) fold(acc[mt], mt, true);
+            else fold(acc[mt], mt, false);
         }
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)

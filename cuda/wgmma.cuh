@@ -1,8 +1,8 @@
-// Hopper warpgroup matrix multiply (wgmma, sm_90a only) with operands in shared memory.
+// Hopper warpgroup matrix multiply (wgmma, sm_90a only): A in registers, B in shared memory.
 //
 // A warpgroup (4 consecutive warps, first warp index divisible by 4) issues
 // wgmma.mma_async m64n128k16: D (64 x 128, fp32, in registers) += A (64 x 16) * B (128 x 16)^T,
-// A and B K-major in shared memory, described by 64-bit matrix descriptors.  Tiles use the
+// A in registers, B K-major in shared memory, described by a 64-bit matrix descriptor.  B uses the
 // 128-byte swizzle: rows of 64 16-bit elements (128 bytes), 8-row atoms of 1024 bytes
 // (1024-byte aligned), 16-byte chunk c of row r stored at chunk c ^ (r % 8) -- the layout
 // `swizzled_panel` (mma.cuh) gives.  A k16 step inside a panel advances the start address by 32 bytes.
@@ -45,22 +45,25 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[64]) {
     "%56, %57, %58, %59, %60, %61, %62, %63}"
 #define MSA_F8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
                      "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define MSA_WGMMA_M64N128K16(TYPE)                                                                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
+// A from registers: the four b32 registers of this warp's 16 x 16 A slice, in the
+// mma.m16n8k16 A-fragment layout (ldmatrix_x4 of rows 16w.., mma.cuh); only B is read from
+// shared memory.
+#define MSA_WGMMA_M64N128K16(TYPE)                                                                \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                       \
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " MSA_WGMMA_D64    \
-                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                   \
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                     \
                  : MSA_F8(d, 0), MSA_F8(d, 8), MSA_F8(d, 16), MSA_F8(d, 24), MSA_F8(d, 32),          \
                    MSA_F8(d, 40), MSA_F8(d, 48), MSA_F8(d, 56)                                       \
-                 : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
 
 // D (+)= A * B^T over one k16 step; accumulate = 0 overwrites D.
 template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate);
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const unsigned (&a)[4], u64 desc_b, int accumulate);
 template <>
-__device__ __forceinline__ void wgmma_m64n128k16<bf16>(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
+__device__ __forceinline__ void wgmma_m64n128k16<bf16>(float (&d)[64], const unsigned (&a)[4], u64 desc_b, int accumulate) {
     MSA_WGMMA_M64N128K16("bf16");
 }
 template <>
-__device__ __forceinline__ void wgmma_m64n128k16<f16>(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
+__device__ __forceinline__ void wgmma_m64n128k16<f16>(float (&d)[64], const unsigned (&a)[4], u64 desc_b, int accumulate) {
     MSA_WGMMA_M64N128K16("f16");
 }

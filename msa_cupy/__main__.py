@@ -175,6 +175,8 @@ def cmd_bench(args):
     for suite in args.suite:
         mod = importlib.import_module(f"msa_cupy._bench.{suite}")
         kwargs = {"tokens": tuple(args.tokens)} if args.tokens else {}
+        if args.dense_max_tokens and suite == "paper":
+            kwargs["dense_max_tokens"] = args.dense_max_tokens
         mod.run(report, ceil, **kwargs)
     out = args.out or os.path.join("benchmarks", f"{'-'.join(args.suite)}-{card['name'].replace(' ', '_')}.json")
     report.write(out)
@@ -199,6 +201,8 @@ def main(argv=None):
     bench = sub.add_parser("bench", help="timings against ceilings measured on this card")
     bench.add_argument("--suite", nargs="+", default=["plain"])
     bench.add_argument("--tokens", nargs="+", type=int)
+    bench.add_argument("--dense-max-tokens", type=int,
+                       help="paper suite: run dense prefill up to this length (default 131072; longer is estimated)")
     bench.add_argument("--out", help="JSON file (default benchmarks/<suite>-<card>.json)")
     bench.add_argument("--markdown", help="also write the table as Markdown (e.g. docs/perf.md)")
     bench.add_argument("--plot", help="also plot prefill speedup against context length (PNG)")

@@ -24,7 +24,8 @@ PREFILL_WARPS = (8, 1)       # (WM, WN): 256 rows x 128 keys per CTA; 8% faster 
 SMALL_SMEM_WARPS = (4, 1)    # 128 rows: fits 99 KB of shared memory at top_k 32 (sm_86, sm_89)
 DECODE_WARPS = (1, 4)        # 32 rows, each warp a 32-key slice: for few rows per sequence
 WGMMA = "wgmma"              # `warps` value of select_sm90.cu: two warpgroups, 256 rows (sm_90 prefill)
-WGMMA_ROWS, WGMMA_STAGES = 256, 3
+WGMMA_ROWS = 256
+WGMMA_STAGES = (4, 3)        # key-ring depths, deepest first that fits shared memory (prefetch distance 2 or 1)
 EPI_SCORES, EPI_TOPK = 0, 1
 MIN_TILES_PER_SPLIT = 4      # split-K never gives a CTA fewer key tiles than this
 CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs per SM
@@ -35,8 +36,8 @@ _jit.declare("select.cu", "select_kernel", *[
     (_di, _bs, _wm, _wn, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES
     for _wm, _wn in (PREFILL_WARPS, SMALL_SMEM_WARPS, DECODE_WARPS) for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
 _jit.declare("select_sm90.cu", "select_sm90_kernel", *[
-    (_di, _bs, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES for _epi in (EPI_SCORES, EPI_TOPK)
-    for _t in ("bf16", "f16")], arch_specific=True)
+    (_di, _bs, _st, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES for _st in WGMMA_STAGES
+    for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")], arch_specific=True)
 _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
 _jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
 
@@ -74,12 +75,12 @@ def _sm_count() -> int:
     return _device_attr(_ATTR_MULTIPROCESSOR_COUNT)
 
 
-def _smem_bytes(di, block_size, warps, top_k, epilogue) -> int:
+def _smem_bytes(di, block_size, warps, top_k, epilogue, stages=WGMMA_STAGES[-1]) -> int:
     """Double-buffered key tiles + per-warp block maxima + the top-k lists (EPI_TOPK); for
     wgmma, the resident rows + the key ring + the lists + 1 KB to align the swizzle atoms."""
     lists = top_k * 8 if epilogue == EPI_TOPK else 0
     if warps == WGMMA:
-        return WGMMA_ROWS * di * 2 + WGMMA_STAGES * KEY_TILE * di * 2 + lists * WGMMA_ROWS + 1024
+        return WGMMA_ROWS * di * 2 + stages * KEY_TILE * di * 2 + lists * WGMMA_ROWS + 1024
     wm, wn = warps
     bm = 32 * wm
     bpw = max((KEY_TILE // wn) // block_size, 1)
@@ -147,12 +148,17 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
         splits = int(max(1, min(want, kernel_tiles // MIN_TILES_PER_SPLIT)))
     dt = _dtype_name(index_q.dtype)
     if warps == WGMMA:
-        kernel = _kernel("select_sm90.cu", "select_sm90_kernel", (di, block_size, epilogue, dt), arch_specific=True)
+        limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN)
+        stages = next((st for st in WGMMA_STAGES if _smem_bytes(di, block_size, warps, top_k, epilogue, st) <= limit),
+                      WGMMA_STAGES[-1])
+        kernel = _kernel("select_sm90.cu", "select_sm90_kernel", (di, block_size, stages, epilogue, dt),
+                         arch_specific=True)
         threads = 256
+        smem = _smem_bytes(di, block_size, warps, top_k, epilogue, stages)
     else:
         kernel = _kernel("select.cu", "select_kernel", (di, block_size, *warps, epilogue, dt))
         threads = 32 * warps[0] * warps[1]
-    smem = _smem_bytes(di, block_size, warps, top_k, epilogue)
+        smem = _smem_bytes(di, block_size, warps, top_k, epilogue)
 
     partial = None
     if epilogue == EPI_SCORES:

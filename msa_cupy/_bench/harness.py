@@ -111,7 +111,7 @@ def ceilings() -> dict:
     return {"copy_GBps": 2 * n / copy_ms / 1e6, "matmul_TFLOPs": 2 * m**3 / mm_ms / 1e9, "matmul_via": how}
 
 
-def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn"):
+def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn", warmup=2, repeat=5):
     """Dense GQA attention through torch SDPA (cuDNN or flash backend), or None if unavailable."""
     try:
         import torch
@@ -130,7 +130,7 @@ def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn
             fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
                 q, k, v, is_causal=causal, enable_gqa=hkv != hq)
             with external_stream(torch.cuda.current_stream()):
-                return time_ms(fn, [()], warmup=2, repeat=5)
+                return time_ms(fn, [()], warmup=warmup, repeat=repeat)
     except RuntimeError:
         return None
 

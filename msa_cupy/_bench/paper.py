@@ -5,9 +5,10 @@ cached tokens), end to end through ``msa_cupy.attention`` with a learned-style i
 ``index_q`` per group, one shared ``index_k`` head, as in the paper), the time of each stage,
 and dense attention through torch SDPA (cuDNN and flash backends) on the same shapes.
 
-Dense prefill past DENSE_MAX_TOKENS is not run (it takes seconds to minutes a call): its time
-is extrapolated from the largest measured length by the quadratic FLOP count and marked
-"estimated".  Decode shapes that do not fit in free GPU memory are skipped and say so.
+Dense prefill past ``dense_max_tokens`` (default DENSE_MAX_TOKENS; ``--dense-max-tokens`` on
+the command line) is not run, as it takes seconds to a minute a call: its time is extrapolated
+from the largest measured length by the quadratic FLOP count and marked "estimated".  Measured
+dense runs past DENSE_MAX_TOKENS are timed once after one warm-up run.  Decode shapes that do not fit in free GPU memory are skipped and say so.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _time_stages(q, k, v, iq, ik, repeat):
     return select_ms, sparse_ms, total_ms, ids
 
 
-def prefill(report, ceilings, n, dense_ref):
+def prefill(report, ceilings, n, dense_ref, dense_max_tokens=DENSE_MAX_TOKENS):
     cp = harness.cupy()
     q, k, v, iq, ik = _inputs(1, n, n)
     select_ms, sparse_ms, total_ms, ids = _time_stages(q, k, v, iq, ik, repeat=3)
@@ -53,14 +54,15 @@ def prefill(report, ceilings, n, dense_ref):
     cp.get_default_memory_pool().free_all_blocks()
     dense = {}
     for backend in ("cudnn", "flash"):
-        if n <= DENSE_MAX_TOKENS:
-            dense[backend] = harness.dense_attention_ms(1, n, n, HQ, HKV, D, causal=True, backend=backend)
+        if n <= dense_max_tokens:
+            runs = dict(warmup=2, repeat=5) if n <= DENSE_MAX_TOKENS else dict(warmup=1, repeat=1)
+            dense[backend] = harness.dense_attention_ms(1, n, n, HQ, HKV, D, causal=True, backend=backend, **runs)
             if dense[backend]:
                 dense_ref[backend] = (n, dense[backend])
         elif backend in dense_ref:
             n0, ms0 = dense_ref[backend]
             dense[backend] = ms0 * (n / n0) ** 2
-    estimated = n > DENSE_MAX_TOKENS
+    estimated = n > dense_max_tokens
     matmul = ceilings["matmul_TFLOPs"]
     report(f"prefill {n // 1024}K", kind="prefill", tokens=n, msa_ms=total_ms, select_ms=select_ms,
            sparse_ms=sparse_ms, index_TFLOPs=index_flops / select_ms / 1e9,
@@ -93,10 +95,11 @@ def decode(report, ceilings, batch, n):
            speedup_vs_dense=best / total_ms if best else None)
 
 
-def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES):
+def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES,
+        dense_max_tokens=DENSE_MAX_TOKENS):
     dense_ref = {}
     for n in tokens:
-        prefill(report, ceilings, n, dense_ref)
+        prefill(report, ceilings, n, dense_ref, dense_max_tokens)
     for n in caches:
         for b in batches:
             decode(report, ceilings, b, n)
