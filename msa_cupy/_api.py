@@ -27,17 +27,32 @@ def _fast(name: str):
 
 
 
+_UNIFORM_CU: dict = {}  # (device, n_seq, q_len, k_len) -> device (cu_q, cu_k), complete and read-only
+_UNIFORM_CU_MAX = 256
+
+
 def _device_cu(call: Call, layout: Layout):
-    """Device cu_seqlens for the kernels: the caller's (varlen), or made on the caller's stream
-    (batched: two tiny kernels, ordered with the work that follows, no host copy)."""
+    """Device cu_seqlens for the kernels: the caller's (varlen), or for batched inputs
+    (B sequences of equal length; rank 3 without cu_seqlens: one sequence of all tokens) an
+    array made once per shape and device.  It is copied on a private stream and complete
+    before first use, so it can serve any stream later without ordering (it only holds host
+    data); a decode call then launches no kernel to build it."""
     cp = _interop.require_cupy()
     cu_q, cu_k = call.arrays.get("cu_seqlens_q"), call.arrays.get("cu_seqlens_k")
     if cu_q is not None:
         return cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
-    # batched: B sequences of equal length; rank 3 without cu_seqlens: one sequence of all tokens
     q_len, k_len = (layout.uniform_q, layout.uniform_k) if layout.uniform else (layout.total_q, layout.total_k)
-    steps = cp.arange(layout.n_seq + 1, dtype=cp.int32)
-    return steps * np.int32(q_len), steps * np.int32(k_len)
+    key = (cp.cuda.runtime.getDevice(), layout.n_seq, q_len, k_len)
+    hit = _UNIFORM_CU.get(key)
+    if hit is None:
+        steps = np.arange(layout.n_seq + 1, dtype=np.int64)
+        with cp.cuda.Stream(non_blocking=True) as private:
+            hit = (cp.asarray((steps * q_len).astype(np.int32)), cp.asarray((steps * k_len).astype(np.int32)))
+            private.synchronize()
+        if len(_UNIFORM_CU) >= _UNIFORM_CU_MAX:
+            _UNIFORM_CU.clear()
+        _UNIFORM_CU[key] = hit
+    return hit
 
 
 def _group_mean(q, n_groups):

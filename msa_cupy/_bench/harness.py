@@ -133,6 +133,9 @@ def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn
                 return time_ms(fn, [()], warmup=warmup, repeat=repeat)
     except RuntimeError:
         return None
+    finally:  # torch's cache would otherwise keep tens of GiB from the runs that follow
+        del q, k, v
+        torch.cuda.empty_cache()
 
 
 def git_commit() -> str:
