@@ -87,6 +87,8 @@ def cmd_check(args):
     for source in sorted(variants):
         for cap in args.arch:
             names = [n for n, specific in variants[source].items() if cap == "sm_90" or not specific]
+            if not names:  # an sm_90a-only source (wgmma) has nothing to build for other archs
+                continue
             arch = cap + ("a" if cap == "sm_90" and any(variants[source][n] for n in names) else "")
             t0 = time.perf_counter()
             try:

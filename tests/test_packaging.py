@@ -51,6 +51,7 @@ def test_cli_runs(cmd):
     if cmd == ["check"]:
         assert "all kernels compiled" in res.stdout
         assert "sm_80" in res.stdout and "sm_90" in res.stdout
+        assert "select_sm90_kernel" in res.stdout and "sm_90a" in res.stdout  # the wgmma kernels
 
 
 def test_demo_runs_without_or_with_a_gpu():
