@@ -153,11 +153,12 @@ def bench_prefill(n, ceiling, rows, configs=((4, 2, 4096, 8, 1),)):
         dms = float("nan")
     ref = None
     defaults = sparse.PARTIAL_BUDGET_BYTES, sparse.TILES_PER_ITEM
-    for warps, stages, budget_mb, tiles, mt in configs:
+    for warps, stages, budget_mb, tiles, mt, *which in configs:
+        kernel = {"w": "wgmma", "m": "mma"}.get(which[0]) if which else None
         sparse.PARTIAL_BUDGET_BYTES, sparse.TILES_PER_ITEM = budget_mb << 20, tiles
         run = lambda stats=None: sparse.sparse_attention(q, k, v, bi, layout, cu, cu, block_size=BK, causal=True,  # noqa: E731
                                                          scale=D**-0.5, stats=stats, prefill_warps=warps,
-                                                         prefill_stages=stages, prefill_mt=mt)
+                                                         prefill_stages=stages, prefill_mt=mt, prefill_kernel=kernel)
         ms = median_ms(run, repeat=5)
         diff = 0.0
         if len(configs) > 1:  # each variant against the first one (a sanity check, not the test)
@@ -171,7 +172,7 @@ def bench_prefill(n, ceiling, rows, configs=((4, 2, 4096, 8, 1),)):
         split = stats.totals()
         tf = flops / ms / 1e9
         attn_tf = flops / split.get("attention", float("nan")) / 1e9
-        rows.append(("prefill", f"N={n} W{warps}S{stages}P{budget_mb}T{tiles}M{mt} d={diff:.0e}", ms, f"{tf:.0f} TFLOP/s", f"{100 * tf / ceiling:.0f}% mm",
+        rows.append(("prefill", f"N={n} W{warps}S{stages}P{budget_mb}T{tiles}M{mt}{kernel or ''} d={diff:.0e}", ms, f"{tf:.0f} TFLOP/s", f"{100 * tf / ceiling:.0f}% mm",
                      f"ri {split.get('reverse_index', 0):.2f} / attn {split.get('attention', 0):.2f} "
                      f"({100 * attn_tf / ceiling:.0f}%) / comb {split.get('combine', 0):.2f} ms",
                      f"dense {dms:.1f} ms = {dms / ms:.1f}x"))
@@ -224,7 +225,9 @@ def main():
     ap.add_argument("--decode", default="131072:1,131072:8,131072:32,1048576:1,1048576:8")
     ap.add_argument("--test", default="", help="pytest -k expression ('all' for every test)")
     ap.add_argument("--configs", default="4x2x4096x8x1",
-                    help="prefill warps x stages x partial-buffer MiB x tiles per item x m-tiles per warp, e.g. 4x2x4096x8x1")
+                    help="prefill warps x stages x partial-buffer MiB x tiles per item x m-tiles per warp, e.g. "
+                         "4x2x4096x8x1; append xw for the sm_90 wgmma kernel (which ignores warps, stages and "
+                         "m-tiles), xm for mma.sync (the default picks by card)")
     args = ap.parse_args()
     global args_dense_max
     args_dense_max = args.dense_max
@@ -247,7 +250,8 @@ def main():
 
     for n in [int(x) for x in args.prefill.split(",") if x]:
         try:
-            bench_prefill(n, tflops, rows, [tuple(int(t) for t in c.split('x')) for c in args.configs.split(',')])
+            bench_prefill(n, tflops, rows, [tuple(int(t) if t.isdigit() else t for t in c.split('x'))
+                                            for c in args.configs.split(',')])
         except Exception as exc:  # e.g. out of memory on a smaller card
             print(f"prefill N={n} failed: {exc!r}"[:300], flush=True)
         cp.get_default_memory_pool().free_all_blocks()

@@ -48,3 +48,72 @@ __device__ __forceinline__ bool first_occurrence(const int* __restrict__ row, in
         if (row[s] == id) return false;
     return true;
 }
+
+// One work item of the KV-outer prefill (reverse_index.cu): KV head g, one key block, a run of
+// `count` entries of the block's query list from `start`.  Shared by sparse_prefill.cu
+// (mma.sync) and sparse_prefill_sm90.cu (wgmma); `offset(row, chunk)` places 16-byte chunks
+// in each kernel's shared-memory tile layout.
+struct PrefillItem {
+    int count, start, g, block, q_start, n_q, k_start, n_k;  // block: the key block's index in its sequence
+
+    // false for an empty item (the grid is an upper bound of the item count)
+    __device__ __forceinline__ bool init(const int* __restrict__ items, const int* __restrict__ block_off, int n_seq,
+                                         const int* __restrict__ cu_q, const int* __restrict__ cu_k,
+                                         int n_blocks_total) {
+        count = items[3 * blockIdx.x + 2];
+        if (count == 0) return false;
+        const int bucket = items[3 * blockIdx.x];
+        start = items[3 * blockIdx.x + 1];
+        g = bucket / n_blocks_total;
+        const int gblock = bucket - g * n_blocks_total;
+        const int seq = sequence_of(block_off, n_seq, gblock);  // largest s with block_off[s] <= gblock
+        block = gblock - block_off[seq];
+        q_start = cu_q[seq];
+        n_q = cu_q[seq + 1] - q_start;
+        k_start = cu_k[seq];
+        n_k = cu_k[seq + 1] - k_start;
+        return true;
+    }
+
+    // The K and V block (BK rows; rows past the sequence end are zero-filled and masked).
+    template <int D, int BK, int THREADS, typename T, typename Offset>
+    __device__ __forceinline__ void load_kv(T* Ks, T* Vs, const T* __restrict__ k, const T* __restrict__ v,
+                                            int n_heads_kv, Offset offset) const {
+        constexpr int CH = D / 8;
+        for (int c = threadIdx.x; c < BK * CH; c += THREADS) {
+            const int row = c / CH, ch = c % CH;
+            const int key = block * BK + row;
+            const bool ok = key < n_k;
+            const i64 off = ((i64)(k_start + (ok ? key : block * BK)) * n_heads_kv + g) * D + ch * 8;
+            cp_async_16(Ks + offset(row, ch), k + off, ok ? 16 : 0);
+            cp_async_16(Vs + offset(row, ch), v + off, ok ? 16 : 0);
+        }
+    }
+
+    // Query tile `tile`: TQ = M / G tokens x the G heads of group g (M rows, zero past the
+    // item's end), and lim[t] = visible keys of the block for token t of the tile.
+    template <int D, int M, int G, int BK, int THREADS, typename T, typename Offset>
+    __device__ __forceinline__ void load_q_tile(T* dst, int* lim, const T* __restrict__ q,
+                                                const int* __restrict__ list_q, int n_heads_q, int causal,
+                                                int tile, Offset offset) const {
+        constexpr int CH = D / 8, TQ = M / G;
+        for (int c = threadIdx.x; c < M * CH; c += THREADS) {
+            const int row = c / CH, ch = c % CH;
+            const int t = tile * TQ + row / G;
+            const bool ok = t < count;
+            const int token = ok ? list_q[start + t] : list_q[start];
+            const i64 off = ((i64)token * n_heads_q + g * G + row % G) * D + ch * 8;
+            cp_async_16(dst + offset(row, ch), q + off, ok ? 16 : 0);
+        }
+        for (int t = threadIdx.x; t < TQ; t += THREADS) {
+            const int tt = tile * TQ + t;
+            int visible_in_block = 0;
+            if (tt < count) {
+                const int position = n_k - n_q + (list_q[start + tt] - q_start);
+                const int visible = causal ? min(position + 1, n_k) : n_k;
+                visible_in_block = visible - block * BK;
+            }
+            lim[t] = visible_in_block;
+        }
+    }
+};

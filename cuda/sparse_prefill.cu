@@ -37,7 +37,6 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     constexpr int THREADS = WARPS * 32;
     constexpr int M = 16 * MT * WARPS;   // rows of one query tile (MT m16 tiles per warp)
     constexpr int TQ = M / G;            // query tokens per tile
-    constexpr int CH = D / 8;            // 16-byte chunks per row
     constexpr int KT = MT == 1 ? 64 : 32;  // keys per online-softmax step (S registers: MT * KT / 2)
     constexpr int NT = KT / 8;           // n-tiles of S per step
     constexpr int DK = D / 16;           // k-steps of Q K^T
@@ -46,17 +45,9 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     static_assert(BK % KT == 0, "block size must be a multiple of 64");
     static_assert(STAGES >= 2, "at least one query tile in flight while one is computed");
 
-    const int item = blockIdx.x;
-    const int count = items[3 * item + 2];
-    if (count == 0) return;
-    const int bucket = items[3 * item];
-    const int start = items[3 * item + 1];
-    const int g = bucket / n_blocks_total;
-    const int gblock = bucket - g * n_blocks_total;
-    const int seq = sequence_of(block_off, n_seq, gblock);  // largest s with block_off[s] <= gblock
-    const int key0 = (gblock - block_off[seq]) * BK;  // first key of the block in its sequence
-    const int q_start = cu_q[seq], n_q = cu_q[seq + 1] - q_start;
-    const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
+    PrefillItem it;
+    if (!it.init(items, block_off, n_seq, cu_q, cu_k, n_blocks_total)) return;
+    const int count = it.count, start = it.start;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Ks = reinterpret_cast<T*>(smem_raw);
@@ -67,35 +58,11 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
     // K and V block (rows past the sequence end are zero-filled and masked).
-    for (int c = tid; c < BK * CH; c += THREADS) {
-        const int row = c / CH, ch = c % CH;
-        const int key = key0 + row;
-        const bool ok = key < n_k;
-        const i64 off = ((i64)(k_start + (ok ? key : key0)) * n_heads_kv + g) * D + ch * 8;
-        cp_async_16(Ks + swizzled<D>(row, ch), k + off, ok ? 16 : 0);
-        cp_async_16(Vs + swizzled<D>(row, ch), v + off, ok ? 16 : 0);
-    }
+    it.template load_kv<D, BK, THREADS>(Ks, Vs, k, v, n_heads_kv, [](int row, int ch) { return swizzled<D>(row, ch); });
     const int n_tiles = (count + TQ - 1) / TQ;
     auto load_q_tile = [&](int tile, int buf) {
-        T* dst = Qs + buf * M * D;
-        for (int c = tid; c < M * CH; c += THREADS) {
-            const int row = c / CH, ch = c % CH;
-            const int t = tile * TQ + row / G;
-            const bool ok = t < count;
-            const int token = ok ? list_q[start + t] : list_q[start];
-            const i64 off = ((i64)token * n_heads_q + g * G + row % G) * D + ch * 8;
-            cp_async_16(dst + swizzled<D>(row, ch), q + off, ok ? 16 : 0);
-        }
-        for (int t = tid; t < TQ; t += THREADS) {
-            const int tt = tile * TQ + t;
-            int lim = 0;
-            if (tt < count) {
-                const int position = n_k - n_q + (list_q[start + tt] - q_start);
-                const int visible = causal ? min(position + 1, n_k) : n_k;
-                lim = visible - key0;
-            }
-            lim_s[buf * TQ + t] = lim;
-        }
+        it.template load_q_tile<D, M, G, BK, THREADS>(Qs + buf * M * D, lim_s + buf * TQ, q, list_q, n_heads_q, causal, tile,
+                                                    [](int row, int ch) { return swizzled<D>(row, ch); });
     };
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {  // K, V and the first STAGES - 1 query tiles

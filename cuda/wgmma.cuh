@@ -1,8 +1,9 @@
 // Hopper warpgroup matrix multiply (wgmma, sm_90a only): A in registers, B in shared memory.
+// Used by select_sm90.cu (index GEMM) and sparse_prefill_sm90.cu (Q K^T and P V).
 //
 // A warpgroup (4 consecutive warps, first warp index divisible by 4) issues
-// wgmma.mma_async m64n128k16: D (64 x 128, fp32, in registers) += A (64 x 16) * B (128 x 16)^T,
-// A in registers, B K-major in shared memory, described by a 64-bit matrix descriptor.  B uses the
+// wgmma.mma_async m64n128k16: D (64 x 128, fp32, in registers) += A (64 x 16) * B (16 x 128),
+// A in registers, B in shared memory, described by a 64-bit matrix descriptor.  B uses the
 // 128-byte swizzle: rows of 64 16-bit elements (128 bytes), 8-row atoms of 1024 bytes
 // (1024-byte aligned), 16-byte chunk c of row r stored at chunk c ^ (r % 8) -- the layout
 // `swizzled_panel` (mma.cuh) gives.  A k16 step inside a panel advances the start address by 32 bytes.
@@ -15,11 +16,14 @@
 
 typedef unsigned long long u64;
 
-// Descriptor of a SWIZZLE_128B K-major operand starting at shared byte address `addr`:
-// start >> 4 (bits 0-13), leading byte offset 16 (unused with this swizzle, bits 16-29),
-// stride byte offset 1024 between 8-row atoms (bits 32-45), swizzle mode 1 = 128B (bits 62-63).
-__device__ __forceinline__ u64 wgmma_desc_sw128(unsigned addr) {
-    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+// Descriptor of a SWIZZLE_128B operand starting at shared byte address `addr`: start >> 4
+// (bits 0-13), leading byte offset (bits 16-29), stride byte offset (bits 32-45), swizzle
+// mode 1 = 128B (bits 62-63).  K-major (rows of 64 K-elements): the leading offset is unused
+// and the stride is 1024 bytes between 8-row atoms.  MN-major (rows of 64 N-elements, 8-row
+// atoms along K): the leading offset is the stride between 64-element panels along N, the
+// stride offset 1024 bytes between 8-row atoms along K.
+__device__ __forceinline__ u64 wgmma_desc_sw128(unsigned addr, unsigned leading = 16, unsigned stride = 1024) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(leading >> 4) << 16) | ((u64)(stride >> 4) << 32) | ((u64)1 << 62);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -47,23 +51,23 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[64]) {
                      "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 // A from registers: the four b32 registers of this warp's 16 x 16 A slice, in the
 // mma.m16n8k16 A-fragment layout (ldmatrix_x4 of rows 16w.., mma.cuh); only B is read from
-// shared memory.
+// shared memory, K-major (TRANS_B = 0) or MN-major (TRANS_B = 1).
 #define MSA_WGMMA_M64N128K16(TYPE)                                                                \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                       \
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " MSA_WGMMA_D64    \
-                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                     \
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                     \
                  : MSA_F8(d, 0), MSA_F8(d, 8), MSA_F8(d, 16), MSA_F8(d, 24), MSA_F8(d, 32),          \
                    MSA_F8(d, 40), MSA_F8(d, 48), MSA_F8(d, 56)                                       \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate))
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B))
 
-// D (+)= A * B^T over one k16 step; accumulate = 0 overwrites D.
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const unsigned (&a)[4], u64 desc_b, int accumulate);
-template <>
-__device__ __forceinline__ void wgmma_m64n128k16<bf16>(float (&d)[64], const unsigned (&a)[4], u64 desc_b, int accumulate) {
-    MSA_WGMMA_M64N128K16("bf16");
-}
-template <>
-__device__ __forceinline__ void wgmma_m64n128k16<f16>(float (&d)[64], const unsigned (&a)[4], u64 desc_b, int accumulate) {
-    MSA_WGMMA_M64N128K16("f16");
+// D (+)= A (64 x 16) * B (16 x 128) over one k16 step, B stored as 128 rows of K (K-major,
+// e.g. keys for Q K^T) or as 16 rows of N (MN-major, TRANS_B = 1, e.g. V for P V);
+// accumulate = 0 overwrites D.
+template <typename T, int TRANS_B = 0>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const unsigned (&a)[4], u64 desc_b, int accumulate) {
+    if constexpr (mma_type<T>::is_bf16) {
+        MSA_WGMMA_M64N128K16("bf16");
+    } else {
+        MSA_WGMMA_M64N128K16("f16");
+    }
 }

@@ -240,6 +240,19 @@ def device_capability(device_id=None) -> tuple[int, int]:
     return int(cc[:-1]), int(cc[-1])
 
 
+_WGMMA: dict = {}
+
+
+def has_wgmma(device_id=None) -> bool:
+    """True on sm_90 (Hopper), where the wgmma kernels (built for sm_90a) run."""
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice() if device_id is None else device_id
+    if dev not in _WGMMA:
+        _WGMMA[dev] = device_capability(dev) == (9, 0)
+    return _WGMMA[dev]
+
+
 def get_kernel(source: str, name: str, *, template=None, defines=None, arch_specific=False) -> Kernel:
     """The kernel ``name`` (``name<template...>`` when templated) of cuda/<source> on the current device.
 

@@ -105,15 +105,6 @@ def _kernel(source, name, template, arch_specific=False):
     return hit
 
 
-def _has_wgmma() -> bool:
-    import cupy
-
-    dev = cupy.cuda.runtime.getDevice()
-    if ("wgmma", dev) not in _DEVICE_ATTRS:
-        _DEVICE_ATTRS["wgmma", dev] = _jit.device_capability(dev) == (9, 0)
-    return _DEVICE_ATTRS["wgmma", dev]
-
-
 def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, epilogue,
                    top_k=1, local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, splits=None,
                    warps=None):
@@ -132,11 +123,11 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
     max_rows = max_q * rows_per_q
     if warps is None:
         warps = DECODE_WARPS if max_rows <= 32 * DECODE_WARPS[0] else PREFILL_WARPS
-        if warps == PREFILL_WARPS and _has_wgmma():
+        if warps == PREFILL_WARPS and _jit.has_wgmma():
             warps = WGMMA
         if _smem_bytes(di, block_size, warps, top_k, epilogue) > _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN):
             warps = SMALL_SMEM_WARPS  # cards with ~99 KB a block (sm_86, sm_89): 128-row CTAs
-    if warps == WGMMA and not _has_wgmma():
+    if warps == WGMMA and not _jit.has_wgmma():
         raise ValueError("the wgmma selection kernel needs an sm_90 GPU")
     bm = WGMMA_ROWS if warps == WGMMA else 32 * warps[0]
     q_tiles = max(-(-max_rows // bm), 1)

@@ -9,7 +9,8 @@ Two paths, one combine:
   runs one CTA per item: one K/V block loaded once, its queries streamed through tensor cores
   in row tiles of 16 * PREFILL_MT * PREFILL_WARPS = 64 rows (64 / G tokens x G heads; 64
   rather than 128 so that two CTAs share an SM: +12% measured on H200), writing one partial
-  (o, lse) per pick.
+  (o, lse) per pick.  On sm_90 with D = BK = 128, ``cuda/sparse_prefill_sm90.cu`` runs the same
+  items on wgmma (one warpgroup, 64-row tiles, two CTAs per SM; 13% faster on H200).
 * **decode (query-outer split-K)** -- for at most ``DECODE_MAX_QUERIES`` queries per sequence,
   ``cuda/decode.cu`` makes every distinct pick its own CTA straight from block_indices (no
   sort, no reverse index, no schedule kernel: two launches in all), its key block split once
@@ -35,6 +36,8 @@ MAX_TOP_K = 256
 PREFILL_WARPS = 4  # 64-row query tiles: 2 CTAs per SM (measured +10% over 8 warps, H200)
 PREFILL_STAGES = 2  # query tiles buffered in shared memory (STAGES - 1 in flight)
 PREFILL_MT = 1  # m16 row tiles per warp (2: each K/V fragment load feeds two mma)
+WGMMA_WARPGROUPS = 1  # sm_90 prefill (sparse_prefill_sm90.cu, D = BK = 128): 64-row tiles per warpgroup
+WGMMA_STAGES = 2
 DECODE_WARPS = 4  # split-K decode: each warp takes BK / 4 keys of the pick's block
 TILES_PER_ITEM = 8  # query tiles per prefill work item (K/V block reuse vs. load balance)
 DECODE_MAX_QUERIES = 16  # sequences with at most this many queries take the decode path
@@ -54,6 +57,9 @@ for _t in ("bf16", "f16"):
                        for _bk in SUPPORTED_BLOCK_SIZES])
         _jit.declare("decode.cu", "sparse_decode_kernel",
                      *[(_t, _t, _d, _g, _bk, DECODE_WARPS) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
+_jit.declare("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
+             *[(_t, _t, 128, _g, 128, WGMMA_WARPGROUPS, WGMMA_STAGES) for _t in ("bf16", "f16")
+               for _g in SUPPORTED_GROUP_SIZES], arch_specific=True)
 for _name in ("reverse_index_keys", "reverse_index_fill", "build_work_items"):
     _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
 _jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_BLOCK_SIZES])
@@ -99,14 +105,14 @@ def _n_blocks_total(layout, block_size) -> int:
 _kernels: dict = {}
 
 
-def _kernel(source, name, template):
+def _kernel(source, name, template, arch_specific=False):
     """get_kernel, memoized per call signature (the launch path stays cheap for decode)."""
     import cupy
 
     key = (cupy.cuda.Device().id, source, name, template)
     kern = _kernels.get(key)
     if kern is None:
-        kern = _kernels[key] = _jit.get_kernel(source, name, template=template)
+        kern = _kernels[key] = _jit.get_kernel(source, name, template=template, arch_specific=arch_specific)
     return kern
 
 
@@ -135,14 +141,16 @@ class _Stats:
 
 def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, causal, scale,
                      return_lse=True, stats=None, force_path=None, prefill_warps=PREFILL_WARPS,
-                     prefill_stages=PREFILL_STAGES, prefill_mt=PREFILL_MT):
+                     prefill_stages=PREFILL_STAGES, prefill_mt=PREFILL_MT, prefill_kernel=None):
     """(out (total_q, Hq, D) q.dtype, lse (total_q, Hq) float32) over the selected blocks.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) contiguous CuPy fp16/bf16; block_indices
     (total_q, Hkv, K) int32, entries -1 or a valid block id of the query's sequence, read
     as a set (order free, duplicates count once); cu_q/cu_k device int32 (n_seq + 1);
     layout the host Layout.  lse is always computed (return_lse is accepted for symmetry).
-    ``force_path``: None (by shape), "prefill" or "decode" (tests).
+    ``force_path``: None (by shape), "prefill" or "decode" (tests).  ``prefill_kernel``: None
+    (wgmma on sm_90 for D = BK = 128, else mma.sync), "mma" (sparse_prefill.cu with the
+    prefill_* tile options) or "wgmma" (sparse_prefill_sm90.cu).
     """
     import cupy
 
@@ -171,14 +179,25 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     decode = force_path == "decode" or (force_path is None and layout.max_q <= DECODE_MAX_QUERIES)
     warps = DECODE_WARPS if decode else prefill_warps
     tile_tokens = 16 * (1 if decode else prefill_mt) * warps // group
-
+    threads = 32 * warps
+    if prefill_kernel is None:
+        prefill_kernel = "wgmma" if head_dim == 128 and block_size == 128 and _jit.has_wgmma() else "mma"
     if decode:
         attn = _kernel("decode.cu", "sparse_decode_kernel", (tname, tname, head_dim, group, block_size, warps))
+        smem = _smem_bytes(head_dim, block_size, warps, group, True)
+    elif prefill_kernel == "wgmma":
+        if not (head_dim == 128 and block_size == 128 and _jit.has_wgmma()):
+            raise ValueError("the wgmma prefill kernel needs an sm_90 GPU and head_dim = block_size = 128")
+        rows = 64 * WGMMA_WARPGROUPS
+        attn = _kernel("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
+                       (tname, tname, head_dim, group, block_size, WGMMA_WARPGROUPS, WGMMA_STAGES), arch_specific=True)
+        tile_tokens, threads = rows // group, 128 * WGMMA_WARPGROUPS
+        smem = (2 * block_size + WGMMA_STAGES * rows) * head_dim * 2 + WGMMA_STAGES * tile_tokens * 4 + 1024
     else:
         attn = _kernel("sparse_prefill.cu", "sparse_prefill_kernel",
                        (tname, tname, head_dim, group, block_size, warps, prefill_stages, prefill_mt))
+        smem = _smem_bytes(head_dim, block_size, warps, group, False, prefill_stages, prefill_mt)
     combine = _kernel("combine.cu", "sparse_combine_kernel", (tname, tname, head_dim, group, COMBINE_WARPS))
-    smem = _smem_bytes(head_dim, block_size, warps, group, decode, prefill_stages, prefill_mt)
     scale_log2 = np.float32(scale * LOG2E)
 
     per_token = n_heads_q * top_k * head_dim * q.dtype.itemsize
@@ -232,7 +251,7 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
                  (q, k, v, bi, cu_q, cu_k, n_seq, np.int32(q_begin), np.int32(n_heads_q), np.int32(n_heads_kv),
                   np.int32(top_k), part_o, part_lse, np.int32(bool(causal)), scale_log2), shared_mem=smem)
         else:
-            attn((n_items,), (32 * warps,),
+            attn((n_items,), (threads,),
                  (q, k, v, items, list_q, cu_q, cu_k, block_off, n_seq, part_o, part_lse,
                   np.int32(n_blocks_total), np.int32(n_heads_q), np.int32(n_heads_kv), np.int32(bool(causal)),
                   scale_log2), shared_mem=smem)

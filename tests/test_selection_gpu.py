@@ -17,7 +17,7 @@ try:
 except ImportError:  # pragma: no cover
     pytest.skip("hypothesis is needed for these tests", allow_module_level=True)
 
-from msa_cupy import reference
+from msa_cupy import _jit, reference
 from msa_cupy._interop import BFLOAT16
 from msa_cupy._layout import query_positions, varlen_layout
 
@@ -323,7 +323,7 @@ def test_select_wgmma_kernel(case, splits, scores):
 
     from msa_cupy import selection
 
-    if not selection._has_wgmma():
+    if not _jit.has_wgmma():
         pytest.skip("the wgmma kernel runs on sm_90 only")
     if not scores:
         _check_fused(case, splits=splits, warps=selection.WGMMA)

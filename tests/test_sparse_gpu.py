@@ -115,6 +115,24 @@ def _cases(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=_cases())
 def test_sparse_attention_matches_reference(case):
+    _check_case(case)
+
+
+@pytest.mark.gpu
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=_cases(), kernel=st.sampled_from(["wgmma", "mma"]))
+def test_prefill_kernels_at_d128_bk128(case, kernel):
+    """Both prefill kernels (sm_90 wgmma, mma.sync) at the shape where sm_90 defaults to wgmma."""
+    from msa_cupy import _jit
+
+    if kernel == "wgmma" and not _jit.has_wgmma():
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    group, hkv, _, _, dtype_name, causal, lengths, top_k, mode, _, seed = case
+    _check_case((group, hkv, 128, 128, dtype_name, causal, lengths, top_k, mode, "prefill", seed),
+                prefill_kernel=kernel)
+
+
+def _check_case(case, **tuning):
     group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, path, seed = case
     rng = np.random.default_rng(seed)
     if mode == "all":
@@ -122,9 +140,9 @@ def test_sparse_attention_matches_reference(case):
     (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _varlen_case(
         rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode,
         scale=float(rng.uniform(0.5, 1.5)) / np.sqrt(head_dim))
-    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=path)
+    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=path, **tuning)
     _check(out, lse, ref_out, ref_lse, dtype_name)
-    out2, lse2 = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=path)
+    out2, lse2 = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=path, **tuning)
     assert np.array_equal(out.get().view(np.uint16), out2.get().view(np.uint16)), "repeat not bitwise identical"
     assert np.array_equal(lse.get().view(np.uint32), lse2.get().view(np.uint32)), "repeat lse not bitwise identical"
 
@@ -156,7 +174,7 @@ def test_prefill_tile_variants(rng, warps, stages, mt, group, head_dim):
     (q, k, v, bi, cu_q, cu_k, _), (ref_out, ref_lse) = _varlen_case(
         rng, lengths, group, hkv, head_dim, "float16", top_k, block_size, True, "local")
     out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim), force_path="prefill",
-                    prefill_warps=warps, prefill_stages=stages, prefill_mt=mt)
+                    prefill_warps=warps, prefill_stages=stages, prefill_mt=mt, prefill_kernel="mma")
     _check(out, lse, ref_out, ref_lse, "float16")
 
 
