@@ -162,25 +162,11 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                 }
             }
         }
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-                for (int lb = 0; lb < BPW; ++lb) {
-                    float v = mx[mt][h][lb];
-                    v = fmaxf(v, __shfl_xor_sync(MSA_FULL_MASK, v, 1));
-                    v = fmaxf(v, __shfl_xor_sync(MSA_FULL_MASK, v, 2));
-                    mx[mt][h][lb] = v;
-                }
+        quad_max(mx);
         if constexpr (WN == 1) {
             if (owner) {
 #pragma unroll
-                for (int lb = 0; lb < BPW; ++lb) {  // BPW == TB here
-                    const float m = quad == 0 ? mx[0][0][lb] : quad == 1 ? mx[0][1][lb]
-                                  : quad == 2 ? mx[1][0][lb] : mx[1][1][lb];
-                    consume(key0 / BS + lb, m);
-                }
+                for (int lb = 0; lb < BPW; ++lb) consume(key0 / BS + lb, owned_max(mx, lb, quad));  // BPW == TB here
             }
         } else {
             if (quad == 0) {

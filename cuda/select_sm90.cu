@@ -137,24 +137,11 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
             if (need_mask) fold(acc[mt], mt, true);
             else fold(acc[mt], mt, false);
         }
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-                for (int lb = 0; lb < TB; ++lb) {
-                    float v = mx[mt][h][lb];
-                    v = fmaxf(v, __shfl_xor_sync(MSA_FULL_MASK, v, 1));
-                    v = fmaxf(v, __shfl_xor_sync(MSA_FULL_MASK, v, 2));
-                    mx[mt][h][lb] = v;
-                }
+        quad_max(mx);
         if (row_owner.owner) {
 #pragma unroll
-            for (int lb = 0; lb < TB; ++lb) {
-                const float m = quad == 0 ? mx[0][0][lb] : quad == 1 ? mx[0][1][lb]
-                              : quad == 2 ? mx[1][0][lb] : mx[1][1][lb];
-                row_owner.consume(key0 / BS + lb, m, scores_out, width, local_blocks, sink_blocks);
-            }
+            for (int lb = 0; lb < TB; ++lb)
+                row_owner.consume(key0 / BS + lb, owned_max(mx, lb, quad), scores_out, width, local_blocks, sink_blocks);
         }
     }
     row_owner.template finish<BM, THREADS>(rows, scores_out, ids_out, partial_out, width, top_k, n_splits);

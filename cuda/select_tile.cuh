@@ -86,6 +86,28 @@ struct SelectRows {
     }
 };
 
+// Block maxima mx[mt][h][b] of accumulator rows (m-tile mt, half h) are partial over the 4
+// lanes of a quad (each holds 2 of every 8 columns): reduce them across the quad.
+template <int NB>
+__device__ __forceinline__ void quad_max(float (&mx)[2][2][NB]) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                float v = mx[mt][h][b];
+                v = fmaxf(v, __shfl_xor_sync(MSA_FULL_MASK, v, 1));
+                v = fmaxf(v, __shfl_xor_sync(MSA_FULL_MASK, v, 2));
+                mx[mt][h][b] = v;
+            }
+}
+// After quad_max: lane `quad` of the quad owns row (mt, h) = (quad / 2, quad % 2); its value.
+template <int NB>
+__device__ __forceinline__ float owned_max(const float (&mx)[2][2][NB], int b, int quad) {
+    return quad == 0 ? mx[0][0][b] : quad == 1 ? mx[0][1][b] : quad == 2 ? mx[1][0][b] : mx[1][1][b];
+}
+
 // The epilogue of one row, run by the thread that owns it: every block score of the row
 // passes through consume(); finish() writes the ids (or the split's partial list).
 template <int BS, int EPI>
