@@ -241,6 +241,19 @@ def device_capability(device_id=None) -> tuple[int, int]:
 
 
 _WGMMA: dict = {}
+_LAUNCH: dict = {}  # (device, source, name, template) -> Kernel: the launch path's lookup
+
+
+def kernel(source: str, name: str, template=None, *, arch_specific=False) -> "Kernel":
+    """get_kernel memoized by its arguments on the current device: one dict lookup per launch
+    (decode calls count host microseconds; get_kernel formats names and takes a lock)."""
+    import cupy
+
+    key = (cupy.cuda.runtime.getDevice(), source, name, template)
+    hit = _LAUNCH.get(key)
+    if hit is None:
+        hit = _LAUNCH[key] = get_kernel(source, name, template=template, arch_specific=arch_specific)
+    return hit
 
 
 def has_wgmma(device_id=None) -> bool:

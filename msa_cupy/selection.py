@@ -91,20 +91,6 @@ def _i32(x):
     return np.int32(x)
 
 
-_KERNELS: dict = {}
-
-
-def _kernel(source, name, template, arch_specific=False):
-    """_jit.get_kernel, memoized per device here (the host cost matters for decode)."""
-    import cupy
-
-    key = (cupy.cuda.runtime.getDevice(), source, name, template)
-    hit = _KERNELS.get(key)
-    if hit is None:
-        hit = _KERNELS[key] = _jit.get_kernel(source, name, template=template, arch_specific=arch_specific)
-    return hit
-
-
 def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, epilogue,
                    top_k=1, local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, splits=None,
                    warps=None):
@@ -142,12 +128,12 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
         limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN)
         stages = next((st for st in WGMMA_STAGES if _smem_bytes(di, block_size, warps, top_k, epilogue, st) <= limit),
                       WGMMA_STAGES[-1])
-        kernel = _kernel("select_sm90.cu", "select_sm90_kernel", (di, block_size, stages, epilogue, dt),
-                         arch_specific=True)
+        kernel = _jit.kernel("select_sm90.cu", "select_sm90_kernel", (di, block_size, stages, epilogue, dt),
+                             arch_specific=True)
         threads = 256
         smem = _smem_bytes(di, block_size, warps, top_k, epilogue, stages)
     else:
-        kernel = _kernel("select.cu", "select_kernel", (di, block_size, *warps, epilogue, dt))
+        kernel = _jit.kernel("select.cu", "select_kernel", (di, block_size, *warps, epilogue, dt))
         threads = 32 * warps[0] * warps[1]
         smem = _smem_bytes(di, block_size, warps, top_k, epilogue)
 
@@ -172,7 +158,7 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
         _i32(n_heads), _i32(k_heads), _i32(width), _i32(q_tiles), _i32(top_k), _i32(local_blocks),
         _i32(sink_blocks), _i32(1 if causal else 0), _i32(splits)), shared_mem=smem)
     if partial is not None:
-        merge = _kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+        merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
         rows = total_q * n_heads
         merge((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,),
               (partial, out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
@@ -201,7 +187,7 @@ def topk_blocks(scores, layout: Layout, cu_q, cu_k, *, top_k, block_size, local_
     if rows == 0:
         return out
     vec = 4 if width % 4 == 0 else 1
-    kernel = _kernel("topk.cu", "topk_kernel", (vec, TOPK_WARPS))
+    kernel = _jit.kernel("topk.cu", "topk_kernel", (vec, TOPK_WARPS))
     kernel((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,), (
         scores, cu_q, cu_k, out, np.int64(rows), _i32(layout.n_seq), _i32(n_heads), _i32(width),
         _i32(top_k), _i32(block_size), _i32(local_blocks), _i32(sink_blocks), _i32(1 if causal else 0)))

@@ -89,6 +89,19 @@ def _empty(shape, dtype):
     return a
 
 
+def _wgmma_prefill_fits(head_dim, block_size) -> bool:
+    """sparse_prefill_sm90.cu covers D = BK = 128 on sm_90."""
+    return head_dim == 128 and block_size == 128 and _jit.has_wgmma()
+
+
+def _wgmma_smem_bytes(head_dim, block_size, group_size) -> int:
+    """K and V blocks + WGMMA_STAGES query tiles + their per-token key limits + 1 KB to align
+    the swizzle atoms."""
+    rows = 64 * WGMMA_WARPGROUPS
+    return ((2 * block_size + WGMMA_STAGES * rows) * head_dim * 2 + WGMMA_STAGES * (rows // group_size) * 4
+            + 1024)
+
+
 def _smem_bytes(head_dim, block_size, warps, group_size, decode, stages=2, mt=1):
     if decode:  # per warp: its K and V slice + a 16-row copy of the query; then the fp32 merge
         loads = warps * (2 * (block_size // warps) * head_dim + 16 * head_dim) * 2
@@ -100,20 +113,6 @@ def _smem_bytes(head_dim, block_size, warps, group_size, decode, stages=2, mt=1)
 def _n_blocks_total(layout, block_size) -> int:
     """Key blocks of all sequences together (host, from the layout: no device read)."""
     return int((-(-np.diff(layout.cu_k) // block_size)).sum())
-
-
-_kernels: dict = {}
-
-
-def _kernel(source, name, template, arch_specific=False):
-    """get_kernel, memoized per call signature (the launch path stays cheap for decode)."""
-    import cupy
-
-    key = (cupy.cuda.Device().id, source, name, template)
-    kern = _kernels.get(key)
-    if kern is None:
-        kern = _kernels[key] = _jit.get_kernel(source, name, template=template, arch_specific=arch_specific)
-    return kern
 
 
 class _Stats:
@@ -181,23 +180,22 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     tile_tokens = 16 * (1 if decode else prefill_mt) * warps // group
     threads = 32 * warps
     if prefill_kernel is None:
-        prefill_kernel = "wgmma" if head_dim == 128 and block_size == 128 and _jit.has_wgmma() else "mma"
+        prefill_kernel = "wgmma" if _wgmma_prefill_fits(head_dim, block_size) else "mma"
     if decode:
-        attn = _kernel("decode.cu", "sparse_decode_kernel", (tname, tname, head_dim, group, block_size, warps))
+        attn = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, tname, head_dim, group, block_size, warps))
         smem = _smem_bytes(head_dim, block_size, warps, group, True)
     elif prefill_kernel == "wgmma":
-        if not (head_dim == 128 and block_size == 128 and _jit.has_wgmma()):
+        if not _wgmma_prefill_fits(head_dim, block_size):
             raise ValueError("the wgmma prefill kernel needs an sm_90 GPU and head_dim = block_size = 128")
-        rows = 64 * WGMMA_WARPGROUPS
-        attn = _kernel("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
-                       (tname, tname, head_dim, group, block_size, WGMMA_WARPGROUPS, WGMMA_STAGES), arch_specific=True)
-        tile_tokens, threads = rows // group, 128 * WGMMA_WARPGROUPS
-        smem = (2 * block_size + WGMMA_STAGES * rows) * head_dim * 2 + WGMMA_STAGES * tile_tokens * 4 + 1024
+        attn = _jit.kernel("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
+                           (tname, tname, head_dim, group, block_size, WGMMA_WARPGROUPS, WGMMA_STAGES), arch_specific=True)
+        tile_tokens, threads = 64 * WGMMA_WARPGROUPS // group, 128 * WGMMA_WARPGROUPS
+        smem = _wgmma_smem_bytes(head_dim, block_size, group)
     else:
-        attn = _kernel("sparse_prefill.cu", "sparse_prefill_kernel",
-                       (tname, tname, head_dim, group, block_size, warps, prefill_stages, prefill_mt))
+        attn = _jit.kernel("sparse_prefill.cu", "sparse_prefill_kernel",
+                           (tname, tname, head_dim, group, block_size, warps, prefill_stages, prefill_mt))
         smem = _smem_bytes(head_dim, block_size, warps, group, False, prefill_stages, prefill_mt)
-    combine = _kernel("combine.cu", "sparse_combine_kernel", (tname, tname, head_dim, group, COMBINE_WARPS))
+    combine = _jit.kernel("combine.cu", "sparse_combine_kernel", (tname, tname, head_dim, group, COMBINE_WARPS))
     scale_log2 = np.float32(scale * LOG2E)
 
     per_token = n_heads_q * top_k * head_dim * q.dtype.itemsize
@@ -211,10 +209,10 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
         list_q = cupy.empty(max_entries, cupy.int32)
         slot_pos = cupy.empty(max_entries, cupy.int32)
         block_off = cupy.empty(layout.n_seq + 1, cupy.int32)
-        _kernel("reverse_index.cu", "block_offsets", (block_size,))((1,), (1,), (cu_k, n_seq, block_off))
-        keys_k = _kernel("reverse_index.cu", "reverse_index_keys", (SCHEDULE_THREADS,))
-        fill_k = _kernel("reverse_index.cu", "reverse_index_fill", (SCHEDULE_THREADS,))
-        items_k = _kernel("reverse_index.cu", "build_work_items", (SCHEDULE_THREADS,))
+        _jit.kernel("reverse_index.cu", "block_offsets", (block_size,))((1,), (1,), (cu_k, n_seq, block_off))
+        keys_k = _jit.kernel("reverse_index.cu", "reverse_index_keys", (SCHEDULE_THREADS,))
+        fill_k = _jit.kernel("reverse_index.cu", "reverse_index_fill", (SCHEDULE_THREADS,))
+        items_k = _jit.kernel("reverse_index.cu", "build_work_items", (SCHEDULE_THREADS,))
         max_queries = tile_tokens * TILES_PER_ITEM
 
     for q_begin in range(0, total_q, chunk):

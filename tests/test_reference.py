@@ -225,6 +225,12 @@ class Case:
         arr = self.join(parts)
         return arr, [p.astype(np.float64) for p in self.split(arr, side)]
 
+    def make_qkv(self, rng, hkv, g, dim, dtype, integer_qk=False):
+        """q (Hq = hkv * g heads), k and v, each as (caller array, float64 parts)."""
+        return (self.make(rng, 0, hkv * g, dim, dtype, integer=integer_qk),
+                self.make(rng, 1, hkv, dim, dtype, integer=integer_qk),
+                self.make(rng, 1, hkv, dim, dtype, integer=False))
+
 
 @st.composite
 def cases(draw, kinds=("batched", "single", "varlen"), max_q=7, min_seqs=1):
@@ -327,9 +333,7 @@ def test_sparse_attention_matches_brute_force(case_bs, heads, d, dtype, causal, 
     case, bs = case_bs
     hkv, g = heads
     rng = np.random.default_rng(seed)
-    q, q_p = case.make(rng, 0, hkv * g, d, dtype, integer=False)
-    k, k_p = case.make(rng, 1, hkv, d, dtype, integer=False)
-    v, v_p = case.make(rng, 1, hkv, d, dtype, integer=False)
+    (q, q_p), (k, k_p), (v, v_p) = case.make_qkv(rng, hkv, g, d, dtype)
     parts = []
     for nq, nk in case.seqs:  # random ids of the sequence's own blocks, -1s, duplicates, any order
         nb_s = bf_n_blocks(nk, bs)
@@ -357,9 +361,7 @@ def test_attention_matches_brute_force(case_bs, heads, d, dtype, causal, given_i
     hkv, g = heads
     top_k, local, sink = opts
     rng = np.random.default_rng(seed)
-    q, q_p = case.make(rng, 0, hkv * g, d, dtype, integer=True)
-    k, k_p = case.make(rng, 1, hkv, d, dtype, integer=True)
-    v, v_p = case.make(rng, 1, hkv, d, dtype, integer=False)
+    (q, q_p), (k, k_p), (v, v_p) = case.make_qkv(rng, hkv, g, d, dtype, integer_qk=True)
     if given_index:
         iq, iq_p = case.make(rng, 0, hkv, d, dtype, integer=True)
         ik, ik_p = case.make(rng, 1, 1 if shared else hkv, d, dtype, integer=True)
@@ -418,9 +420,7 @@ def test_top_k_at_least_n_blocks_is_dense(case_bs, heads, d, dtype, causal, shar
     case, bs = case_bs
     hkv, g = heads
     rng = np.random.default_rng(seed)
-    q, q_p = case.make(rng, 0, hkv * g, d, dtype, integer=False)
-    k, k_p = case.make(rng, 1, hkv, d, dtype, integer=False)
-    v, v_p = case.make(rng, 1, hkv, d, dtype, integer=False)
+    (q, q_p), (k, k_p), (v, v_p) = case.make_qkv(rng, hkv, g, d, dtype)
     iq, _ = case.make(rng, 0, hkv, d, dtype, integer=False)
     ik, _ = case.make(rng, 1, 1 if shared else hkv, d, dtype, integer=False)
     top_k = max(case.nb_max(bs), 1) + extra
