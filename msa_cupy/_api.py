@@ -3,28 +3,31 @@ kernels (the fast ones where they cover the shape, the plain CuPy path otherwise
 results back as the caller's array type."""
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
 
-from . import _interop, _plain, reference
+from . import _interop, _plain, reference, selection, sparse
 from ._interop import Call
 from ._layout import Layout
 
-
-def _fast(name: str):
-    """The fast-kernel module `name`, or None where it is not built or MSA_CUPY_PLAIN=1."""
-    if os.environ.get("MSA_CUPY_PLAIN") == "1":
-        return None
-    try:
-        return importlib.import_module(f"msa_cupy.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"msa_cupy.{name}":
-            return None
-        raise
+# op -> (module of its fast kernels, that module's answer to "do you cover this shape?")
+_FAST = {
+    "block_scores": (selection, selection.supports_block_scores),
+    "topk_blocks": (selection, selection.supports_topk),
+    "select_blocks": (selection, selection.supports),
+    "sparse_attention": (sparse, sparse.supports),
+}
 
 
+def _route(op: str, **shape):
+    """The module that runs ``op`` on this shape: its fast kernels where they cover it, else the
+    plain CuPy path (``_plain``, always under MSA_CUPY_PLAIN=1).  The two take the same
+    arguments, except that the kernels also take device cu_seqlens."""
+    kernels, supports = _FAST[op]
+    if os.environ.get("MSA_CUPY_PLAIN") == "1" or not supports(**shape):
+        return _plain
+    return kernels
 
 
 _UNIFORM_CU: dict = {}  # (device, n_seq, q_len, k_len) -> device (cu_q, cu_k), complete and read-only
@@ -81,21 +84,21 @@ def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=
     """Block scores: for each query, group and key block, the max over the block's visible keys
     of ``dot(index_q, index_k)``.  float32 ``(..., Nq, Hkv, ceil(Nk / block_size))``, -inf for
     blocks with no visible key.  Materializes the score map: for selection use select_blocks."""
+    options = _interop.scalar_options(block_size=block_size, causal=causal)
     call = Call(dict(index_q=index_q, index_k=index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
     if not call.on_gpu:
-        return reference.block_scores(index_q, index_k, block_size=block_size, causal=causal,
-                                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k).astype(np.float32)
+        return reference.block_scores(index_q, index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                      **options).astype(np.float32)
     a = call.arrays
     with call.stream():  # host reads of cu_seqlens ordered after the caller's work
-        _interop.check_block_size(block_size, gpu=True)
+        _interop.check_gpu_options(options)
         layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
         iq, ik = layout.flatten(a["index_q"]), layout.flatten(a["index_k"])
-        fast = _fast("selection")
-        if fast is not None and fast.supports(top_k=1, block_size=block_size, index_dim=di):
-            cu_q, cu_k = _device_cu(call, layout)
-            scores = fast.block_scores(iq, ik, layout, cu_q, cu_k, block_size=block_size, causal=causal)
+        kernels = _route("block_scores", block_size=options["block_size"], index_dim=di)
+        if kernels is _plain:
+            scores = _plain.block_scores(iq, ik, layout, **options)
         else:
-            scores = _plain.block_scores(iq, ik, layout, block_size=block_size, causal=causal)
+            scores = kernels.block_scores(iq, ik, layout, *_device_cu(call, layout), **options)
         return call.wrap(layout.unflatten(scores))
 
 
@@ -105,27 +108,27 @@ def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks
     local/sink blocks plus the best other visible blocks, ascending, -1 padded.  Batched scores
     ``(B, Nq, Hkv, n_blocks)`` need ``num_keys`` (it sets each query's position); varlen scores
     ``(total_q, Hkv, n_blocks)`` take ``cu_seqlens_q``/``cu_seqlens_k`` instead."""
+    options = _interop.scalar_options(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
+                                      sink_blocks=sink_blocks, causal=causal, num_keys=num_keys)
+    num_keys = options.pop("num_keys")
     call = Call(dict(scores=scores, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
-    options = dict(top_k=top_k, block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks,
-                   causal=causal)
     if not call.on_gpu:
         return reference.topk_blocks(scores, num_keys=num_keys, cu_seqlens_q=cu_seqlens_q,
                                      cu_seqlens_k=cu_seqlens_k, **options)
     a = call.arrays
     with call.stream():  # host reads of cu_seqlens ordered after the caller's work
-        _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
-        layout = reference.topk_layout(a["scores"], num_keys, a["cu_seqlens_q"], a["cu_seqlens_k"])
-        _interop.check_scores(a["scores"], layout, block_size)
+        _interop.check_gpu_options(options)
+        layout = _interop.topk_layout(a["scores"], num_keys, a["cu_seqlens_q"], a["cu_seqlens_k"])
+        _interop.check_scores(a["scores"], layout, options["block_size"])
         if np.dtype(a["scores"].dtype) != np.float32:
             raise TypeError("scores must have dtype float32 on the GPU")
         _interop.check_contiguous("scores", a["scores"])
         flat = layout.flatten(a["scores"])
-        fast = _fast("selection")
-        if fast is not None and fast.supports(top_k=top_k, block_size=block_size, index_dim=128):
-            cu_q, cu_k = _device_cu(call, layout)
-            ids = fast.topk_blocks(flat, layout, cu_q, cu_k, **options)
-        else:
+        kernels = _route("topk_blocks", top_k=options["top_k"])
+        if kernels is _plain:
             ids = _plain.topk_blocks(flat, layout, **options)
+        else:
+            ids = kernels.topk_blocks(flat, layout, *_device_cu(call, layout), **options)
         return call.wrap(layout.unflatten(ids))
 
 
@@ -133,54 +136,38 @@ def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1,
                   cu_seqlens_q=None, cu_seqlens_k=None):
     """Fused selection: block scores feeding a running Top-k, so that only int32
     ``(..., Nq, Hkv, top_k)`` block ids leave the GPU (the score map is never materialized)."""
+    options = _interop.scalar_options(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
+                                      sink_blocks=sink_blocks, causal=causal)
     call = Call(dict(index_q=index_q, index_k=index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k))
-    options = dict(top_k=top_k, block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks,
-                   causal=causal)
     if not call.on_gpu:
         return reference.select_blocks(index_q, index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                        **options)
     a = call.arrays
     with call.stream():  # host reads of cu_seqlens ordered after the caller's work
-        _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
+        _interop.check_gpu_options(options)
         layout, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
         ids = _select(call, layout.flatten(a["index_q"]), layout.flatten(a["index_k"]), layout, di, options)
         return call.wrap(layout.unflatten(ids))
 
 
 def _select(call, iq, ik, layout, di, options):
-    fast = _fast("selection")
-    if fast is not None and fast.supports(top_k=options["top_k"], block_size=options["block_size"], index_dim=di):
-        cu_q, cu_k = _device_cu(call, layout)
-        return fast.select_blocks(iq, ik, layout, cu_q, cu_k, **options)
-    return _plain.select_blocks(iq, ik, layout, **options)
+    kernels = _route("select_blocks", top_k=options["top_k"], block_size=options["block_size"], index_dim=di)
+    if kernels is _plain:
+        return _plain.select_blocks(iq, ik, layout, **options)
+    return kernels.select_blocks(iq, ik, layout, *_device_cu(call, layout), **options)
 
 
 # --------------------------------------------------------------------------- main branch
 
 
-def _check_block_index_values(block_indices, layout: Layout, block_size: int):
-    """Every entry is -1 or a block id of its own sequence (one device reduction, one sync)."""
-    cp = _interop.require_cupy()
-    nq = np.diff(layout.cu_q)
-    nb = -(-np.diff(layout.cu_k) // block_size)
-    row_nb = cp.asarray(np.repeat(nb, nq).astype(np.int32))[:, None, None]
-    bad = int(cp.count_nonzero((block_indices < -1) | (block_indices >= row_nb)))
-    if bad:
-        lo, hi = int(block_indices.min()), int(block_indices.max())
-        raise ValueError(
-            f"block_indices hold {bad} entries that are neither -1 nor a key block id of their sequence "
-            f"(values in [{lo}, {hi}], blocks per sequence up to {layout.n_blocks(block_size)})"
-        )
-
-
 def _sparse(call, q, k, v, block_indices, layout, hq, hkv, d, block_size, causal, scale):
-    fast = _fast("sparse")
-    top_k = block_indices.shape[-1]
-    if fast is not None and fast.supports(head_dim=d, block_size=block_size, group_size=hq // hkv, top_k=top_k):
-        cu_q, cu_k = _device_cu(call, layout)
-        return fast.sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, block_size=block_size,
-                                     causal=causal, scale=scale, return_lse=True)
-    return _plain.sparse_attention(q, k, v, block_indices, layout, block_size=block_size, causal=causal, scale=scale)
+    kernels = _route("sparse_attention", head_dim=d, block_size=block_size, group_size=hq // hkv,
+                     top_k=block_indices.shape[-1])
+    if kernels is _plain:
+        return _plain.sparse_attention(q, k, v, block_indices, layout, block_size=block_size, causal=causal,
+                                       scale=scale)
+    return kernels.sparse_attention(q, k, v, block_indices, layout, *_device_cu(call, layout), block_size=block_size,
+                                    causal=causal, scale=scale, return_lse=True)
 
 
 def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, scale=None, cu_seqlens_q=None,
@@ -191,24 +178,24 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, sca
     not matter, duplicates count once, -1 marks an unused slot.  Returns ``out`` (q's dtype) and,
     with ``return_lse``, ``lse`` float32 ``(..., Nq, Hq)`` (natural log; -inf where no key is seen).
     """
+    options = _interop.scalar_options(block_size=block_size, causal=causal, scale=scale, return_lse=return_lse)
     call = Call(dict(q=q, k=k, v=v, block_indices=block_indices, cu_seqlens_q=cu_seqlens_q,
                      cu_seqlens_k=cu_seqlens_k))
     if not call.on_gpu:
-        result = reference.sparse_attention(q, k, v, block_indices, block_size=block_size, causal=causal,
-                                            scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                                            return_lse=return_lse)
-        return _numpy_result(result, np.asarray(q).dtype)
+        result = reference.sparse_attention(q, k, v, block_indices, cu_seqlens_q=cu_seqlens_q,
+                                            cu_seqlens_k=cu_seqlens_k, **options)
+        return _numpy_result(result, q.dtype)
     a = call.arrays
     with call.stream():  # host reads of cu_seqlens ordered after the caller's work
-        _interop.check_block_size(block_size, gpu=True)
+        _interop.check_gpu_options(options)
         layout, hq, hkv, d = _interop.check_qkv(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
-        scale = _interop.check_scale(scale, d)
+        scale = _interop.check_scale(options["scale"], d)
         _interop.check_block_indices(a["block_indices"], layout, hkv, gpu=True)
         bi = layout.flatten(a["block_indices"])
-        _check_block_index_values(bi, layout, block_size)
+        _interop.check_block_ids(bi, layout, options["block_size"])
         out, lse = _sparse(call, layout.flatten(a["q"]), layout.flatten(a["k"]), layout.flatten(a["v"]), bi,
-                           layout, hq, hkv, d, block_size, causal, scale)
-        result = (layout.unflatten(out), layout.unflatten(lse)) if return_lse else layout.unflatten(out)
+                           layout, hq, hkv, d, options["block_size"], options["causal"], scale)
+        result = (layout.unflatten(out), layout.unflatten(lse)) if options["return_lse"] else layout.unflatten(out)
         return call.wrap(result)
 
 
@@ -222,20 +209,21 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
     group's query heads, index_k = the group's key head): an approximation, not trained MSA.
     Returns ``out``, then ``lse`` if ``return_lse``, then ``block_indices`` if ``return_indices``.
     """
+    options = _interop.scalar_options(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
+                                      sink_blocks=sink_blocks, causal=causal, scale=scale, return_lse=return_lse,
+                                      return_indices=return_indices)
     call = Call(dict(q=q, k=k, v=v, index_q=index_q, index_k=index_k, cu_seqlens_q=cu_seqlens_q,
                      cu_seqlens_k=cu_seqlens_k))
-    options = dict(top_k=top_k, block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks,
-                   causal=causal)
     if not call.on_gpu:
-        result = reference.attention(q, k, v, index_q=index_q, index_k=index_k, scale=scale,
-                                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse,
-                                     return_indices=return_indices, **options)
-        return _numpy_result(result, np.asarray(q).dtype)
+        result = reference.attention(q, k, v, index_q=index_q, index_k=index_k, cu_seqlens_q=cu_seqlens_q,
+                                     cu_seqlens_k=cu_seqlens_k, **options)
+        return _numpy_result(result, q.dtype)
+    flags = {name: options.pop(name) for name in ("scale", "return_lse", "return_indices")}
     a = call.arrays
     with call.stream():  # host reads of cu_seqlens ordered after the caller's work
-        _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=True)
+        _interop.check_gpu_options(options)
         layout, hq, hkv, d = _interop.check_qkv(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], gpu=True)
-        scale = _interop.check_scale(scale, d)
+        scale = _interop.check_scale(flags["scale"], d)
         if (index_q is None) != (index_k is None):
             raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
         qf, kf, vf = layout.flatten(a["q"]), layout.flatten(a["k"]), layout.flatten(a["v"])
@@ -247,8 +235,8 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
                                                gpu=True, n_kv_heads=hkv, layout=layout)
             iq, ik = layout.flatten(a["index_q"]), layout.flatten(a["index_k"])
         ids = _select(call, iq, ik, layout, di, options)
-        out, lse = _sparse(call, qf, kf, vf, ids, layout, hq, hkv, d, block_size, causal, scale)
+        out, lse = _sparse(call, qf, kf, vf, ids, layout, hq, hkv, d, options["block_size"], options["causal"], scale)
         result = (layout.unflatten(out),)
-        result += (layout.unflatten(lse),) if return_lse else ()
-        result += (layout.unflatten(ids),) if return_indices else ()
+        result += (layout.unflatten(lse),) if flags["return_lse"] else ()
+        result += (layout.unflatten(ids),) if flags["return_indices"] else ()
         return call.wrap(result if len(result) > 1 else result[0])

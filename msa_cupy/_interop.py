@@ -1,6 +1,7 @@
 """Argument checks and DLPack interop.
 
-Every public function validates its arguments here, on shapes, dtypes and host copies of
+Every public function first turns its scalar options into plain Python values
+(:func:`scalar_options`), then validates its arrays here, on shapes, dtypes and host copies of
 ``cu_seqlens``, before any kernel runs, so that nothing is written on error.  Arrays come
 in as NumPy (routed to the reference), CuPy, PyTorch, JAX or any ``__dlpack__`` producer,
 and results go back as the caller's own type, on the caller's stream.
@@ -26,7 +27,11 @@ GPU_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16) if d is not None)
 REFERENCE_DTYPES = GPU_DTYPES + (np.dtype(np.float32), np.dtype(np.float64))
 GPU_HEAD_DIMS = (64, 128)
 GPU_BLOCK_SIZES = (64, 128)
-MAX_TOP_K = 64
+# Limits on top_k, one home each.  The public GPU functions take top_k <= GPU_MAX_TOP_K; the
+# kernels cover part of that and the plain CuPy path the rest (see _api._route).
+GPU_MAX_TOP_K = 64
+SELECT_KERNEL_MAX_TOP_K = 32     # select.cu / topk.cu keep the top-k list one entry per warp lane
+SPARSE_KERNEL_MAX_SLOTS = 256    # block_indices slots per (query, group) the attention kernels take
 
 
 def _dtype_name(dt) -> str:
@@ -49,50 +54,122 @@ def check_int(name: str, value, *, minimum: int | None = None) -> int:
     return value
 
 
-def check_selection_options(top_k, block_size, local_blocks, sink_blocks, *, gpu: bool):
-    top_k = check_int("top_k", top_k, minimum=1)
-    block_size = check_int("block_size", block_size, minimum=1)
-    local_blocks = check_int("local_blocks", local_blocks, minimum=0)
-    sink_blocks = check_int("sink_blocks", sink_blocks, minimum=0)
-    if gpu and top_k > MAX_TOP_K:
-        raise ValueError(f"top_k must be <= {MAX_TOP_K} on the GPU, got {top_k}")
-    if local_blocks + sink_blocks > top_k:
-        raise ValueError(
-            f"local_blocks + sink_blocks ({local_blocks} + {sink_blocks}) must not exceed "
-            f"top_k ({top_k}): forced blocks use up slots of the top_k"
-        )
-    check_block_size(block_size, gpu=gpu)
-    return top_k, block_size, local_blocks, sink_blocks
+def check_bool(name: str, value) -> bool:
+    """True/False (NumPy's bool_ too); None, ints and strings are refused rather than read as truth values."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
-def check_block_size(block_size, *, gpu: bool) -> int:
-    block_size = check_int("block_size", block_size, minimum=1)
-    if gpu and block_size not in GPU_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {GPU_BLOCK_SIZES} on the GPU, got {block_size}")
-    return block_size
-
-
-def check_scale(scale, head_dim: int) -> float:
+def _check_scale_value(scale) -> float | None:
     if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        return None
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
 
 
+_COUNT_MINIMUM = {"top_k": 1, "block_size": 1, "local_blocks": 0, "sink_blocks": 0, "num_keys": 0}
+_FLAGS = ("causal", "return_lse", "return_indices")
+
+
+def scalar_options(**options) -> dict:
+    """The scalar options of a public call as plain Python int, bool and float (``num_keys`` and
+    ``scale`` may stay None), checked for type and sign.
+
+    Every public function calls this once, before anything else, and uses only what it returns:
+    a NumPy scalar (``np.int16(128)``, ``np.uint8(64)``, ``np.bool_``) that reached the launch
+    code would size shared memory and launch arguments in its own narrow type."""
+    out = {}
+    for name, value in options.items():
+        if name in _COUNT_MINIMUM:
+            none_ok = name == "num_keys"
+            out[name] = None if none_ok and value is None else check_int(name, value, minimum=_COUNT_MINIMUM[name])
+        elif name in _FLAGS:
+            out[name] = check_bool(name, value)
+        elif name == "scale":
+            out[name] = _check_scale_value(value)
+        else:
+            raise TypeError(f"unexpected option {name!r}")
+    if {"top_k", "local_blocks", "sink_blocks"} <= out.keys():
+        if out["local_blocks"] + out["sink_blocks"] > out["top_k"]:
+            raise ValueError(
+                f"local_blocks + sink_blocks ({out['local_blocks']} + {out['sink_blocks']}) must not exceed "
+                f"top_k ({out['top_k']}): forced blocks use up slots of the top_k"
+            )
+    return out
+
+
+def check_gpu_options(options: dict) -> None:
+    """The GPU's limits on normalized options (block_size, top_k where present)."""
+    block_size, top_k = options.get("block_size"), options.get("top_k")
+    if block_size is not None and block_size not in GPU_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {GPU_BLOCK_SIZES} on the GPU, got {block_size}")
+    if top_k is not None and top_k > GPU_MAX_TOP_K:
+        raise ValueError(f"top_k must be <= {GPU_MAX_TOP_K} on the GPU, got {top_k}")
+
+
+def check_reference_top_k(top_k: int, n_blocks: int) -> None:
+    """The reference takes every top_k the GPU takes, and beyond that up to the key blocks of
+    the longest sequence (that top_k already selects every visible block): a selection is
+    (..., top_k) wide, so a larger top_k would only allocate -1 slots."""
+    if top_k > max(GPU_MAX_TOP_K, n_blocks):
+        raise ValueError(
+            f"top_k must be <= max({GPU_MAX_TOP_K}, key blocks of the longest sequence = {n_blocks}), got "
+            f"{top_k}: top_k = {max(n_blocks, 1)} already selects every block"
+        )
+
+
+def check_selection_options(top_k, block_size, local_blocks, sink_blocks, *, gpu: bool):
+    """(top_k, block_size, local_blocks, sink_blocks) normalized and checked (diagnostics' form)."""
+    options = scalar_options(top_k=top_k, block_size=block_size, local_blocks=local_blocks, sink_blocks=sink_blocks)
+    if gpu:
+        check_gpu_options(options)
+    return options["top_k"], options["block_size"], options["local_blocks"], options["sink_blocks"]
+
+
+def check_block_size(block_size, *, gpu: bool) -> int:
+    """block_size normalized and checked (diagnostics' form)."""
+    block_size = scalar_options(block_size=block_size)["block_size"]
+    if gpu:
+        check_gpu_options({"block_size": block_size})
+    return block_size
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """scale as a float; None is the default 1 / sqrt(head_dim)."""
+    scale = _check_scale_value(scale)
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
 # --------------------------------------------------------------------------- arrays
+
+
+def check_array(name, arr):
+    """An array-like with shape, ndim and dtype: None, lists and scalars are named, not met
+    later as an AttributeError."""
+    if not all(hasattr(arr, attr) for attr in ("shape", "ndim", "dtype")):
+        raise TypeError(f"{name} must be an array, got {type(arr).__name__}")
+
+
+def _numpy_dtype(name, arr):
+    try:
+        return np.dtype(arr.dtype)
+    except TypeError as exc:
+        raise TypeError(f"{name} has dtype {arr.dtype!r}, which is not a NumPy dtype") from exc
 
 
 def _check_dtype(name, arr, *, gpu: bool):
     allowed = GPU_DTYPES if gpu else REFERENCE_DTYPES
-    if np.dtype(arr.dtype) not in allowed:
+    if _numpy_dtype(name, arr) not in allowed:
         where = "on the GPU" if gpu else "in the reference"
         raise TypeError(f"{name} must have dtype {_allowed(allowed)} {where}, got {_dtype_name(arr.dtype)}")
 
 
 def _check_rank(name, arr, ranks):
+    check_array(name, arr)
     if arr.ndim not in ranks:
         want = " or ".join(str(r) for r in ranks)
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(arr.shape)}")
@@ -122,7 +199,7 @@ def check_contiguous(name, arr):
 def _host_cu_seqlens(name, cu):
     if not hasattr(cu, "dtype") or not hasattr(cu, "shape"):
         raise TypeError(f"{name} must be an int32 array, got {type(cu).__name__}")
-    if np.dtype(cu.dtype) != np.int32:
+    if _numpy_dtype(name, cu) != np.int32:
         raise TypeError(f"{name} must have dtype int32, got {_dtype_name(cu.dtype)}")
     if cu.ndim != 1 or cu.shape[0] < 2:
         raise ValueError(f"{name} must be 1-D with length batch + 1 >= 2, got shape {tuple(cu.shape)}")
@@ -135,6 +212,21 @@ def _host_cu_seqlens(name, cu):
     return host
 
 
+def _host_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k):
+    """Host int64 copies of a cu_seqlens pair (None, None when neither is given)."""
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+    if cu_seqlens_q is None:
+        return None, None
+    cu_q = _host_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
+    cu_k = _host_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
+    if len(cu_q) != len(cu_k):
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cu_q)} and {len(cu_k)}"
+        )
+    return cu_q, cu_k
+
+
 def check_layout(name_q, q_shape, name_k, k_shape, cu_seqlens_q, cu_seqlens_k) -> Layout:
     """Sequence layout from the shapes of a query-side and a key-side array."""
     rank = len(q_shape)
@@ -142,19 +234,12 @@ def check_layout(name_q, q_shape, name_k, k_shape, cu_seqlens_q, cu_seqlens_k) -
         raise ValueError(
             f"{name_q} and {name_k} must have the same rank, got {tuple(q_shape)} and {tuple(k_shape)}"
         )
-    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
-    if cu_seqlens_q is not None:
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if rank != 3:
             raise ValueError(
                 f"{name_q} must be (total, heads, dim) when cu_seqlens are given, got shape {tuple(q_shape)}"
             )
-        cu_q = _host_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
-        cu_k = _host_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
-        if len(cu_q) != len(cu_k):
-            raise ValueError(
-                f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cu_q)} and {len(cu_k)}"
-            )
+        cu_q, cu_k = _host_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k)
         if cu_q[-1] != q_shape[0]:
             raise ValueError(f"cu_seqlens_q[-1] = {int(cu_q[-1])} must equal {name_q}.shape[0] = {q_shape[0]}")
         if cu_k[-1] != k_shape[0]:
@@ -186,6 +271,8 @@ def check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, *, gpu: bool):
     hkv, dk = k.shape[-2], k.shape[-1]
     if d != dk:
         raise ValueError(f"q and k must have the same head dim, got {d} and {dk}")
+    if d < 1:
+        raise ValueError(f"q, k and v need a head dim >= 1, got shape {tuple(q.shape)}")
     if hkv < 1 or hq < 1:
         raise ValueError(f"q and k need at least one head, got {hq} and {hkv}")
     if hq % hkv:
@@ -215,6 +302,8 @@ def check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, *, gpu: bool, n_kv
     hk, dik = index_k.shape[-2], index_k.shape[-1]
     if di != dik:
         raise ValueError(f"index_q and index_k must have the same index dim, got {di} and {dik}")
+    if di < 1:
+        raise ValueError(f"index_q and index_k need an index dim >= 1, got shape {tuple(index_q.shape)}")
     if groups < 1:
         raise ValueError(f"index_q needs at least one head, got shape {tuple(index_q.shape)}")
     if hk not in (1, groups):
@@ -237,9 +326,30 @@ def check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, *, gpu: bool, n_kv
     return idx_layout, groups, hk, di
 
 
+def topk_layout(scores, num_keys, cu_seqlens_q, cu_seqlens_k, *, name="scores") -> Layout:
+    """Layout of a score map or selection ``(B, Nq, Hkv, n)`` / ``(total_q, Hkv, n)``: num_keys
+    (batched) or cu_seqlens (varlen) say where its queries sit."""
+    _check_rank(name, scores, (3, 4))
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if num_keys is not None:
+            raise ValueError(f"pass either num_keys (batched {name}) or cu_seqlens_q/cu_seqlens_k, not both")
+        if scores.ndim != 3:
+            raise ValueError(f"{name} must be (total_q, Hkv, n_blocks) with cu_seqlens, got {tuple(scores.shape)}")
+        cu_q, cu_k = _host_cu_seqlens_pair(cu_seqlens_q, cu_seqlens_k)
+        if cu_q[-1] != scores.shape[0]:
+            raise ValueError(f"cu_seqlens_q[-1] = {int(cu_q[-1])} must equal {name}.shape[0] = {scores.shape[0]}")
+        return varlen_layout(cu_q, cu_k)
+    if num_keys is None:
+        raise ValueError(f"num_keys is required for batched {name}: the key count sets each query's position")
+    num_keys = check_int("num_keys", num_keys, minimum=0)
+    if scores.ndim == 4:
+        return uniform_layout(scores.shape[0], scores.shape[1], num_keys)
+    return single_layout(scores.shape[0], num_keys)
+
+
 def check_scores(scores, layout: Layout, block_size: int):
     _check_rank("scores", scores, (3, 4))
-    if np.dtype(scores.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if _numpy_dtype("scores", scores) not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"scores must have dtype float32 (or float64 in the reference), got {_dtype_name(scores.dtype)}")
     want_blocks = layout.n_blocks(block_size)
     if scores.shape[-1] != want_blocks:
@@ -255,7 +365,7 @@ def check_scores(scores, layout: Layout, block_size: int):
 
 def check_block_indices(block_indices, layout: Layout, n_kv_heads: int, *, gpu: bool):
     _check_rank("block_indices", block_indices, (3, 4))
-    if np.dtype(block_indices.dtype) != np.int32:
+    if _numpy_dtype("block_indices", block_indices) != np.int32:
         raise TypeError(f"block_indices must have dtype int32, got {_dtype_name(block_indices.dtype)}")
     lead = tuple(block_indices.shape[:-2])
     want_lead = layout.query_shape
@@ -269,21 +379,39 @@ def check_block_indices(block_indices, layout: Layout, n_kv_heads: int, *, gpu: 
         check_contiguous("block_indices", block_indices)
 
 
-def check_block_index_values(lo, hi, n_blocks: int):
-    """lo/hi: min and max entry of block_indices (host ints)."""
-    if lo < -1 or hi >= max(n_blocks, 0) and hi != -1:
+def array_module(x):
+    """numpy, or cupy for CuPy arrays (checks and selection rules serve both)."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def check_block_ids(block_indices, layout: Layout, block_size: int):
+    """Every entry of flat ``(total_q, Hkv, k)`` block_indices is -1 (unused) or a key block id of
+    its own query's sequence.  One reduction where the array lives (on the GPU: one sync)."""
+    xp = array_module(block_indices)
+    if block_indices.size == 0:
+        return
+    blocks_per_row = np.repeat(-(-np.diff(layout.cu_k) // block_size), np.diff(layout.cu_q))
+    limit = xp.asarray(blocks_per_row.astype(np.int64))[:, None, None]
+    bad = int(xp.count_nonzero((block_indices < -1) | (block_indices >= limit)))
+    if bad:
+        lo, hi = int(block_indices.min()), int(block_indices.max())
         raise ValueError(
-            f"block_indices entries must be -1 (unused) or a key block id in [0, {n_blocks}), "
-            f"got values in [{lo}, {hi}]"
+            f"block_indices hold {bad} entries that are neither -1 (unused) nor a key block id of their "
+            f"sequence (values in [{lo}, {hi}], sequences have up to {layout.n_blocks(block_size)} key blocks)"
         )
 
 
 # --------------------------------------------------------------------------- interop
 
 _KDLCUDA, _KDLCUDAMANAGED = 2, 13
+OPTIONAL_ARRAYS = frozenset({"index_q", "index_k", "cu_seqlens_q", "cu_seqlens_k"})  # None means "not given"
 
 
-def framework_of(x) -> str:
+def framework_of(name, x) -> str:
     """'numpy', 'cupy', 'torch', 'jax' or 'dlpack' (any other CUDA __dlpack__ producer)."""
     if isinstance(x, np.ndarray):
         return "numpy"
@@ -296,15 +424,45 @@ def framework_of(x) -> str:
         return "jax"
     if hasattr(x, "__dlpack__"):
         return "dlpack"
-    raise TypeError(f"expected a NumPy, CuPy, PyTorch or JAX array (or any __dlpack__ object), got {type(x).__name__}")
+    raise TypeError(
+        f"{name}: expected a NumPy, CuPy, PyTorch or JAX array (or any __dlpack__ object), got {type(x).__name__}"
+    )
+
+
+def _check_on_cuda(name, a, kind):
+    """A GPU-side argument must live on a CUDA device: asked of the producer before CuPy is
+    needed, so that a host tensor or a producer that cannot answer is named as such."""
+    if kind == "cupy":
+        return
+    if kind == "torch" and not a.is_cuda:
+        raise TypeError(f"{name} is a CPU tensor: pass CUDA tensors, or NumPy arrays for the reference")
+    ask = getattr(a, "__dlpack_device__", None)
+    if ask is None:  # an older producer: cupy.from_dlpack finds out
+        return
+    try:
+        dev_type = int(ask()[0])
+    except Exception as exc:
+        raise TypeError(f"{name}.__dlpack_device__() failed ({type(exc).__name__}: {exc}): pass a GPU array, "
+                        f"or a NumPy array for the reference") from exc
+    if dev_type not in (_KDLCUDA, _KDLCUDAMANAGED):
+        raise TypeError(
+            f"{name} lives on DLPack device type {dev_type}, not a CUDA GPU: pass GPU arrays, "
+            f"or NumPy arrays for the reference"
+        )
 
 
 class Call:
-    """One public call: the arrays as NumPy or CuPy, the caller's framework and stream."""
+    """One public call: the arrays as NumPy or CuPy, the caller's framework and stream.
+
+    ``named_arrays`` maps argument names to the caller's arrays; those in OPTIONAL_ARRAYS may be
+    None, every other one is required."""
 
     def __init__(self, named_arrays: dict):
+        for name, a in named_arrays.items():
+            if a is None and name not in OPTIONAL_ARRAYS:
+                raise TypeError(f"{name} must be an array, got None")
         present = {k: v for k, v in named_arrays.items() if v is not None}
-        kinds = {name: framework_of(a) for name, a in present.items()}
+        kinds = {name: framework_of(name, a) for name, a in present.items()}
         frameworks = set(kinds.values())
         self.on_gpu = frameworks != {"numpy"}
         if self.on_gpu and "numpy" in frameworks:
@@ -320,21 +478,22 @@ class Call:
         if not self.on_gpu:
             self.arrays = dict(named_arrays)
             return
+        for name, a in present.items():
+            _check_on_cuda(name, a, kinds[name])
         cp = require_cupy()
         if self.framework == "torch":
             import torch
 
-            first = next(a for a in present.values() if framework_of(a) == "torch")
-            if first.is_cuda:
-                self.device = first.device.index
-                self._stream = external_stream(torch.cuda.current_stream(first.device))
+            first = next(a for name, a in present.items() if kinds[name] == "torch")
+            self.device = first.device.index
+            self._stream = external_stream(torch.cuda.current_stream(first.device))
         devices = set()
         with self.stream():
             for name, a in named_arrays.items():
                 if a is None:
                     self.arrays[name] = None
                     continue
-                arr = a if kinds[name] == "cupy" else _from_dlpack(name, a, kinds[name])
+                arr = a if kinds[name] == "cupy" else _from_dlpack(name, a)
                 devices.add(arr.device.id)
                 self.arrays[name] = arr
         if len(devices) > 1:
@@ -378,17 +537,8 @@ def external_stream(torch_stream):
     return cp.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device.index)
 
 
-def _from_dlpack(name, a, kind):
+def _from_dlpack(name, a):
     cp = require_cupy()
-    if kind == "torch" and not a.is_cuda:
-        raise TypeError(f"{name} is a CPU tensor: pass CUDA tensors, or NumPy arrays for the reference")
-    if hasattr(a, "__dlpack_device__"):
-        dev_type = int(a.__dlpack_device__()[0])
-        if dev_type not in (_KDLCUDA, _KDLCUDAMANAGED):
-            raise TypeError(
-                f"{name} lives on DLPack device type {dev_type}, not a CUDA GPU: pass GPU arrays, "
-                f"or NumPy arrays for the reference"
-            )
     try:
         return cp.from_dlpack(a)
     except Exception as exc:  # pragma: no cover - depends on the producer

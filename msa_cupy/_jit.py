@@ -78,6 +78,19 @@ def name_expression(name: str, template=None) -> str:
     return f"{name}<{', '.join(str(t) for t in template)}>" if template else name
 
 
+_TEMPLATE_DTYPES = {"float16": "f16", "bfloat16": "bf16"}  # as the .cu files spell their element types
+
+
+def dtype_template(dtype) -> str:
+    """The template argument of the kernels for an element dtype: 'f16' or 'bf16'."""
+    import numpy as np
+
+    name = np.dtype(dtype).name
+    if name not in _TEMPLATE_DTYPES:
+        raise TypeError(f"the kernels take float16 or bfloat16, got {name}")
+    return _TEMPLATE_DTYPES[name]
+
+
 def declare(source: str, name: str, *templates, arch_specific: bool = False) -> None:
     """Declare the template instantiations of a kernel that a module may launch."""
     for template in templates or (None,):

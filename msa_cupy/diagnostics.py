@@ -66,7 +66,7 @@ def _host(x):
 
 def _indices_layout(block_indices, num_keys, cu_seqlens_q, cu_seqlens_k):
     """Layout of a selection, as topk_blocks reads a score map: num_keys or cu_seqlens."""
-    return reference.topk_layout(block_indices, num_keys, _host(cu_seqlens_q), _host(cu_seqlens_k))
+    return _interop.topk_layout(block_indices, num_keys, _host(cu_seqlens_q), _host(cu_seqlens_k), name="block_indices")
 
 
 def _check_indices(name, block_indices):

@@ -1,7 +1,9 @@
 """NumPy oracle for MiniMax Sparse Attention, float64 inside.
 
 Same signatures as the public API.  Every GPU kernel is judged against these functions.
-Results are float64 (scores, out, lse) and int32 (block indices).  The ``sequence_*``
+Results are float64 (scores, out, lse) and int32 (block indices).  Options as in the API,
+with wider bounds: any ``block_size >= 1`` (one longer than a sequence's keys is one block of
+them), ``top_k`` up to max(64, key blocks of the longest sequence).  The ``sequence_*``
 functions work on one sequence with explicit query positions, so that tests can check
 sampled rows of a long context without computing all of it.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _interop
+from ._interop import topk_layout
 from ._layout import Layout, query_positions
 
 
@@ -20,13 +23,7 @@ def _f64(x):
     return np.asarray(x).astype(np.float64)
 
 
-def _xp(x):
-    """numpy, or cupy for CuPy arrays: the selection rules below serve the plain GPU path too."""
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
+_xp = _interop.array_module  # the selection rules below serve the plain GPU path too
 
 
 def _visible_keys(positions, nk: int, causal: bool):
@@ -39,6 +36,7 @@ def sequence_block_scores(index_q, index_k, positions, *, block_size=128, causal
     iq, ik = _f64(index_q), _f64(index_k)
     nq, groups, _ = iq.shape
     nk = ik.shape[0]
+    block_size = min(block_size, max(nk, 1))  # a block longer than the keys is all of them: pad no further
     n_blocks = -(-nk // block_size)
     ik = np.broadcast_to(ik, (nk, groups, ik.shape[-1]))
     s = np.einsum("qgd,kgd->qgk", iq, ik)
@@ -136,14 +134,13 @@ def _per_sequence(layout: Layout, fn, out_tail, dtype, fill):
 
 def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
     """float64 (..., Nq, Hkv, n_blocks): max over the visible keys of each block of index_q . index_k."""
-    block_size = _interop.check_block_size(block_size, gpu=False)
+    options = _interop.scalar_options(block_size=block_size, causal=causal)
     layout, groups, _, _ = _interop.check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, gpu=False)
     iq, ik = layout.flatten(index_q), layout.flatten(index_k)
-    n_blocks = layout.n_blocks(block_size)
+    n_blocks = layout.n_blocks(options["block_size"])
 
     def one(q0, nq, k0, nk):
-        s = sequence_block_scores(iq[q0:q0 + nq], ik[k0:k0 + nk], query_positions(nq, nk),
-                                  block_size=block_size, causal=causal)
+        s = sequence_block_scores(iq[q0:q0 + nq], ik[k0:k0 + nk], query_positions(nq, nk), **options)
         return np.pad(s, ((0, 0), (0, 0), (0, n_blocks - s.shape[-1])), constant_values=-np.inf)
 
     return _per_sequence(layout, one, (groups, n_blocks), np.float64, -np.inf)
@@ -151,67 +148,40 @@ def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=
 
 def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks=1, sink_blocks=0,
                 causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
-    """int32 (..., Nq, Hkv, top_k): forced blocks + the best other visible blocks, ascending, -1 padded."""
-    top_k, block_size, local_blocks, sink_blocks = _interop.check_selection_options(
-        top_k, block_size, local_blocks, sink_blocks, gpu=False)
-    layout = topk_layout(scores, num_keys, cu_seqlens_q, cu_seqlens_k)
-    _interop.check_scores(scores, layout, block_size)
+    """int32 (..., Nq, Hkv, top_k): forced blocks + the best other visible blocks, ascending, -1 padded.
+
+    top_k may exceed the key blocks (every visible block is selected) up to max(64, key blocks)."""
+    options = _interop.scalar_options(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
+                                      sink_blocks=sink_blocks, causal=causal, num_keys=num_keys)
+    layout = topk_layout(scores, options.pop("num_keys"), cu_seqlens_q, cu_seqlens_k)
+    _interop.check_scores(scores, layout, options["block_size"])
+    _interop.check_reference_top_k(options["top_k"], layout.n_blocks(options["block_size"]))
     flat = layout.flatten(scores)
     groups = flat.shape[-2]
 
     def one(q0, nq, k0, nk):
-        nb = -(-nk // block_size)
-        return sequence_topk(flat[q0:q0 + nq, :, :nb], query_positions(nq, nk), nk, top_k=top_k,
-                             block_size=block_size, local_blocks=local_blocks,
-                             sink_blocks=sink_blocks, causal=causal)
+        nb = -(-nk // options["block_size"])
+        return sequence_topk(flat[q0:q0 + nq, :, :nb], query_positions(nq, nk), nk, **options)
 
-    return _per_sequence(layout, one, (groups, top_k), np.int32, -1)
-
-
-def topk_layout(scores, num_keys, cu_seqlens_q, cu_seqlens_k) -> Layout:
-    """Layout of a score map: num_keys (batched) or cu_seqlens (varlen) say where queries sit."""
-    from ._layout import single_layout, uniform_layout, varlen_layout
-
-    if cu_seqlens_q is not None or cu_seqlens_k is not None:
-        if num_keys is not None:
-            raise ValueError("pass either num_keys (batched scores) or cu_seqlens_q/cu_seqlens_k, not both")
-        if scores.ndim != 3:
-            raise ValueError(f"scores must be (total_q, Hkv, n_blocks) with cu_seqlens, got {tuple(scores.shape)}")
-        if cu_seqlens_q is None or cu_seqlens_k is None:
-            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
-        cu_q = _interop._host_cu_seqlens("cu_seqlens_q", cu_seqlens_q)
-        cu_k = _interop._host_cu_seqlens("cu_seqlens_k", cu_seqlens_k)
-        if len(cu_q) != len(cu_k):
-            raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
-        if cu_q[-1] != scores.shape[0]:
-            raise ValueError(f"cu_seqlens_q[-1] = {int(cu_q[-1])} must equal scores.shape[0] = {scores.shape[0]}")
-        return varlen_layout(cu_q, cu_k)
-    if num_keys is None:
-        raise ValueError("num_keys is required for batched scores: the key count sets each query's position")
-    num_keys = _interop.check_int("num_keys", num_keys, minimum=0)
-    if scores.ndim == 4:
-        return uniform_layout(scores.shape[0], scores.shape[1], num_keys)
-    if scores.ndim == 3:
-        return single_layout(scores.shape[0], num_keys)
-    raise ValueError(f"scores must have 3 or 4 dimensions, got shape {tuple(scores.shape)}")
+    return _per_sequence(layout, one, (groups, options["top_k"]), np.int32, -1)
 
 
 def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1, sink_blocks=0,
                   causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
     """int32 (..., Nq, Hkv, top_k): block_scores followed by topk_blocks, per sequence."""
-    top_k, block_size, local_blocks, sink_blocks = _interop.check_selection_options(
-        top_k, block_size, local_blocks, sink_blocks, gpu=False)
+    options = _interop.scalar_options(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
+                                      sink_blocks=sink_blocks, causal=causal)
     layout, groups, _, _ = _interop.check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, gpu=False)
+    _interop.check_reference_top_k(options["top_k"], layout.n_blocks(options["block_size"]))
     iq, ik = layout.flatten(index_q), layout.flatten(index_k)
 
     def one(q0, nq, k0, nk):
         positions = query_positions(nq, nk)
-        s = sequence_block_scores(iq[q0:q0 + nq], ik[k0:k0 + nk], positions, block_size=block_size,
-                                  causal=causal)
-        return sequence_topk(s, positions, nk, top_k=top_k, block_size=block_size,
-                             local_blocks=local_blocks, sink_blocks=sink_blocks, causal=causal)
+        s = sequence_block_scores(iq[q0:q0 + nq], ik[k0:k0 + nk], positions, block_size=options["block_size"],
+                                  causal=options["causal"])
+        return sequence_topk(s, positions, nk, **options)
 
-    return _per_sequence(layout, one, (groups, top_k), np.int32, -1)
+    return _per_sequence(layout, one, (groups, options["top_k"]), np.int32, -1)
 
 
 def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, scale=None,
@@ -221,18 +191,13 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, sca
     block_indices is read as a set per (query, group): order does not matter, duplicates
     count once, -1 marks an unused slot.
     """
-    block_size = _interop.check_block_size(block_size, gpu=False)
+    options = _interop.scalar_options(block_size=block_size, causal=causal, scale=scale, return_lse=return_lse)
+    block_size, causal, return_lse = options["block_size"], options["causal"], options["return_lse"]
     layout, hq, hkv, d = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
-    scale = _interop.check_scale(scale, d)
+    scale = _interop.check_scale(options["scale"], d)
     _interop.check_block_indices(block_indices, layout, hkv, gpu=False)
-    bi = np.asarray(block_indices)
-    if bi.size:
-        _interop.check_block_index_values(int(bi.min()), int(bi.max()), layout.n_blocks(block_size))
-    qf, kf, vf, bif = (layout.flatten(x) for x in (q, k, v, bi))
-    for q0, nq, _, nk in layout.sequences():  # every sequence checked before any work
-        if nq and np.any(bif[q0:q0 + nq] >= -(-nk // block_size)):
-            raise ValueError(f"block_indices hold block ids >= {-(-nk // block_size)}, the block count of "
-                             f"their sequence (queries {q0}..{q0 + nq - 1})")
+    qf, kf, vf, bif = (layout.flatten(x) for x in (q, k, v, np.asarray(block_indices)))
+    _interop.check_block_ids(bif, layout, block_size)  # every sequence checked before any work
     out = np.zeros((layout.total_q, hq, d))
     lse = np.full((layout.total_q, hq), -np.inf)
     for q0, nq, k0, nk in layout.sequences():
@@ -249,12 +214,13 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, sca
 def dense_attention(q, k, v, *, causal=True, scale=None, cu_seqlens_q=None, cu_seqlens_k=None,
                     return_lse=False):
     """Ordinary (causal, bottom-right) GQA softmax attention: MSA with every block selected."""
+    options = _interop.scalar_options(causal=causal, scale=scale, return_lse=return_lse)
     layout, _, hkv, _ = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
     every = np.full((layout.total_q, hkv, max(layout.max_k, 1)), -1, np.int32)
     for q0, nq, _, nk in layout.sequences():
         every[q0:q0 + nq, :, :nk] = np.arange(nk, dtype=np.int32)  # block size 1: a block per key
-    return sparse_attention(q, k, v, layout.unflatten(every), block_size=1, causal=causal, scale=scale,
-                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+    return sparse_attention(q, k, v, layout.unflatten(every), block_size=1, cu_seqlens_q=cu_seqlens_q,
+                            cu_seqlens_k=cu_seqlens_k, **options)
 
 
 def training_free_index(q, k):
@@ -273,18 +239,20 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
 
     Returns out, then lse if return_lse, then block_indices if return_indices.
     """
-    _interop.check_selection_options(top_k, block_size, local_blocks, sink_blocks, gpu=False)
+    options = _interop.scalar_options(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
+                                      sink_blocks=sink_blocks, causal=causal, scale=scale, return_lse=return_lse,
+                                      return_indices=return_indices)
+    flags = {name: options.pop(name) for name in ("scale", "return_lse", "return_indices")}
     layout, _, hkv, d = _interop.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, gpu=False)
-    scale = _interop.check_scale(scale, d)
+    scale = _interop.check_scale(flags["scale"], d)
+    _interop.check_reference_top_k(options["top_k"], layout.n_blocks(options["block_size"]))
     if (index_q is None) != (index_k is None):
         raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
     if index_q is None:
         index_q, index_k = training_free_index(q, k)
     _interop.check_index(index_q, index_k, cu_seqlens_q, cu_seqlens_k, gpu=False, n_kv_heads=hkv, layout=layout)
-    indices = select_blocks(index_q, index_k, top_k=top_k, block_size=block_size, local_blocks=local_blocks,
-                            sink_blocks=sink_blocks, causal=causal, cu_seqlens_q=cu_seqlens_q,
-                            cu_seqlens_k=cu_seqlens_k)
-    out, lse = sparse_attention(q, k, v, indices, block_size=block_size, causal=causal, scale=scale,
-                                cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
-    result = (out,) + ((lse,) if return_lse else ()) + ((indices,) if return_indices else ())
+    indices = select_blocks(index_q, index_k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, **options)
+    out, lse = sparse_attention(q, k, v, indices, block_size=options["block_size"], causal=options["causal"],
+                                scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
+    result = (out,) + ((lse,) if flags["return_lse"] else ()) + ((indices,) if flags["return_indices"] else ())
     return result if len(result) > 1 else out

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import _jit
+from ._interop import SELECT_KERNEL_MAX_TOP_K
 from ._layout import Layout
 
 KEY_TILE = 128               # keys per pipeline step of select.cu
 TOPK_WARPS = 8               # rows (warps) per CTA of topk.cu
-MAX_TOP_K = 32               # one warp-list entry per lane
 BLOCK_SIZES = (64, 128)
 INDEX_DIMS = (64, 128)
 PREFILL_WARPS = (8, 1)       # (WM, WN): 256 rows x 128 keys per CTA; 8% faster than (4, 1) on an
@@ -42,18 +42,20 @@ _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
 _jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
 
 
+def supports_block_scores(*, block_size: int, index_dim: int) -> bool:
+    """Shapes select.cu covers when it writes block scores; the caller falls back to the plain
+    CuPy path otherwise (as for the two below)."""
+    return block_size in BLOCK_SIZES and index_dim in INDEX_DIMS
+
+
+def supports_topk(*, top_k: int) -> bool:
+    """topk.cu over materialized scores: any width and block size; top_k fits the warp list."""
+    return 1 <= top_k <= SELECT_KERNEL_MAX_TOP_K
+
+
 def supports(*, top_k: int, block_size: int, index_dim: int) -> bool:
-    """Shapes the fast kernels cover; the caller falls back to the plain CuPy path otherwise."""
-    return 1 <= int(top_k) <= MAX_TOP_K and int(block_size) in BLOCK_SIZES and int(index_dim) in INDEX_DIMS
-
-
-def _dtype_name(dtype) -> str:
-    dt = np.dtype(dtype)
-    if dt == np.float16:
-        return "f16"
-    if dt.name == "bfloat16":
-        return "bf16"
-    raise TypeError(f"index arrays must be float16 or bfloat16, got {dt}")
+    """The fused selection (select_blocks): block scores feeding the warp list."""
+    return supports_topk(top_k=top_k) and supports_block_scores(block_size=block_size, index_dim=index_dim)
 
 
 _DEVICE_ATTRS: dict = {}
@@ -123,7 +125,7 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
         ctas = int(np.sum(-(-seq_rows // bm))) * group_grid
         want = -(-CTAS_PER_SM_TARGET * _sm_count() // max(ctas, 1))
         splits = int(max(1, min(want, kernel_tiles // MIN_TILES_PER_SPLIT)))
-    dt = _dtype_name(index_q.dtype)
+    dt = _jit.dtype_template(index_q.dtype)
     if warps == WGMMA:
         limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN)
         stages = next((st for st in WGMMA_STAGES if _smem_bytes(di, block_size, warps, top_k, epilogue, st) <= limit),
@@ -179,8 +181,8 @@ def topk_blocks(scores, layout: Layout, cu_q, cu_k, *, top_k, block_size, local_
     best other visible blocks, ascending, -1 padded."""
     import cupy
 
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"fast top-k covers top_k <= {MAX_TOP_K}, got {top_k}")
+    if not supports_topk(top_k=top_k):
+        raise ValueError(f"fast top-k covers top_k <= {SELECT_KERNEL_MAX_TOP_K}, got {top_k}")
     total_q, n_heads, width = scores.shape
     out = out if out is not None else cupy.empty((total_q, n_heads, top_k), cupy.int32)
     rows = total_q * n_heads
@@ -201,8 +203,8 @@ def select_blocks(index_q, index_k, layout: Layout, cu_q, cu_k, *, top_k, block_
     ``splits`` (key-range splits per CTA) and ``warps`` ((WM, WN) warp grid of the mma.sync
     kernel, or ``"wgmma"`` for the sm_90 kernel) override the launch heuristics; for tests and
     tuning."""
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise ValueError(f"fast selection covers top_k <= {MAX_TOP_K}, got {top_k}")
+    if not supports_topk(top_k=top_k):
+        raise ValueError(f"fast selection covers top_k <= {SELECT_KERNEL_MAX_TOP_K}, got {top_k}")
     return _select_launch(index_q, index_k, layout, cu_q, cu_k, block_size=block_size, causal=causal,
                           epilogue=EPI_TOPK, top_k=top_k, local_blocks=local_blocks,
                           sink_blocks=sink_blocks, ids_out=out, splits=splits, warps=warps)

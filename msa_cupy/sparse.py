@@ -28,11 +28,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import _jit
+from ._interop import SPARSE_KERNEL_MAX_SLOTS
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_GROUP_SIZES = (1, 2, 4, 8, 16)
-MAX_TOP_K = 256
 PREFILL_WARPS = 4  # 64-row query tiles: 2 CTAs per SM (measured +10% over 8 warps, H200)
 PREFILL_STAGES = 2  # query tiles buffered in shared memory (STAGES - 1 in flight)
 PREFILL_MT = 1  # m16 row tiles per warp (2: each K/V fragment load feeds two mma)
@@ -68,16 +68,7 @@ _jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_
 def supports(*, head_dim: int, block_size: int, group_size: int, top_k: int) -> bool:
     """True when the CUDA kernels handle this configuration (else the caller falls back)."""
     return (head_dim in SUPPORTED_HEAD_DIMS and block_size in SUPPORTED_BLOCK_SIZES
-            and group_size in SUPPORTED_GROUP_SIZES and 1 <= top_k <= MAX_TOP_K)
-
-
-def _type_name(dtype) -> str:
-    name = np.dtype(dtype).name
-    if name == "bfloat16":
-        return "bf16"
-    if name == "float16":
-        return "f16"
-    raise TypeError(f"sparse attention kernels take float16 or bfloat16, got {name}")
+            and group_size in SUPPORTED_GROUP_SIZES and 1 <= top_k <= SPARSE_KERNEL_MAX_SLOTS)
 
 
 def _empty(shape, dtype):
@@ -160,7 +151,7 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     if not supports(head_dim=head_dim, block_size=block_size, group_size=group, top_k=top_k):
         raise ValueError(f"no sparse attention kernel for head_dim={head_dim}, block_size={block_size}, "
                          f"group size={group}, top_k={top_k}")
-    tname = _type_name(q.dtype)
+    tname = _jit.dtype_template(q.dtype)
     out = _empty(q.shape, q.dtype)
     lse = _empty((total_q, n_heads_q), np.float32)
     if total_q == 0:
