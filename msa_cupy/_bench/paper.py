@@ -8,7 +8,8 @@ and dense attention through torch SDPA (cuDNN and flash backends) on the same sh
 Dense prefill past ``dense_max_tokens`` (default DENSE_MAX_TOKENS; ``--dense-max-tokens`` on
 the command line) is not run, as it takes seconds to a minute a call: its time is extrapolated
 from the largest measured length by the quadratic FLOP count and marked "estimated".  Measured
-dense runs past DENSE_MAX_TOKENS are timed once after one warm-up run.  Decode shapes that do not fit in free GPU memory are skipped and say so.
+dense runs past DENSE_MAX_TOKENS are timed once after one warm-up run.  Decode shapes that do not
+fit in free GPU memory are skipped and say so.
 """
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ def decode(report, ceilings, batch, n):
 
 def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES,
         dense_max_tokens=DENSE_MAX_TOKENS):
+    """End-to-end prefill at each of tokens (with each stage and dense attention), decode per
+    cache length and batch."""
     dense_ref = {}
     for n in tokens:
         prefill(report, ceilings, n, dense_ref, dense_max_tokens)
