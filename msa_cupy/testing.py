@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from . import reference
+from .diagnostics import _host as host  # NumPy view or copy of a NumPy, CuPy or PyTorch array
 from .diagnostics import planted_needles  # planted data: each KV group has a needle block to find
 from ._layout import Layout, query_positions, single_layout, uniform_layout, varlen_layout
 
@@ -96,11 +97,6 @@ def to_device(x):
     import cupy
 
     return cupy.asarray(x)
-
-
-def host(x):
-    """NumPy view or copy of a NumPy or CuPy array."""
-    return x.get() if _xp(x) is not np else np.asarray(x)
 
 
 # --------------------------------------------------------------------------- sequences
