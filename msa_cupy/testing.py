@@ -58,15 +58,6 @@ def _dtype_key(dt) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype(dt)]
 
 
-def _xp(x):
-    """numpy, or cupy for CuPy arrays and generators."""
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
-
-
 # --------------------------------------------------------------------------- arrays
 
 
@@ -231,7 +222,7 @@ def plausible_block_indices(rng, nq, nk, n_kv_heads, top_k, block_size, *, n_seq
     block last, before it top_k - 1 distinct random earlier blocks, ascending (-1 where there
     are fewer), for n_seq sequences of nq queries over nk keys.  A CuPy generator gives a
     device array (benchmarks at 1M tokens)."""
-    xp = _xp(rng)
+    xp = reference._xp(rng)
     local = xp.asarray(query_positions(nq, nk) // block_size)
     local = xp.tile(local, n_seq)[:, None, None]
     r = xp.sort(rng.random((n_seq * nq, n_kv_heads, top_k - 1)), axis=-1)

@@ -134,6 +134,22 @@ def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn
         torch.cuda.empty_cache()
 
 
+def dense_decode_ms(batch, nk, hq, hkv, d) -> dict:
+    """Dense decode (one query per sequence at the end of its cache: non-causal attention over
+    every key) through SDPA: {"cudnn": ms, "flash": ms, "best": the faster or None}."""
+    dense = {b: dense_attention_ms(batch, 1, nk, hq, hkv, d, causal=False, backend=b) for b in ("cudnn", "flash")}
+    dense["best"] = min((t for t in dense.values() if t), default=None)
+    return dense
+
+
+def skip_if_too_big(report, name, need_bytes, **fields) -> bool:
+    """Report a skipped row (and return True) when need_bytes exceed the GPU's free memory."""
+    if need_bytes <= cupy().cuda.runtime.memGetInfo()[0]:
+        return False
+    report(name, **fields, skipped=f"needs ~{need_bytes / 2**30:.0f} GiB, more than is free")
+    return True
+
+
 def git_commit() -> str:
     """The source commit: MSA_CUPY_COMMIT where the tree has no git metadata, else git's HEAD."""
     import os

@@ -78,10 +78,9 @@ def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=())
 
 def decode(report, ceilings, batch, nk):
     cp = harness.cupy()
-    need = batch * nk * 2 * HKV * D * 2 * 1.3
-    if need > cp.cuda.runtime.memGetInfo()[0]:
-        report(f"sparse decode b{batch} {nk // 1024}K", kind="sparse decode", batch=batch, tokens=nk,
-               skipped=f"needs ~{need / 2**30:.0f} GiB, more than is free")
+    name = f"sparse decode b{batch} {nk // 1024}K"
+    if harness.skip_if_too_big(report, name, batch * nk * 2 * HKV * D * 2 * 1.3, kind="sparse decode", batch=batch,
+                               tokens=nk):
         return
     q = testing.device_randn((batch, HQ, D), harness.BF16)
     k, v = testing.device_randn((batch * nk, HKV, D), harness.BF16), testing.device_randn((batch * nk, HKV, D), harness.BF16)
@@ -92,13 +91,12 @@ def decode(report, ceilings, batch, nk):
     split = _stages(run)
     del q, k, v, ids
     cp.get_default_memory_pool().free_all_blocks()
-    dense = {b: harness.dense_attention_ms(batch, 1, nk, HQ, HKV, D, causal=False, backend=b) for b in ("cudnn", "flash")}
-    best = min((t for t in dense.values() if t), default=None)
-    report(f"sparse decode b{batch} {nk // 1024}K", kind="sparse decode", batch=batch, tokens=nk, ms=ms,
+    dense = harness.dense_decode_ms(batch, nk, HQ, HKV, D)
+    report(name, kind="sparse decode", batch=batch, tokens=nk, ms=ms,
            GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / ceilings["copy_GBps"],
            reverse_index_ms=split.get("reverse_index"), attention_ms=split.get("attention"),
            combine_ms=split.get("combine"), dense_cudnn_ms=dense["cudnn"], dense_flash_ms=dense["flash"],
-           speedup_vs_dense=best / ms if best else None)
+           speedup_vs_dense=dense["best"] / ms if dense["best"] else None)
 
 
 def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES,
