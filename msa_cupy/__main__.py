@@ -165,7 +165,7 @@ def _gpu_demo(args):
 
 
 def cmd_bench(args):
-    from msa_cupy._bench import harness
+    from msa_cupy._bench import SUITES, harness
 
     report = harness.Report()
     card = harness.card()
@@ -175,11 +175,10 @@ def cmd_bench(args):
     report.meta["ceilings"] = ceil
     print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s ({ceil['matmul_via']})")
     for suite in args.suite:
-        mod = importlib.import_module(f"msa_cupy._bench.{suite}")
         kwargs = {"tokens": tuple(args.tokens)} if args.tokens else {}
         if args.dense_max_tokens and suite == "paper":
             kwargs["dense_max_tokens"] = args.dense_max_tokens
-        mod.run(report, ceil, **kwargs)
+        SUITES[suite](report, ceil, **kwargs)
     out = args.out or os.path.join("benchmarks", f"{'-'.join(args.suite)}-{card['name'].replace(' ', '_')}.json")
     report.write(out)
     print(f"wrote {out}")

@@ -7,12 +7,11 @@ import pytest
 
 from msa_cupy import diagnostics as dg
 from msa_cupy import reference as ref
+from msa_cupy import testing
 
 
 def _random_qkv(rng, shape_q, shape_k, dtype=np.float32):
-    q = rng.standard_normal(shape_q).astype(dtype)
-    k = rng.standard_normal(shape_k).astype(dtype)
-    return q, k, rng.standard_normal(shape_k).astype(dtype)
+    return testing.randn(rng, shape_q, dtype), testing.randn(rng, shape_k, dtype), testing.randn(rng, shape_k, dtype)
 
 
 def _two_block_case():
@@ -76,8 +75,7 @@ def test_block_mass_rows_without_visible_keys_are_zero(rng):
 
 def test_varlen_equals_per_sequence(rng):
     lens_q, lens_k = [3, 0, 5, 1], [7, 2, 5, 9]
-    cu_q = np.concatenate([[0], np.cumsum(lens_q)]).astype(np.int32)
-    cu_k = np.concatenate([[0], np.cumsum(lens_k)]).astype(np.int32)
+    cu_q, cu_k = testing.cu_seqlens(lens_q), testing.cu_seqlens(lens_k)
     q, k, _ = _random_qkv(rng, (cu_q[-1], 4, 8), (cu_k[-1], 2, 8))
     bs, top_k = 2, 2
     mass = dg.block_attention_mass(q, k, block_size=bs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)

@@ -32,13 +32,16 @@ def test_wheel_carries_the_cuda_sources(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, timeout=600)
     code = ("import msa_cupy, msa_cupy._jit as j; print(j.CUDA_DIR); print(' '.join(j.kernel_sources()));"
-            "print(len(j.source_text(j.kernel_sources()[0])))")
+            "print(len(j.source_text(j.kernel_sources()[0])));"
+            "import msa_cupy.testing as t, msa_cupy._bench as b; print(t.__file__); print(' '.join(sorted(b.SUITES)))")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.splitlines()
     assert Path(out[0]).is_relative_to(site), "the installed package must use its own copy of cuda/"
     assert out[1].split() == sorted(p.name for p in (ROOT / "cuda").glob("*.cu"))
     assert int(out[2]) > 0
+    assert Path(out[3]).is_relative_to(site), "the test kit (msa_cupy.testing) ships in the wheel"
+    assert out[4].split() == sorted(__import__("msa_cupy._bench", fromlist=["SUITES"]).SUITES)
     headers = sorted(p.name for p in (ROOT / "cuda").glob("*.cuh"))
     assert sorted(p.name for p in Path(out[0]).glob("*.cuh")) == headers
 

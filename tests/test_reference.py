@@ -1,12 +1,14 @@
-"""Property tests of the NumPy oracle ``msa_cupy.reference`` (SPEC §1, §6).
+"""Property tests of the NumPy oracle ``msa_cupy.reference``.
 
-The oracle is checked against a brute-force formulation written here from SPEC §1 alone:
-plain Python loops over sequences, queries, groups, blocks and keys; block scores as the max
-over the visible keys of each block; selection as forced blocks + best other visible blocks
-(ties to the lower id, NaN as -inf, -inf never picked); sparse attention as a dense softmax
-masked to the keys of the selected, visible blocks.  Then the invariants of SPEC §6, and one
-test per class of bad input (error type + the argument named in the message, raised before
-any per-sequence work starts).
+The oracle is checked against a brute-force formulation written here from the definition of
+MSA alone (README, "What MSA computes"): plain Python loops over sequences, queries, groups,
+blocks and keys; block scores as the max over the visible keys of each block; selection as
+forced blocks + best other visible blocks (ties to the lower id, NaN as -inf, -inf never
+picked); sparse attention as a dense softmax masked to the keys of the selected, visible
+blocks.  Then its invariants (top_k >= the block count is dense attention, a constant added to
+a row of scores changes nothing, forced blocks are always selected, permuting the batch
+permutes the outputs, varlen equals per-sequence calls), and one test per class of bad input
+(error type + the argument named in the message, raised before any per-sequence work starts).
 
 Index-branch inputs are small integers: every dot product is then exact in float64 whatever
 the summation order, so ties are frequent and exact, and selections can be compared bit for
@@ -17,16 +19,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from msa_cupy import reference as R
+from msa_cupy import testing
+from msa_cupy.testing import assert_ascending_then_pad
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BF16)
+DTYPES = (np.dtype(np.float32), *testing.DTYPES.values())
 NEG_INF = float("-inf")
 TOL = dict(rtol=1e-9, atol=1e-9)
 
@@ -180,9 +182,8 @@ class Case:
     def kw(self):
         if self.kind != "varlen":
             return {}
-        cq = np.concatenate([[0], np.cumsum([s[0] for s in self.seqs])]).astype(np.int32)
-        ck = np.concatenate([[0], np.cumsum([s[1] for s in self.seqs])]).astype(np.int32)
-        return dict(cu_seqlens_q=cq, cu_seqlens_k=ck)
+        return dict(cu_seqlens_q=testing.cu_seqlens([s[0] for s in self.seqs]),
+                    cu_seqlens_k=testing.cu_seqlens([s[1] for s in self.seqs]))
 
     def nb_max(self, bs):
         return max((bf_n_blocks(nk, bs) for _, nk in self.seqs), default=0)
@@ -285,16 +286,6 @@ def bf_attention_all(case, q_parts, k_parts, v_parts, sel_parts, bs, causal, sca
     return case.join(outs), case.join(lses)
 
 
-def check_ascending_then_pad(ids):
-    """Valid ids strictly ascending, -1 only after them."""
-    for row in np.asarray(ids).reshape(-1, np.asarray(ids).shape[-1]):
-        valid = [int(x) for x in row if x >= 0]
-        n = len(valid)
-        assert list(row[:n]) == valid, row
-        assert all(x == -1 for x in row[n:]), row
-        assert valid == sorted(set(valid)), row
-
-
 # =========================================================================== 1. brute force
 
 
@@ -319,7 +310,7 @@ def test_index_branch_matches_brute_force(case_bs, heads, di, dtype, causal, sha
     ids = R.select_blocks(iq, ik, **opts_kw, **case.kw())
     assert ids.dtype == np.int32
     np.testing.assert_array_equal(ids, exp_ids)
-    check_ascending_then_pad(ids)
+    assert_ascending_then_pad(ids)
 
     num_keys = {} if case.kind == "varlen" else dict(num_keys=case.seqs[0][1])
     ids2 = R.topk_blocks(got.astype(np.float32), **opts_kw, **num_keys, **case.kw())
@@ -461,7 +452,7 @@ def test_topk_matches_brute_force_and_shift_invariant(smap, opts, causal, sdtype
     kw = dict(top_k=top_k, block_size=bs, num_keys=nk, local_blocks=local, sink_blocks=sink, causal=causal)
     ids = R.topk_blocks(scores, **kw)
     np.testing.assert_array_equal(ids, bf_topk_seq(scores, nq, nk, bs, top_k, local, sink, causal))
-    check_ascending_then_pad(ids)
+    assert_ascending_then_pad(ids)
     # adding a constant to every score of a row does not change the selection
     shifted = (scores.astype(np.float64) + c).astype(sdtype)
     np.testing.assert_array_equal(R.topk_blocks(shifted, **kw), ids)
@@ -530,7 +521,7 @@ def test_nan_index_inputs_select_consistently():
         sc = R.block_scores(iq, ik, **kw)
         ids = R.select_blocks(iq, ik, **sel, **kw)
         np.testing.assert_array_equal(R.topk_blocks(sc, num_keys=20, **sel, **kw), ids)
-        check_ascending_then_pad(ids)
+        assert_ascending_then_pad(ids)
 
 
 def test_nan_and_neg_inf_never_picked():
@@ -714,20 +705,22 @@ BAD_INPUTS = [
      r"block_size"),
     ("scale inf", lambda: R.sparse_attention(Q3, K3, K3, BI3, scale=float("inf")), ValueError, r"scale"),
     ("scale str", lambda: R.sparse_attention(Q3, K3, K3, BI3, scale="1"), TypeError, r"scale"),
-    ("bi dtype", lambda: R.sparse_attention(Q3, K3, K3, BI3.astype(np.int64)), TypeError, r"block_indices"),
-    ("bi rank", lambda: R.sparse_attention(Q3, K3, K3, BI3[0]), ValueError, r"block_indices"),
+    ("bi dtype", lambda: R.sparse_attention(Q3, K3, K3, BI3.astype(np.int64)), TypeError,
+     r"^block_indices must have dtype int32, got int64"),
+    ("bi rank", lambda: R.sparse_attention(Q3, K3, K3, BI3[0]), ValueError,
+     r"^block_indices must have 3 or 4 dimensions, got shape \(2, 2\)"),
     ("bi groups", lambda: R.sparse_attention(Q3, K3, K3, np.zeros((5, 1, 2), np.int32)), ValueError,
-     r"block_indices"),
+     r"^block_indices must have shape \(5, 2\) \+ \(k,\), got \(5, 1, 2\)"),
     ("bi tokens", lambda: R.sparse_attention(Q3, K3, K3, np.zeros((4, 2, 2), np.int32)), ValueError,
-     r"block_indices"),
+     r"^block_indices must have shape \(5, 2\) \+ \(k,\), got \(4, 2, 2\)"),
     ("bi no slots", lambda: R.sparse_attention(Q3, K3, K3, np.zeros((5, 2, 0), np.int32)), ValueError,
-     r"block_indices"),
+     r"^block_indices must have at least one slot"),
     ("bi id too big", lambda: R.sparse_attention(Q3, K3, K3, np.full((5, 2, 2), 3, np.int32), block_size=4),
-     ValueError, r"block_indices"),
+     ValueError, r"^block_indices .*-1.* \[0, 3\).*\[3, 3\]"),
     ("bi id < -1", lambda: R.sparse_attention(Q3, K3, K3, np.full((5, 2, 2), -2, np.int32), block_size=4),
-     ValueError, r"block_indices"),
+     ValueError, r"^block_indices .*-1.* \[0, 3\).*\[-2, -2\]"),
     ("bi id batched", lambda: R.sparse_attention(Q4, K4, K4, np.full((2, 5, 2, 1), 9, np.int32), block_size=1),
-     ValueError, r"block_indices"),
+     ValueError, r"^block_indices .*-1.* \[0, 9\).*\[9, 9\]"),
     ("num_keys missing", lambda: R.topk_blocks(np.zeros((2, 5, 2, 3)), block_size=4, top_k=2), ValueError,
      r"num_keys"),
     ("num_keys missing 3d", lambda: R.topk_blocks(SC3, block_size=4, top_k=2), ValueError, r"num_keys"),

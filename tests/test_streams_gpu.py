@@ -3,26 +3,31 @@ import numpy as np
 import pytest
 
 import msa_cupy
+from msa_cupy import testing
 
 pytestmark = pytest.mark.gpu
+BUSY_CYCLES = 50_000_000  # torch.cuda._sleep: tens of milliseconds of a busy stream
 
 
 def _torch_inputs(torch, seed, n=2048, hq=16, hkv=4, d=128):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
-    return mk(1, n, hq, d), mk(1, n, hkv, d), mk(1, n, hkv, d)
+    """bf16 torch tensors (1, n, H, d) for q, k, v, drawn by the test kit."""
+    a = testing.attention_inputs(np.random.default_rng(seed), [(n, n)], n_kv_heads=hkv, group_size=hq // hkv,
+                                 head_dim=d, batched=True)
+    return tuple(torch.from_dlpack(testing.to_device(a[name])) for name in ("q", "k", "v"))
 
 
 def test_side_stream_producer_and_consumer_need_no_sync():
     torch = pytest.importorskip("torch")
     q, k, v = _torch_inputs(torch, 0)
     expected = msa_cupy.attention(q, k, v).float()
+    q2 = torch.full_like(q, float("nan"))  # what an unordered read would see
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        # the producer (a scale by 1) and the consumer run on the side stream; msa_cupy must
-        # queue its kernels there too, or it would read q2 before it is written
-        q2 = q * 1.0
+        # a busy producer: q2 is written only after a long kernel on the side stream; msa_cupy
+        # must queue its kernels behind it, or it reads the NaN and the result differs
+        torch.cuda._sleep(BUSY_CYCLES)
+        q2.copy_(q)
         out = msa_cupy.attention(q2, k, v)
         got = out.float() * 1.0
     stream.synchronize()
@@ -39,7 +44,7 @@ def test_varlen_cu_seqlens_made_on_a_side_stream():
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        torch.cuda._sleep(50_000_000)  # keep the stream busy so that an unordered read sees garbage
+        torch.cuda._sleep(BUSY_CYCLES)  # keep the stream busy so that an unordered read sees garbage
         cu = torch.nn.functional.pad((lengths * 1).cumsum(0).int(), (1, 0))
         got = msa_cupy.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu).float()
     stream.synchronize()

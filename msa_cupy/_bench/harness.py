@@ -1,21 +1,28 @@
-"""Timing and ceilings for the benchmarks.
+"""Timing, ceilings and records for the benchmarks: the one harness every suite runs on.
 
 Times are CUDA-event medians after warm-up (JIT excluded), over input sets rotated so that
 repeats do not find their inputs in L2.  Ceilings are measured in the same run on the same
 card: device-to-device copy bandwidth (bytes read + written) and a large bf16 matrix product.
+Inputs come from the test kit (``msa_cupy.testing``).  Results are written as one record per
+run in the schema of ``validate_record`` (benchmarks/README.md describes it).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import numbers
 import platform
+import re
 import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from .._interop import BFLOAT16 as BF16  # noqa: F401  (the benchmarks' dtype)
+from .. import testing
 from .._interop import external_stream
+
+BF16 = testing.DTYPES["bfloat16"]  # the benchmarks' dtype
+SCHEMA = 1  # version of the record layout checked by validate_record
 
 
 def cupy():
@@ -49,17 +56,7 @@ def rotations(nbytes_per_set: int, limit=4) -> int:
     return int(min(limit, max(1, -(-2 * l2 // max(nbytes_per_set, 1)))))
 
 
-RANDOM_CHUNK = 1 << 28  # elements generated in float32 at a time: bounded temporaries
-
-
-def random(shape, dtype, scale=1.0):
-    """Random normal device array (never zeros), generated in float32 chunks and cast."""
-    cp = cupy()
-    out = cp.empty(int(np.prod(shape)), dtype)
-    for i in range(0, out.size, RANDOM_CHUNK):
-        n = min(RANDOM_CHUNK, out.size - i)
-        out[i:i + n] = (cp.random.standard_normal(n, dtype=cp.float32) * scale).astype(dtype)
-    return out.reshape(shape)
+random = testing.device_randn  # random normal device arrays (never zeros), drawn in bounded chunks
 
 
 def selected_visible_keys(block_indices, num_keys: int, block_size: int) -> float:
@@ -118,13 +115,12 @@ def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
         return None
+    if nq != nk and causal:
+        return None  # SDPA's causal mask is top-left aligned; we only compare square prefill
     which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
     q = torch.randn(batch, hq, nq, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, hkv, nk, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(batch, hkv, nk, d, device="cuda", dtype=torch.bfloat16)
-    if nq != nk and causal:
-        return None  # SDPA's causal mask is top-left aligned; we only compare square prefill
-    cp = cupy()
     try:
         with sdpa_kernel([which]):
             fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
@@ -136,6 +132,22 @@ def dense_attention_ms(batch, nq, nk, hq, hkv, d, *, causal=True, backend="cudnn
     finally:  # torch's cache would otherwise keep tens of GiB from the runs that follow
         del q, k, v
         torch.cuda.empty_cache()
+
+
+def dense_decode_ms(batch, nk, hq, hkv, d) -> dict:
+    """Dense decode (one query per sequence at the end of its cache: non-causal attention over
+    every key) through SDPA: {"cudnn": ms, "flash": ms, "best": the faster or None}."""
+    dense = {b: dense_attention_ms(batch, 1, nk, hq, hkv, d, causal=False, backend=b) for b in ("cudnn", "flash")}
+    dense["best"] = min((t for t in dense.values() if t), default=None)
+    return dense
+
+
+def skip_if_too_big(report, name, need_bytes, **fields) -> bool:
+    """Report a skipped row (and return True) when need_bytes exceed the GPU's free memory."""
+    if need_bytes <= cupy().cuda.runtime.memGetInfo()[0]:
+        return False
+    report(name, **fields, skipped=f"needs ~{need_bytes / 2**30:.0f} GiB, more than is free")
+    return True
 
 
 def git_commit() -> str:
@@ -151,12 +163,59 @@ def git_commit() -> str:
         return "unknown"
 
 
+_CARD_FIELDS = {"name": str, "sm_count": numbers.Integral, "capability": str, "memory_GiB": numbers.Real}
+_CEILING_FIELDS = {"copy_GBps": numbers.Real, "matmul_TFLOPs": numbers.Real, "matmul_via": str}
+_COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+def validate_record(record) -> dict:
+    """Check a benchmark record against the schema; return it, or raise ValueError naming the field.
+
+    A record is one run: {"schema": 1, "suites": [names], "date": ISO 8601 with time zone,
+    "commit": git hash (7-40 hex digits), "host": str (optional), "card": {name, sm_count,
+    capability, memory_GiB}, "ceilings": {copy_GBps, matmul_TFLOPs, matmul_via}, "results":
+    [rows]}; each row has a "name" and fields that are numbers, strings, booleans or null.
+    """
+    def need(cond, what):
+        if not cond:
+            raise ValueError(f"benchmark record: {what}")
+
+    need(isinstance(record, dict), f"must be a JSON object, got {type(record).__name__}")
+    need(record.get("schema") == SCHEMA, f"schema must be {SCHEMA}, got {record.get('schema')!r}")
+    suites = record.get("suites")
+    need(isinstance(suites, list) and suites and all(isinstance(x, str) for x in suites),
+         f"suites must be a non-empty list of suite names, got {suites!r}")
+    try:
+        date = datetime.datetime.fromisoformat(record.get("date", ""))
+    except (TypeError, ValueError):
+        date = None
+    need(date is not None and date.tzinfo is not None, f"date must be ISO 8601 with a time zone, got {record.get('date')!r}")
+    commit = record.get("commit")
+    need(isinstance(commit, str) and _COMMIT.match(commit), f"commit must be a git hash, got {commit!r}")
+    need(isinstance(record.get("host", ""), str), "host must be a string")
+    for key, fields in (("card", _CARD_FIELDS), ("ceilings", _CEILING_FIELDS)):
+        part = record.get(key)
+        need(isinstance(part, dict), f"{key} must be an object, got {part!r}")
+        for field, kind in fields.items():
+            need(isinstance(part.get(field), kind) and not isinstance(part.get(field), bool),
+                 f"{key}.{field} must be {kind.__name__}, got {part.get(field)!r}")
+    results = record.get("results")
+    need(isinstance(results, list), "results must be a list of rows")
+    for i, row in enumerate(results):
+        need(isinstance(row, dict) and isinstance(row.get("name"), str), f"results[{i}] must have a name")
+        for field, value in row.items():
+            need(value is None or isinstance(value, (str, bool, numbers.Real)),
+                 f"results[{i}].{field} must be a number, string, boolean or null, got {value!r}")
+    return record
+
+
 class Report:
-    """Collects result rows; prints a table and writes JSON with card, date and commit."""
+    """Collects result rows; prints a table and writes the run's record (card, date, commit)."""
 
     def __init__(self):
         self.rows = []
-        self.meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        self.meta = {"schema": SCHEMA, "suites": [],
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                      "commit": git_commit(), "host": platform.node()}
 
     def __call__(self, name, **fields):
@@ -164,10 +223,19 @@ class Report:
         self.rows.append(row)
         print(" ".join([f"{name:<34}"] + [f"{k}={_fmt(v)}" for k, v in fields.items()]), flush=True)
 
-    def write(self, path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({**self.meta, "results": self.rows}, indent=1))
+    def record(self) -> dict:
+        return {**self.meta, "results": self.rows}
 
+    def write(self, path):
+        """Write the record; one that does not validate is still written (a long run is not
+        thrown away), with a warning saying what to fix before it belongs in benchmarks/."""
+        record = self.record()
+        try:
+            validate_record(record)
+        except ValueError as exc:
+            print(f"warning: {exc} (set MSA_CUPY_COMMIT where the tree has no git metadata)", flush=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(record, indent=1))
 
     def markdown(self, title="msa_cupy performance") -> str:
         """A table per kind of row, headed by the card, date, commit and ceilings."""

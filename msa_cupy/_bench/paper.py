@@ -8,7 +8,8 @@ and dense attention through torch SDPA (cuDNN and flash backends) on the same sh
 Dense prefill past ``dense_max_tokens`` (default DENSE_MAX_TOKENS; ``--dense-max-tokens`` on
 the command line) is not run, as it takes seconds to a minute a call: its time is extrapolated
 from the largest measured length by the quadratic FLOP count and marked "estimated".  Measured
-dense runs past DENSE_MAX_TOKENS are timed once after one warm-up run.  Decode shapes that do not fit in free GPU memory are skipped and say so.
+dense runs past DENSE_MAX_TOKENS are timed once after one warm-up run.  Decode shapes that do not
+fit in free GPU memory are skipped and say so.
 """
 from __future__ import annotations
 
@@ -74,10 +75,9 @@ def prefill(report, ceilings, n, dense_ref, dense_max_tokens=DENSE_MAX_TOKENS):
 
 def decode(report, ceilings, batch, n):
     cp = harness.cupy()
-    need = batch * n * (2 * HKV * D + DI) * 2 * 1.3
-    if need > cp.cuda.runtime.memGetInfo()[0]:
-        report(f"decode b{batch} {n // 1024}K", kind="decode", batch=batch, tokens=n,
-               skipped=f"needs ~{need / 2**30:.0f} GiB, more than is free")
+    name = f"decode b{batch} {n // 1024}K"
+    if harness.skip_if_too_big(report, name, batch * n * (2 * HKV * D + DI) * 2 * 1.3, kind="decode", batch=batch,
+                               tokens=n):
         return
     q, k, v, iq, ik = _inputs(batch, 1, n)
     select_ms, sparse_ms, total_ms, ids = _time_stages(q, k, v, iq, ik, repeat=5)
@@ -86,17 +86,17 @@ def decode(report, ceilings, batch, n):
     floor_ms = floor_bytes / ceilings["copy_GBps"] / 1e6  # copy_GBps: all bytes moved per second
     del q, k, v, iq, ik, ids
     cp.get_default_memory_pool().free_all_blocks()
-    # one query at the end of the cache sees every key: dense decode is non-causal attention
-    dense = {b: harness.dense_attention_ms(batch, 1, n, HQ, HKV, D, causal=False, backend=b) for b in ("cudnn", "flash")}
-    best = min((t for t in dense.values() if t), default=None)
-    report(f"decode b{batch} {n // 1024}K", kind="decode", batch=batch, tokens=n, msa_ms=total_ms,
+    dense = harness.dense_decode_ms(batch, n, HQ, HKV, D)
+    report(name, kind="decode", batch=batch, tokens=n, msa_ms=total_ms,
            select_ms=select_ms, sparse_ms=sparse_ms, floor_ms=floor_ms, pct_of_floor=100 * floor_ms / total_ms,
            dense_cudnn_ms=dense["cudnn"], dense_flash_ms=dense["flash"],
-           speedup_vs_dense=best / total_ms if best else None)
+           speedup_vs_dense=dense["best"] / total_ms if dense["best"] else None)
 
 
 def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES,
         dense_max_tokens=DENSE_MAX_TOKENS):
+    """End-to-end prefill at each of tokens (with each stage and dense attention), decode per
+    cache length and batch."""
     dense_ref = {}
     for n in tokens:
         prefill(report, ceilings, n, dense_ref, dense_max_tokens)

@@ -10,6 +10,7 @@ HQ, HKV, D, BLOCK, TOP_K = 64, 4, 128, 128, 16
 
 
 def run(report, ceilings, tokens=(32768,)):
+    """Selection and sparse attention on the plain path, one causal sequence of each of tokens."""
     cp = harness.cupy()
     for n in tokens:
         layout = uniform_layout(1, n, n)

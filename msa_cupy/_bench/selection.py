@@ -7,6 +7,10 @@
   matmul ceiling, and the speedup over the plain CuPy path.
 - decode selection (1 query per sequence, shared index_k): time against the floor of reading the
   index keys once at the copy ceiling's bandwidth.
+
+Suite "selection" runs all three; suite "select_variants" times the default prefill kernel against
+its variants (on sm_90 the default is the wgmma kernel, select_sm90.cu, and warps=(8, 1) the
+mma.sync kernel, select.cu), checking that each variant picks the default's block ids.
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ from .._layout import uniform_layout
 from . import harness
 
 HKV, DI, BLOCK, TOP_K = 4, 128, 128, 16
+PREFILL_TOKENS = (32768, 131072, 1 << 20)
+DECODE_CACHES = (131072, 1 << 20)
+DECODE_BATCHES = (1, 8, 32)
+VARIANTS = ((8, 1),)  # warp grids timed against the default (mma.sync on sm_90)
 HOST_CALLS = 20
 OPTS = dict(top_k=TOP_K, block_size=BLOCK, local_blocks=1, sink_blocks=0)
 
@@ -146,16 +154,20 @@ def bench_decode(report, ceil, batch, nk, plain=True):
     del sets
 
 
-def run(report, ceilings=None, *, quick=False):
-    """All selection benchmarks; `report(name, **fields)` receives each row."""
-    ceil = ceilings or harness.ceilings()
-    report("ceilings", card=harness.card()["name"], **ceil)
-    bench_topk(report, ceil, 131072, 131072, causal=True)
-    bench_topk(report, ceil, 131072, 131072, causal=False)
-    bench_topk(report, ceil, 4096, 1 << 20, causal=True)
-    for n in ((32768, 131072) if quick else (32768, 131072, 1 << 20)):
-        bench_prefill(report, ceil, n, plain=n <= 32768,
-                      variants=((8, 1),) if n == 131072 else ())
-    for nk in (131072, 1 << 20):
-        for batch in (1, 8, 32):
-            bench_decode(report, ceil, batch, nk, plain=batch == 1)
+def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES):
+    """Top-k over scores at 128K (causal and not) and 4K queries x 1M keys, fused prefill
+    selection at each of tokens, decode selection for each cache length and batch."""
+    bench_topk(report, ceilings, 131072, 131072, causal=True)
+    bench_topk(report, ceilings, 131072, 131072, causal=False)
+    bench_topk(report, ceilings, 4096, 1 << 20, causal=True)
+    for n in tokens:
+        bench_prefill(report, ceilings, n, plain=n <= 32768, variants=VARIANTS if n == 131072 else ())
+    for nk in caches:
+        for batch in batches:
+            bench_decode(report, ceilings, batch, nk, plain=batch == 1)
+
+
+def run_variants(report, ceilings, tokens=PREFILL_TOKENS, variants=VARIANTS):
+    """Fused prefill selection at each of tokens: the default kernel, then each variant."""
+    for n in tokens:
+        bench_prefill(report, ceilings, n, plain=False, variants=variants)

@@ -1,0 +1,109 @@
+"""Sparse attention alone (msa_cupy.sparse: reverse index, attention, combine) at the paper's
+shapes: Hq=64, Hkv=4, D=128, Bk=128, k=16, bf16, causal; block indices shaped like a selector's
+(the local block + 15 distinct random earlier blocks per (query, group)).
+
+Prefill: useful TFLOP/s (4 * Hq / Hkv * D * selected visible keys, summed over (query, group))
+against the matmul ceiling, the reverse index / attention / combine split, and dense causal
+attention (torch SDPA, cuDNN) on the same shapes up to ``dense_max_tokens``.  Decode (one query
+per sequence): bytes of the selected K/V blocks over the time against the copy ceiling, and
+dense decode (best of cuDNN and flash).  ``variants``: tuning keyword sets of the prefill
+kernels (e.g. ``dict(prefill_kernel="mma")``), each timed and compared with the default's output.
+"""
+from __future__ import annotations
+
+from .. import testing
+from . import harness
+
+HQ, HKV, D, BLOCK, TOP_K = 64, 4, 128, 128, 16
+PREFILL_TOKENS = (32768, 131072)
+DECODE_CACHES = (131072, 1 << 20)
+DECODE_BATCHES = (1, 8, 32)
+DENSE_MAX_TOKENS = 131072
+
+
+def _attention(q, k, v, block_indices, n_seq, nq, nk, **tuning):
+    """A call of the kernels' launch function (no public-API id check) for n_seq equal
+    sequences; returns fn(stats=None) -> (out, lse)."""
+    from .. import sparse
+    from .._layout import uniform_layout
+
+    cp = harness.cupy()
+    layout = uniform_layout(n_seq, nq, nk)
+    cu_q, cu_k = (cp.asarray(x.astype("int32")) for x in (layout.cu_q, layout.cu_k))
+    return lambda stats=None: sparse.sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, block_size=BLOCK,
+                                                      causal=True, scale=D**-0.5, stats=stats, **tuning)
+
+
+def _stages(run):
+    """Milliseconds of each phase of one run (CUDA events between the phases)."""
+    from .. import sparse
+
+    stats = sparse._Stats()
+    run(stats)
+    return stats.totals()
+
+
+def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=()):
+    cp = harness.cupy()
+    rng = cp.random.default_rng(n)
+    q = testing.device_randn((n, HQ, D), harness.BF16)
+    k, v = testing.device_randn((n, HKV, D), harness.BF16), testing.device_randn((n, HKV, D), harness.BF16)
+    ids = testing.plausible_block_indices(rng, n, n, HKV, TOP_K, BLOCK)
+    flops = 4 * (HQ // HKV) * D * harness.selected_visible_keys(ids, n, BLOCK)
+    matmul = ceilings["matmul_TFLOPs"]
+    default = None
+    for tuning in ({}, *variants):
+        run = _attention(q, k, v, ids, 1, n, n, **tuning)
+        ms = harness.time_ms(run, [()], warmup=2, repeat=5)
+        split = _stages(run)
+        fields = dict(kind="sparse prefill", tokens=n, ms=ms, TFLOPs=flops / ms / 1e9,
+                      pct_matmul=100 * flops / ms / 1e9 / matmul, reverse_index_ms=split.get("reverse_index"),
+                      attention_ms=split.get("attention"), combine_ms=split.get("combine"),
+                      attention_pct_matmul=100 * flops / split["attention"] / 1e9 / matmul
+                      if split.get("attention") else None)
+        out = run()[0].astype(cp.float32)
+        if default is None:
+            default = out
+        else:  # a variant against the default: a sanity check, the tests are the judge
+            fields["rel_diff_vs_default"] = float(cp.linalg.norm(out - default) / cp.linalg.norm(default))
+        del out
+        name = f"sparse prefill {n // 1024}K" + "".join(f" {key}={value}" for key, value in tuning.items())
+        report(name, **fields)
+    del q, k, v, ids, default
+    cp.get_default_memory_pool().free_all_blocks()
+    if n <= dense_max_tokens:
+        dense = harness.dense_attention_ms(1, n, n, HQ, HKV, D, causal=True, backend="cudnn")
+        report(f"dense prefill {n // 1024}K", kind="dense prefill", tokens=n, dense_cudnn_ms=dense)
+
+
+def decode(report, ceilings, batch, nk):
+    cp = harness.cupy()
+    name = f"sparse decode b{batch} {nk // 1024}K"
+    if harness.skip_if_too_big(report, name, batch * nk * 2 * HKV * D * 2 * 1.3, kind="sparse decode", batch=batch,
+                               tokens=nk):
+        return
+    q = testing.device_randn((batch, HQ, D), harness.BF16)
+    k, v = testing.device_randn((batch * nk, HKV, D), harness.BF16), testing.device_randn((batch * nk, HKV, D), harness.BF16)
+    ids = testing.plausible_block_indices(cp.random.default_rng(nk + batch), 1, nk, HKV, TOP_K, BLOCK, n_seq=batch)
+    nbytes = float((ids >= 0).sum()) * BLOCK * D * 2 * 2 + 2 * q.nbytes  # selected K and V blocks, q in, out
+    run = _attention(q, k, v, ids, batch, 1, nk)
+    ms = harness.time_ms(run, [()], warmup=3, repeat=20)
+    split = _stages(run)
+    del q, k, v, ids
+    cp.get_default_memory_pool().free_all_blocks()
+    dense = harness.dense_decode_ms(batch, nk, HQ, HKV, D)
+    report(name, kind="sparse decode", batch=batch, tokens=nk, ms=ms,
+           GBps=nbytes / ms / 1e6, pct_copy=100 * nbytes / ms / 1e6 / ceilings["copy_GBps"],
+           reverse_index_ms=split.get("reverse_index"), attention_ms=split.get("attention"),
+           combine_ms=split.get("combine"), dense_cudnn_ms=dense["cudnn"], dense_flash_ms=dense["flash"],
+           speedup_vs_dense=dense["best"] / ms if dense["best"] else None)
+
+
+def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES,
+        dense_max_tokens=DENSE_MAX_TOKENS, variants=()):
+    """Sparse attention prefill at each of tokens (and each variant), decode per cache and batch."""
+    for n in tokens:
+        prefill(report, ceilings, n, dense_max_tokens, variants)
+    for nk in caches:
+        for batch in batches:
+            decode(report, ceilings, batch, nk)
