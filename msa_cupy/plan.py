@@ -70,6 +70,44 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def workspace_layout(*, max_batch, queries_per_seq, num_q_heads, num_kv_heads, head_dim, top_k, max_pages, dtype,
+                     splits, training_free) -> list:
+    """The views of a decode plan's workspace, (name, shape, dtype), in allocation order."""
+    rows = max_batch * queries_per_seq
+    group = num_q_heads // num_kv_heads
+    entries = rows * num_kv_heads * top_k  # one partial (o, lse) per pick
+    views = [
+        ("cu_q", (max_batch + 1,), np.int32),
+        ("cu_k", (max_batch + 1,), np.int32),
+        ("block_table", (max_batch, max_pages), np.int32),
+        ("errors", (1,), np.int32),
+        ("ids", (rows, num_kv_heads, top_k), np.int32),
+        ("part_lse", (entries * group,), np.float32),
+        ("part_o", (entries * group * head_dim,), dtype),
+        ("out", (rows, num_q_heads, head_dim), dtype),
+        ("lse", (rows, num_q_heads), np.float32),
+    ]
+    if splits > 1:
+        views.append(("partial", (rows, num_kv_heads, splits, top_k), np.uint64))
+    if training_free:
+        views.append(("index_q", (rows, num_kv_heads, head_dim), dtype))
+    return views
+
+
+def workspace_bytes(views) -> int:
+    """Bytes of one allocation holding every view, each on a 256-byte boundary."""
+    return sum(_aligned(math.prod(shape) * np.dtype(dt).itemsize) for _, shape, dt in views)
+
+
+def _dtype_of(dtype):
+    """float16 / bfloat16 from a NumPy, CuPy, PyTorch or JAX dtype or its name."""
+    name = str(getattr(dtype, "name", dtype)).split(".")[-1]
+    found = {"float16": np.dtype(np.float16), "half": np.dtype(np.float16), "bfloat16": _interop.BFLOAT16}.get(name)
+    if found is None:
+        raise TypeError(f"dtype must be float16 or bfloat16, got {dtype}")
+    return found
+
+
 class DecodePlan:
     """MSA decode over a KV cache for up to ``max_batch`` sequences of up to ``max_cache_len``
     keys, ``queries_per_seq`` new queries each (1: decode; 2-16: multi-token prediction).
@@ -110,9 +148,7 @@ class DecodePlan:
             raise ValueError(f"top_k must be <= {selection.MAX_TOP_K} for decode plans, got {self.top_k}")
         if self.queries_per_seq > MAX_QUERIES_PER_SEQ:
             raise ValueError(f"queries_per_seq must be <= {MAX_QUERIES_PER_SEQ}, got {self.queries_per_seq}")
-        self.dtype = np.dtype(_interop.BFLOAT16 if str(dtype) in ("bfloat16", "bf16") else dtype)
-        if self.dtype not in _interop.GPU_DTYPES:
-            raise TypeError(f"dtype must be float16 or bfloat16, got {dtype}")
+        self.dtype = _dtype_of(dtype)
         self.training_free = index_dim is None
         self.index_dim = self.head_dim if self.training_free else check("index_dim", index_dim, minimum=1)
         self.index_k_heads = self.num_kv_heads if self.training_free else check("index_k_heads", index_k_heads,
@@ -139,7 +175,6 @@ class DecodePlan:
 
         cp = _interop.require_cupy()
         self.device = cp.cuda.runtime.getDevice()
-        rows = self.max_batch * self.queries_per_seq
         self._select = selection.select_config(
             dtype=self.dtype, index_dim=self.index_dim, block_size=self.block_size, n_heads=self.num_kv_heads,
             k_heads=self.index_k_heads, n_seq=self.max_batch, max_q=self.queries_per_seq, max_k=self.max_cache_len,
@@ -152,23 +187,11 @@ class DecodePlan:
         sparse.combine_kernel(self.dtype, self.head_dim, self.group_size)
         for kern, smem in ((self._select.kernel, self._select.smem), (self._decode, self._decode_smem)):
             kern.reserve_shared(smem)
-        entries = rows * self.num_kv_heads * self.top_k
-        self._views = [  # (name, shape, dtype): carved from one allocation in this order
-            ("cu_q", (self.max_batch + 1,), np.int32),
-            ("cu_k", (self.max_batch + 1,), np.int32),
-            ("block_table", (self.max_batch, self.max_pages), np.int32),
-            ("errors", (1,), np.int32),
-            ("ids", (rows, self.num_kv_heads, self.top_k), np.int32),
-            ("part_lse", (entries * self.group_size,), np.float32),
-            ("part_o", (entries * self.group_size * self.head_dim,), self.dtype),
-            ("out", (rows, self.num_q_heads, self.head_dim), self.dtype),
-            ("lse", (rows, self.num_q_heads), np.float32),
-        ]
-        if self._select.splits > 1:
-            self._views.append(("partial", (rows, self.num_kv_heads, self._select.splits, self.top_k), np.uint64))
-        if self.training_free:
-            self._views.append(("index_q", (rows, self.num_kv_heads, self.head_dim), self.dtype))
-        self.workspace_bytes = sum(_aligned(math.prod(shape) * np.dtype(dt).itemsize) for _, shape, dt in self._views)
+        self._views = workspace_layout(
+            max_batch=self.max_batch, queries_per_seq=self.queries_per_seq, num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, top_k=self.top_k, max_pages=self.max_pages,
+            dtype=self.dtype, splits=self._select.splits, training_free=self.training_free)
+        self.workspace_bytes = workspace_bytes(self._views)
         self._ws = None
         self._batch = None
         self._torch_streams: dict = {}
