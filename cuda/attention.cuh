@@ -54,19 +54,21 @@ __device__ __forceinline__ bool first_occurrence(const int* __restrict__ row, in
 // (mma.sync) and sparse_prefill_sm90.cu (wgmma); `offset(row, chunk)` places 16-byte chunks
 // in each kernel's shared-memory tile layout.
 struct PrefillItem {
-    int count, start, g, block, q_start, n_q, k_start, n_k;  // block: the key block's index in its sequence
+    int count, start, g, block, seq, q_start, n_q, k_start, n_k;  // block: the key block's index in its sequence
+    KeyRows key_rows;
 
     // false for an empty item (the grid is an upper bound of the item count)
     __device__ __forceinline__ bool init(const int* __restrict__ items, const int* __restrict__ block_off, int n_seq,
                                          const int* __restrict__ cu_q, const int* __restrict__ cu_k,
-                                         int n_blocks_total) {
+                                         int n_blocks_total, KeyRows key_rows_) {
+        key_rows = key_rows_;
         count = items[3 * blockIdx.x + 2];
         if (count == 0) return false;
         const int bucket = items[3 * blockIdx.x];
         start = items[3 * blockIdx.x + 1];
         g = bucket / n_blocks_total;
         const int gblock = bucket - g * n_blocks_total;
-        const int seq = sequence_of(block_off, n_seq, gblock);  // largest s with block_off[s] <= gblock
+        seq = sequence_of(block_off, n_seq, gblock);  // largest s with block_off[s] <= gblock
         block = gblock - block_off[seq];
         q_start = cu_q[seq];
         n_q = cu_q[seq + 1] - q_start;
@@ -84,7 +86,7 @@ struct PrefillItem {
             const int row = c / CH, ch = c % CH;
             const int key = block * BK + row;
             const bool ok = key < n_k;
-            const i64 off = ((i64)(k_start + (ok ? key : block * BK)) * n_heads_kv + g) * D + ch * 8;
+            const i64 off = (key_rows.row(seq, k_start, ok ? key : block * BK) * n_heads_kv + g) * D + ch * 8;
             cp_async_16(Ks + offset(row, ch), k + off, ok ? 16 : 0);
             cp_async_16(Vs + offset(row, ch), v + off, ok ? 16 : 0);
         }

@@ -32,3 +32,16 @@ template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
 }
 
 #define MSA_NEG_INF (-__int_as_float(0x7f800000))
+
+// Row of key token `key` (0-based in its sequence) of sequence `seq` in a token-major
+// K / V / index-key array ([rows][heads][dim]).  Contiguous (varlen) arrays hold a sequence
+// from row cu_k[seq] = k_start on; paged caches hold it in pages of page_size rows, page
+// block_table[seq * max_pages + key / page_size] (page ids arbitrary: permuted, shared).
+struct KeyRows {
+    const int* __restrict__ block_table;  // nullptr: contiguous
+    int max_pages, page_size;
+    __device__ __forceinline__ i64 row(int seq, int k_start, int key) const {
+        if (block_table == nullptr) return (i64)k_start + key;
+        return (i64)block_table[(i64)seq * max_pages + key / page_size] * page_size + key % page_size;
+    }
+};

@@ -21,7 +21,7 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
                      const int* __restrict__ block_indices, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int n_seq, int q_begin, int n_heads_q, int n_heads_kv,
                      int top_k, PT* __restrict__ part_o, float* __restrict__ part_lse, int causal,
-                     float scale_log2) {
+                     float scale_log2, const int* __restrict__ block_table, int max_pages, int page_size) {
     constexpr int KW = BK / WARPS;   // keys per warp
     constexpr int CH = D / 8;        // 16-byte chunks per row
     constexpr int NT = KW / 8;       // n-tiles of S per warp
@@ -40,6 +40,7 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
     const int position = n_k - n_q + (token - q_start);
     const int lim = (causal ? min(position + 1, n_k) : n_k) - key0;  // visible keys of the block
+    const KeyRows key_rows{block_table, max_pages, page_size};
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -51,7 +52,7 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
         const int row = c / CH, ch = c % CH;
         const int key = key0 + kw0 + row;
         const bool ok = key < n_k && kw0 + row < lim;  // invisible keys are masked: skip their bytes
-        const i64 off = ((i64)(k_start + (ok ? key : key0)) * n_heads_kv + g) * D + ch * 8;
+        const i64 off = (key_rows.row(seq, k_start, ok ? key : key0) * n_heads_kv + g) * D + ch * 8;
         cp_async_16(Ks + swizzled<D>(row, ch), k + off, ok ? 16 : 0);
         cp_async_16(Vs + swizzled<D>(row, ch), v + off, ok ? 16 : 0);
     }

@@ -26,7 +26,8 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
               const int* __restrict__ cu_q, const int* __restrict__ cu_k,
               float* __restrict__ scores_out, int* __restrict__ ids_out, u64* __restrict__ partial_out,
               int n_heads, int k_heads, int width, int q_tiles, int top_k, int local_blocks,
-              int sink_blocks, int causal, int n_splits) {
+              int sink_blocks, int causal, int n_splits,
+              const int* __restrict__ block_table, int max_pages, int page_size) {
     constexpr int THREADS = 32 * WM * WN;
     constexpr int BM = 32 * WM;              // rows per CTA
     constexpr int NW = KEY_TILE / WN;        // keys per warp per tile
@@ -49,7 +50,7 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     const int group = lane >> 2, quad = lane & 3;
 
     SelectRows<BM> rows;
-    if (!rows.init(cu_q, cu_k, n_heads, k_heads, q_tiles, causal, n_splits)) return;
+    if (!rows.init(cu_q, cu_k, n_heads, k_heads, q_tiles, causal, n_splits, KeyRows{block_table, max_pages, page_size})) return;
     const int rows_here = rows.rows_here, t_begin = rows.t_begin, t_end = rows.t_end;
     auto load_keys = [&](int buf, int t) { rows.template load_keys<DI, THREADS>(kbuf + buf * KEY_TILE * DI, index_k, t); };
 

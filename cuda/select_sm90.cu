@@ -24,7 +24,8 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                    float* __restrict__ scores_out, int* __restrict__ ids_out, u64* __restrict__ partial_out,
                    int n_heads, int k_heads, int width, int q_tiles, int top_k, int local_blocks,
-                   int sink_blocks, int causal, int n_splits) {
+                   int sink_blocks, int causal, int n_splits,
+              const int* __restrict__ block_table, int max_pages, int page_size) {
     constexpr int THREADS = 256;
     constexpr int BM = SM90_ROWS;
     constexpr int KS = DI / 16;              // k16 steps
@@ -43,7 +44,7 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     const int group = lane >> 2, quad = lane & 3;
 
     SelectRows<BM> rows;
-    if (!rows.init(cu_q, cu_k, n_heads, k_heads, q_tiles, causal, n_splits)) return;
+    if (!rows.init(cu_q, cu_k, n_heads, k_heads, q_tiles, causal, n_splits, KeyRows{block_table, max_pages, page_size})) return;
     const int rows_here = rows.rows_here, t_begin = rows.t_begin, t_end = rows.t_end;
     auto stage_of = [&](int t) { return kbuf + ((t - t_begin) % STAGES) * KEY_TILE * DI; };
 

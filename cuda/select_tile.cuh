@@ -21,15 +21,17 @@ constexpr int EPI_TOPK = 1;
 
 template <int BM>
 struct SelectRows {
-    int q_start, nq, k_start, nk;
+    int seq, q_start, nq, k_start, nk;
+    KeyRows key_rows;
     int rows_per_q, g0, k_head, n_heads, k_heads, causal;
     int row0, rows_here;
     int t_begin, t_end, n_tiles, n_vis_min;
 
     // false when the CTA has no rows (a row tile past its sequence's end)
     __device__ __forceinline__ bool init(const int* cu_q, const int* cu_k, int n_heads_, int k_heads_,
-                                         int q_tiles, int causal_, int n_splits) {
-        const int seq = blockIdx.x / q_tiles;
+                                         int q_tiles, int causal_, int n_splits, KeyRows key_rows_) {
+        seq = blockIdx.x / q_tiles;
+        key_rows = key_rows_;
         const int tile = q_tiles - 1 - (int)(blockIdx.x % q_tiles);
         q_start = cu_q[seq];
         nq = cu_q[seq + 1] - q_start;
@@ -69,7 +71,7 @@ struct SelectRows {
             const int kr = c / CH, ch = c % CH;
             const int key = t * KEY_TILE + kr;
             const bool in = key < nk;
-            const T* src = in ? index_k + ((i64)(k_start + key) * k_heads + k_head) * DI + ch * 8 : index_k;
+            const T* src = in ? index_k + (key_rows.row(seq, k_start, key) * k_heads + k_head) * DI + ch * 8 : index_k;
             cp_async_16(dst + swizzled_panel<DI, KEY_TILE>(kr, ch), src, in ? 16 : 0);
         }
     }

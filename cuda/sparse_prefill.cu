@@ -33,7 +33,8 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                       const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                       const int* __restrict__ block_off, int n_seq,
                       PT* __restrict__ part_o, float* __restrict__ part_lse,
-                      int n_blocks_total, int n_heads_q, int n_heads_kv, int causal, float scale_log2) {
+                      int n_blocks_total, int n_heads_q, int n_heads_kv, int causal, float scale_log2,
+                      const int* __restrict__ block_table, int max_pages, int page_size) {
     constexpr int THREADS = WARPS * 32;
     constexpr int M = 16 * MT * WARPS;   // rows of one query tile (MT m16 tiles per warp)
     constexpr int TQ = M / G;            // query tokens per tile
@@ -46,7 +47,7 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     static_assert(STAGES >= 2, "at least one query tile in flight while one is computed");
 
     PrefillItem it;
-    if (!it.init(items, block_off, n_seq, cu_q, cu_k, n_blocks_total)) return;
+    if (!it.init(items, block_off, n_seq, cu_q, cu_k, n_blocks_total, KeyRows{block_table, max_pages, page_size})) return;
     const int count = it.count, start = it.start;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-OP_MODULES = ("_plain", "selection", "sparse")  # modules that declare kernel variants
+OP_MODULES = ("_plain", "selection", "sparse", "plan")  # modules that declare kernel variants
 
 
 def cmd_info(_args):

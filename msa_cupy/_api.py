@@ -7,7 +7,11 @@ import os
 
 import numpy as np
 
+<<<<<<< HEAD
 from . import _interop, _plain, reference, selection, sparse
+=======
+from . import _interop, _plain, plan, reference
+>>>>>>> serve
 from ._interop import Call
 from ._layout import Layout
 
@@ -30,43 +34,24 @@ def _route(op: str, **shape):
     return kernels
 
 
-_UNIFORM_CU: dict = {}  # (device, n_seq, q_len, k_len) -> device (cu_q, cu_k), complete and read-only
-_UNIFORM_CU_MAX = 256
-
-
 def _device_cu(call: Call, layout: Layout):
-    """Device cu_seqlens for the kernels: the caller's (varlen), or for batched inputs
-    (B sequences of equal length; rank 3 without cu_seqlens: one sequence of all tokens) an
-    array made once per shape and device.  It is copied on a private stream and complete
-    before first use, so it can serve any stream later without ordering (it only holds host
-    data); a decode call then launches no kernel to build it."""
+    """Device cu_seqlens for the kernels: the caller's (varlen), or for batched inputs (B
+    sequences of equal length; rank 3 without cu_seqlens: one sequence of all tokens) a fresh
+    array written by one launch on the caller's stream.  Nothing is cached: a cached array
+    could be freed while queued kernels still read it, and a growing cache changes the
+    lengths every step."""
     cp = _interop.require_cupy()
     cu_q, cu_k = call.arrays.get("cu_seqlens_q"), call.arrays.get("cu_seqlens_k")
     if cu_q is not None:
         return cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
     q_len, k_len = (layout.uniform_q, layout.uniform_k) if layout.uniform else (layout.total_q, layout.total_k)
-    key = (cp.cuda.runtime.getDevice(), layout.n_seq, q_len, k_len)
-    hit = _UNIFORM_CU.get(key)
-    if hit is None:
-        steps = np.arange(layout.n_seq + 1, dtype=np.int64)
-        with cp.cuda.Stream(non_blocking=True) as private:
-            hit = (cp.asarray((steps * q_len).astype(np.int32)), cp.asarray((steps * k_len).astype(np.int32)))
-            private.synchronize()
-        if len(_UNIFORM_CU) >= _UNIFORM_CU_MAX:
-            _UNIFORM_CU.clear()
-        _UNIFORM_CU[key] = hit
-    return hit
+    return plan.uniform_cu_seqlens(layout.n_seq, q_len, k_len)
 
 
 def _group_mean(q, n_groups):
-    """Training-free index_q: the mean of each group's query heads, accumulated one head at a
-    time in float32 so that no float32 copy of all of q is made."""
+    """Training-free index_q: the mean of each group's query heads (one launch, fp32 sums)."""
     cp = _interop.require_cupy()
-    grouped = q.reshape(q.shape[0], n_groups, q.shape[1] // n_groups, q.shape[2])
-    total = cp.zeros((q.shape[0], n_groups, q.shape[2]), cp.float32)
-    for j in range(grouped.shape[2]):
-        total += grouped[:, :, j].astype(cp.float32)
-    return (total / grouped.shape[2]).astype(q.dtype)
+    return plan.group_mean(q, cp.empty((q.shape[0], n_groups, q.shape[2]), q.dtype), n_groups)
 
 
 def _numpy_result(result, dtype):

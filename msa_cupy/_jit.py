@@ -221,16 +221,20 @@ class Kernel:
         self.name = name
         self._smem_limit = 48 * 1024
 
+    def reserve_shared(self, nbytes: int):
+        """Raise the kernel's dynamic shared-memory limit to nbytes (a plan does it up front, so
+        that a captured launch makes no attribute call)."""
+        import cupy
+
+        if nbytes > self._smem_limit:
+            cupy.cuda.driver.funcSetAttribute(
+                self.function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(nbytes))
+            self._smem_limit = int(nbytes)
+
     def __call__(self, grid, block, args, shared_mem=0):
         import cupy
 
-        if shared_mem > self._smem_limit:
-            cupy.cuda.driver.funcSetAttribute(
-                self.function.ptr,
-                cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                int(shared_mem),
-            )
-            self._smem_limit = int(shared_mem)
+        self.reserve_shared(shared_mem)
         grid = tuple(int(g) for g in grid)
         if min(grid) == 0:
             return

@@ -93,3 +93,14 @@ def single_layout(nq: int, nk: int) -> Layout:
 
 def varlen_layout(cu_q: np.ndarray, cu_k: np.ndarray) -> Layout:
     return Layout(batch_shape=(), cu_q=np.asarray(cu_q, np.int64), cu_k=np.asarray(cu_k, np.int64))
+
+
+def key_rows(block_table=None, max_pages: int = 0, page_size: int = 1) -> tuple:
+    """Kernel arguments that say where key token j of sequence s lives (``KeyRows`` in
+    cuda/common.cuh): contiguous (varlen) arrays by default, else pages of ``page_size`` rows
+    named by an int32 device ``block_table`` (n_seq, max_pages)."""
+    table = np.uint64(0) if block_table is None else block_table
+    return table, np.int32(max_pages), np.int32(page_size)
+
+
+CONTIGUOUS_KEYS = key_rows()

@@ -256,3 +256,50 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
                                 scale=scale, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True)
     result = (out,) + ((lse,) if flags["return_lse"] else ()) + ((indices,) if flags["return_indices"] else ())
     return result if len(result) > 1 else out
+
+
+# --------------------------------------------------------------------------- KV caches (decode plans)
+
+
+def cache_rows(seq_lens, page_size: int, block_table=None):
+    """Row of every cached key, sequence after sequence, in a cache flattened to (rows, heads,
+    dim): key j of sequence s is row j % page_size of page block_table[s, j // page_size]; a
+    contiguous cache (batch, cache_len, ...) is one page of cache_len rows per sequence."""
+    table = np.arange(len(seq_lens))[:, None] if block_table is None else np.asarray(block_table, np.int64)
+    rows = [table[s, j // page_size] * page_size + j % page_size
+            for s, j in enumerate(np.arange(n, dtype=np.int64) for n in np.asarray(seq_lens, np.int64))]
+    return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, *, block_table=None, index_q=None, index_k_cache=None,
+                     block_size=128, top_k=16, local_blocks=1, sink_blocks=0, scale=None, return_lse=False,
+                     return_indices=False):
+    """MSA over a KV cache, as ``DecodePlan.run`` computes it: ``q`` (B, nq, Hq, D) holds the
+    last nq tokens of each sequence (their keys are in the cache: ``seq_lens`` counts them);
+    caches are contiguous (B', cache_len, H, D) or, with ``block_table`` (B, pages), paged
+    (pages, page_size, H, D).  ``index_k_cache`` is laid out like the K cache.  Gathers each
+    sequence's keys and runs :func:`attention` on the varlen batch (causal, bottom-right)."""
+    q = np.asarray(q)
+    batch, nq = q.shape[:2]
+    seq_lens = np.asarray(seq_lens, np.int64)
+    k_cache, v_cache = np.asarray(k_cache), np.asarray(v_cache)
+    rows = cache_rows(seq_lens, k_cache.shape[1], block_table)
+
+    def gather(cache):
+        cache = np.asarray(cache)
+        return cache.reshape(-1, *cache.shape[2:])[rows]
+
+    cu_q = (np.arange(batch + 1) * nq).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(seq_lens)]).astype(np.int32)
+    flat_q = q.reshape(batch * nq, *q.shape[2:])
+    index = {}
+    if index_q is not None:
+        index = dict(index_q=np.asarray(index_q).reshape(batch * nq, *np.asarray(index_q).shape[2:]),
+                     index_k=gather(index_k_cache))
+    result = attention(flat_q, gather(k_cache), gather(v_cache), block_size=block_size, top_k=top_k,
+                       local_blocks=local_blocks, sink_blocks=sink_blocks, causal=True, scale=scale,
+                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=return_lse,
+                       return_indices=return_indices, **index)
+    result = result if isinstance(result, tuple) else (result,)
+    shaped = tuple(r.reshape(batch, nq, *r.shape[1:]) for r in result)
+    return shaped if len(shaped) > 1 else shaped[0]

@@ -9,11 +9,13 @@ varlen form: ``index_q`` (total_q, Hkv, Di), ``index_k`` (total_k, 1 | Hkv, Di),
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import _jit
 from ._interop import SELECT_KERNEL_MAX_TOP_K
-from ._layout import Layout
+from ._layout import CONTIGUOUS_KEYS, Layout
 
 KEY_TILE = 128               # keys per pipeline step of select.cu
 TOPK_WARPS = 8               # rows (warps) per CTA of topk.cu
@@ -93,19 +95,25 @@ def _i32(x):
     return np.int32(x)
 
 
-def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, epilogue,
-                   top_k=1, local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, splits=None,
-                   warps=None):
-    """Launch select_kernel (and the split-K merge). Returns the output array."""
-    import cupy
+class SelectLaunch(NamedTuple):
+    """A selection kernel and its launch shape, fixed on the host from maxima (a decode plan
+    fixes it once; the kernels read the real lengths from cu_q/cu_k on the device)."""
 
-    total_q, n_heads, di = index_q.shape
-    k_heads = index_k.shape[1]
-    if di not in INDEX_DIMS or block_size not in BLOCK_SIZES:
+    kernel: object
+    threads: int
+    smem: int
+    q_tiles: int
+    group_grid: int
+    splits: int
+
+
+def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_q, max_k, top_k, epilogue,
+                  q_lens=None, splits=None, warps=None) -> SelectLaunch:
+    """Kernel choice and grid for sequences of at most max_q queries and max_k keys.  ``q_lens``
+    (host, per sequence) refines the CTA count that sets the split-K factor; without it every
+    sequence counts as max_q long."""
+    if index_dim not in INDEX_DIMS or block_size not in BLOCK_SIZES:
         raise ValueError(f"fast selection covers index_dim {INDEX_DIMS} and block_size {BLOCK_SIZES}")
-    q_lens, k_lens = np.diff(layout.cu_q), np.diff(layout.cu_k)  # one pass each: host cost counts in decode
-    max_q, max_k = int(q_lens.max(initial=0)), int(k_lens.max(initial=0))
-    width = -(-max_k // block_size)
     rows_per_q = n_heads if k_heads == 1 else 1
     group_grid = 1 if k_heads == 1 else n_heads
     max_rows = max_q * rows_per_q
@@ -113,57 +121,82 @@ def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, 
         warps = DECODE_WARPS if max_rows <= 32 * DECODE_WARPS[0] else PREFILL_WARPS
         if warps == PREFILL_WARPS and _jit.has_wgmma():
             warps = WGMMA
-        if _smem_bytes(di, block_size, warps, top_k, epilogue) > _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN):
+        if _smem_bytes(index_dim, block_size, warps, top_k, epilogue) > _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN):
             warps = SMALL_SMEM_WARPS  # cards with ~99 KB a block (sm_86, sm_89): 128-row CTAs
     if warps == WGMMA and not _jit.has_wgmma():
         raise ValueError("the wgmma selection kernel needs an sm_90 GPU")
     bm = WGMMA_ROWS if warps == WGMMA else 32 * warps[0]
     q_tiles = max(-(-max_rows // bm), 1)
-    kernel_tiles = -(-max_k // KEY_TILE)
     if splits is None:
-        seq_rows = q_lens * rows_per_q
-        ctas = int(np.sum(-(-seq_rows // bm))) * group_grid
-        want = -(-CTAS_PER_SM_TARGET * _sm_count() // max(ctas, 1))
-        splits = int(max(1, min(want, kernel_tiles // MIN_TILES_PER_SPLIT)))
-    dt = _jit.dtype_template(index_q.dtype)
+        tiles = n_seq * q_tiles if q_lens is None else int(np.sum(-(-(q_lens * rows_per_q) // bm)))
+        want = -(-CTAS_PER_SM_TARGET * _sm_count() // max(tiles * group_grid, 1))
+        splits = int(max(1, min(want, (-(-max_k // KEY_TILE)) // MIN_TILES_PER_SPLIT)))
+    dt = _jit.dtype_template(dtype)
     if warps == WGMMA:
         limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN)
-        stages = next((st for st in WGMMA_STAGES if _smem_bytes(di, block_size, warps, top_k, epilogue, st) <= limit),
+        stages = next((st for st in WGMMA_STAGES if _smem_bytes(index_dim, block_size, warps, top_k, epilogue, st) <= limit),
                       WGMMA_STAGES[-1])
-        kernel = _jit.kernel("select_sm90.cu", "select_sm90_kernel", (di, block_size, stages, epilogue, dt),
+        kernel = _jit.kernel("select_sm90.cu", "select_sm90_kernel", (index_dim, block_size, stages, epilogue, dt),
                              arch_specific=True)
-        threads = 256
-        smem = _smem_bytes(di, block_size, warps, top_k, epilogue, stages)
-    else:
-        kernel = _jit.kernel("select.cu", "select_kernel", (di, block_size, *warps, epilogue, dt))
-        threads = 32 * warps[0] * warps[1]
-        smem = _smem_bytes(di, block_size, warps, top_k, epilogue)
+        return SelectLaunch(kernel, 256, _smem_bytes(index_dim, block_size, warps, top_k, epilogue, stages), q_tiles,
+                            group_grid, splits)
+    kernel = _jit.kernel("select.cu", "select_kernel", (index_dim, block_size, *warps, epilogue, dt))
+    return SelectLaunch(kernel, 32 * warps[0] * warps[1], _smem_bytes(index_dim, block_size, warps, top_k, epilogue),
+                        q_tiles, group_grid, splits)
 
+
+def _ptr(x):
+    return np.uint64(0) if x is None else x
+
+
+def launch_select(cfg: SelectLaunch, index_q, index_k, cu_q, cu_k, n_seq: int, *, causal, width=0, top_k=1,
+                  local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, partial=None,
+                  pages=CONTIGUOUS_KEYS):
+    """select_kernel / select_sm90_kernel: block scores into scores_out, or (one split) ids into
+    ids_out, or (split-K) each split's top-k keys into partial (total_q, Hkv, splits, top_k) for
+    launch_topk_merge.  ``pages``: where index_k's rows live (_layout.key_rows)."""
+    n_heads, k_heads = index_q.shape[1], index_k.shape[-2]
+    cfg.kernel((n_seq * cfg.q_tiles, cfg.group_grid, cfg.splits), (cfg.threads,), (
+        index_q, index_k, cu_q, cu_k, _ptr(scores_out), _ptr(ids_out), _ptr(partial),
+        _i32(n_heads), _i32(k_heads), _i32(width), _i32(cfg.q_tiles), _i32(top_k), _i32(local_blocks),
+        _i32(sink_blocks), _i32(1 if causal else 0), _i32(cfg.splits), *pages), shared_mem=cfg.smem)
+
+
+def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int):
+    """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids."""
+    merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+    merge((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,),
+          (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
+
+
+def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, epilogue,
+                   top_k=1, local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, splits=None,
+                   warps=None):
+    """One public selection call: configure from the layout, allocate the outputs, launch."""
+    import cupy
+
+    total_q, n_heads, di = index_q.shape
+    q_lens, k_lens = np.diff(layout.cu_q), np.diff(layout.cu_k)  # one pass each: host cost counts in decode
+    max_q, max_k = int(q_lens.max(initial=0)), int(k_lens.max(initial=0))
+    width = -(-max_k // block_size)
+    cfg = select_config(dtype=index_q.dtype, index_dim=di, block_size=block_size, n_heads=n_heads,
+                        k_heads=index_k.shape[1], n_seq=layout.n_seq, max_q=max_q, max_k=max_k, top_k=top_k,
+                        epilogue=epilogue, q_lens=q_lens, splits=splits, warps=warps)
     partial = None
     if epilogue == EPI_SCORES:
         out = scores_out if scores_out is not None else cupy.empty((total_q, n_heads, width), cupy.float32)
-        ids_arg, partial_arg, scores_arg = 0, 0, out
     else:
         out = ids_out if ids_out is not None else cupy.empty((total_q, n_heads, top_k), cupy.int32)
-        if splits > 1:
-            partial = cupy.empty((total_q, n_heads, splits, top_k), cupy.uint64)
-        ids_arg, partial_arg, scores_arg = out, (partial if partial is not None else 0), 0
+        if cfg.splits > 1:
+            partial = cupy.empty((total_q, n_heads, cfg.splits, top_k), cupy.uint64)
     if total_q == 0 or layout.n_seq == 0:
         return out
-
-    def ptr(x):
-        return x if not isinstance(x, int) else np.uint64(0)
-
-    grid = (layout.n_seq * q_tiles, group_grid, splits)
-    kernel(grid, (threads,), (
-        index_q, index_k, cu_q, cu_k, ptr(scores_arg), ptr(ids_arg), ptr(partial_arg),
-        _i32(n_heads), _i32(k_heads), _i32(width), _i32(q_tiles), _i32(top_k), _i32(local_blocks),
-        _i32(sink_blocks), _i32(1 if causal else 0), _i32(splits)), shared_mem=smem)
+    launch_select(cfg, index_q, index_k, cu_q, cu_k, layout.n_seq, causal=causal, width=width, top_k=top_k,
+                  local_blocks=local_blocks, sink_blocks=sink_blocks,
+                  scores_out=out if epilogue == EPI_SCORES else None,
+                  ids_out=out if epilogue == EPI_TOPK and partial is None else None, partial=partial)
     if partial is not None:
-        merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
-        rows = total_q * n_heads
-        merge((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,),
-              (partial, out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
+        launch_topk_merge(partial, out, total_q * n_heads, cfg.splits, top_k)
     return out
 
 

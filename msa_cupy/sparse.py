@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _jit
 from ._interop import SPARSE_KERNEL_MAX_SLOTS
+from ._layout import CONTIGUOUS_KEYS
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (64, 128)
@@ -129,9 +130,46 @@ class _Stats:
         return out
 
 
+def decode_kernel(dtype, head_dim: int, group: int, block_size: int):
+    """(kernel, shared memory bytes) of the split-K decode attention (decode.cu)."""
+    tname = _jit.dtype_template(dtype)
+    kernel = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, tname, head_dim, group, block_size, DECODE_WARPS))
+    return kernel, _smem_bytes(head_dim, block_size, DECODE_WARPS, group, True)
+
+
+def launch_decode(kernel, smem, q, k, v, block_indices, cu_q, cu_k, n_seq, q_begin, rows, part_o, part_lse, *,
+                  causal, scale_log2, pages=CONTIGUOUS_KEYS):
+    """decode.cu: one CTA per entry of block_indices rows [q_begin, q_begin + rows), each a
+    partial (o, lse) at partial row entry * G + head."""
+    n_heads_q, n_heads_kv, top_k = q.shape[1], k.shape[-2], block_indices.shape[-1]
+    kernel((rows * n_heads_kv * top_k,), (32 * DECODE_WARPS,),
+           (q, k, v, block_indices, cu_q, cu_k, np.int32(n_seq), np.int32(q_begin), np.int32(n_heads_q),
+            np.int32(n_heads_kv), np.int32(top_k), part_o, part_lse, np.int32(bool(causal)), scale_log2, *pages),
+           shared_mem=smem)
+
+
+def combine_kernel(dtype, head_dim: int, group: int):
+    tname = _jit.dtype_template(dtype)
+    return _jit.kernel("combine.cu", "sparse_combine_kernel", (tname, tname, head_dim, group, COMBINE_WARPS))
+
+
+def launch_combine(part_o, part_lse, slot_pos, block_indices, q_begin, rows, out, lse, *, head_dim, group,
+                   decode):
+    """combine.cu: the log-sum-exp merge of the <= K partials of each (query, head) of rows
+    [q_begin, q_begin + rows) into out/lse.  Decode partials sit at their entry of
+    block_indices; prefill partials at slot_pos."""
+    combine = combine_kernel(out.dtype, head_dim, group)
+    n_heads_q, top_k = out.shape[1], block_indices.shape[-1]
+    pairs = rows * n_heads_q
+    combine((int(-(-pairs // (2 * COMBINE_WARPS))),), (32 * COMBINE_WARPS,),  # a half-warp per pair
+            (part_o, part_lse, block_indices if decode else slot_pos, block_indices, np.int32(decode),
+             np.int32(q_begin), np.int32(rows), np.int32(n_heads_q), np.int32(top_k), out, lse))
+
+
 def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, causal, scale,
                      return_lse=True, stats=None, force_path=None, prefill_warps=PREFILL_WARPS,
-                     prefill_stages=PREFILL_STAGES, prefill_mt=PREFILL_MT, prefill_kernel=None):
+                     prefill_stages=PREFILL_STAGES, prefill_mt=PREFILL_MT, prefill_kernel=None,
+                     pages=CONTIGUOUS_KEYS):
     """(out (total_q, Hq, D) q.dtype, lse (total_q, Hq) float32) over the selected blocks.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) contiguous CuPy fp16/bf16; block_indices
@@ -173,8 +211,7 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     if prefill_kernel is None:
         prefill_kernel = "wgmma" if _wgmma_prefill_fits(head_dim, block_size) else "mma"
     if decode:
-        attn = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, tname, head_dim, group, block_size, warps))
-        smem = _smem_bytes(head_dim, block_size, warps, group, True)
+        attn, smem = decode_kernel(q.dtype, head_dim, group, block_size)
     elif prefill_kernel == "wgmma":
         if not _wgmma_prefill_fits(head_dim, block_size):
             raise ValueError("the wgmma prefill kernel needs an sm_90 GPU and head_dim = block_size = 128")
@@ -186,7 +223,6 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
         attn = _jit.kernel("sparse_prefill.cu", "sparse_prefill_kernel",
                            (tname, tname, head_dim, group, block_size, warps, prefill_stages, prefill_mt))
         smem = _smem_bytes(head_dim, block_size, warps, group, False, prefill_stages, prefill_mt)
-    combine = _jit.kernel("combine.cu", "sparse_combine_kernel", (tname, tname, head_dim, group, COMBINE_WARPS))
     scale_log2 = np.float32(scale * LOG2E)
 
     per_token = n_heads_q * top_k * head_dim * q.dtype.itemsize
@@ -236,20 +272,17 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
         if stats is not None:
             stats.mark("reverse_index")
         if decode:  # one CTA per entry of block_indices
-            attn((n_entries,), (32 * warps,),
-                 (q, k, v, bi, cu_q, cu_k, n_seq, np.int32(q_begin), np.int32(n_heads_q), np.int32(n_heads_kv),
-                  np.int32(top_k), part_o, part_lse, np.int32(bool(causal)), scale_log2), shared_mem=smem)
+            launch_decode(attn, smem, q, k, v, bi, cu_q, cu_k, n_seq, q_begin, rows, part_o, part_lse,
+                          causal=causal, scale_log2=scale_log2, pages=pages)
         else:
             attn((n_items,), (threads,),
                  (q, k, v, items, list_q, cu_q, cu_k, block_off, n_seq, part_o, part_lse,
                   np.int32(n_blocks_total), np.int32(n_heads_q), np.int32(n_heads_kv), np.int32(bool(causal)),
-                  scale_log2), shared_mem=smem)
+                  scale_log2, *pages), shared_mem=smem)
         if stats is not None:
             stats.mark("attention")
-        pairs = rows * n_heads_q
-        combine((int(-(-pairs // (2 * COMBINE_WARPS))),), (32 * COMBINE_WARPS,),  # a half-warp per pair
-                (part_o, part_lse, bi if decode else slot_pos, bi, np.int32(decode), np.int32(q_begin),
-                 np.int32(rows), np.int32(n_heads_q), np.int32(top_k), out, lse))
+        launch_combine(part_o, part_lse, slot_pos, bi, q_begin, rows, out, lse, head_dim=head_dim, group=group,
+                       decode=decode)
         if stats is not None:
             stats.mark("combine")
     return out, lse
