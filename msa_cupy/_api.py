@@ -7,11 +7,7 @@ import os
 
 import numpy as np
 
-<<<<<<< HEAD
-from . import _interop, _plain, reference, selection, sparse
-=======
-from . import _interop, _plain, plan, reference
->>>>>>> serve
+from . import _interop, _plain, plan, reference, selection, sparse
 from ._interop import Call
 from ._layout import Layout
 
