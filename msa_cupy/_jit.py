@@ -177,7 +177,7 @@ ENTRY_SUFFIX = ".kernel"
 TEMP_SUFFIX = ".tmp"
 STALE_TEMP_S = 300  # a temp file this old was left by a writer that died before its rename
 _POSIX_CACHE = (hasattr(os, "O_NOFOLLOW") and hasattr(os, "getuid") and os.listdir in os.supports_fd
-                and {os.open, os.stat, os.unlink, os.rename} <= os.supports_dir_fd)  # rename: os.replace too
+                and {os.open, os.stat, os.unlink, os.rename} <= os.supports_dir_fd)  # os.replace goes as os.rename
 
 
 class _Refused(Exception):
@@ -311,12 +311,14 @@ def _read_entry(dir_fd: int, fname: str, key: str, names):
         return None
     except OSError as exc:
         raise _Refused("it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror) from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _Refused("it is not a regular file")
         _check_owned(st, "it")
-        data = f.read()
+        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    finally:
+        os.close(fd)
     return _parse_entry(data, key, names)
 
 
