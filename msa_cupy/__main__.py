@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 OP_MODULES = ("_plain", "selection", "sparse", "plan")  # modules that declare kernel variants
+LOG_LINES = 40  # an NVRTC log printed by `check` is cut to this many lines (errors come first)
 
 
 def cmd_info(_args):
@@ -20,7 +21,7 @@ def cmd_info(_args):
 
     print(f"msa_cupy {msa_cupy.__version__}  python {platform.python_version()}  numpy {np.__version__}")
     print(f"kernel sources: {_jit.CUDA_DIR} ({len(_jit.kernel_sources())} files)")
-    print(f"kernel cache:   {_jit.cache_dir()}")
+    print(f"kernel cache:   {_jit.cache_dir() or 'none (kernels are compiled in memory in each process)'}")
     try:
         import cupy
 
@@ -73,10 +74,38 @@ def parse_ptxas(log: str):
     return out
 
 
+def check_archs() -> list[str]:
+    """The archs `check` builds for: what NVRTC supports from sm_80 (the kernels use its mma,
+    cp.async and bf16), plus sm_90a for the wgmma kernels."""
+    try:
+        from cuda.bindings import nvrtc
+
+        err, archs = nvrtc.nvrtcGetSupportedArchs()
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(err)
+    except Exception:  # no cuda-python: the compile step will say so
+        archs = [80, 86, 89, 90]
+    names = [f"sm_{a}" for a in sorted(archs) if a >= 80]
+    return sorted(names + ["sm_90a"], key=lambda a: (int(a[3:].rstrip("a")), a))
+
+
+def _clip_log(text: str, lines: int = LOG_LINES) -> str:
+    rows = text.splitlines()
+    if len(rows) <= lines:
+        return text
+    return "\n".join(rows[:lines] + [f"... ({len(rows) - lines} more lines of the NVRTC log not shown)"])
+
+
 def cmd_check(args):
-    """Compile every declared kernel variant for sm_80 and sm_90 with cuda-python's NVRTC (no GPU needed)."""
+    """Compile every declared kernel variant (default sm_80 and sm_90) with cuda-python's NVRTC (no GPU needed)."""
     from msa_cupy import _jit
 
+    accepted = check_archs()
+    bad = [a for a in args.arch if a not in accepted]
+    if bad:
+        print(f"msa_cupy check: unsupported --arch {', '.join(bad)}: the kernels need sm_80 or newer; "
+              f"accepted: {', '.join(accepted)}", file=sys.stderr)
+        return 2
     variants = _declared_variants()
     missing = sorted(set(_jit.kernel_sources()) - set(variants))
     failures = 0
@@ -86,6 +115,7 @@ def cmd_check(args):
     print(f"{'kernel':<64} {'arch':<7} {'regs':>4} {'stack':>5} {'spill st/ld':>11}")
     for source in sorted(variants):
         for cap in args.arch:
+            cap = cap.removesuffix("a")  # sm_90a: as sm_90, which builds sm_90a where a kernel needs it
             names = [n for n, specific in variants[source].items() if cap == "sm_90" or not specific]
             if not names:  # an sm_90a-only source (wgmma) has nothing to build for other archs
                 continue
@@ -95,7 +125,7 @@ def cmd_check(args):
                 _, lowered, log = _jit.compile_cubin(source, arch, names, verbose=True,
                                                      frontend=_jit._nvrtc_cuda_python)
             except _jit.CompileError as exc:
-                print(f"FAIL {source} [{arch}]:\n{exc}")
+                print(f"FAIL {source} [{arch}]:\n{_clip_log(str(exc))}")
                 failures += 1
                 continue
             stats = parse_ptxas(log)
@@ -164,9 +194,22 @@ def _gpu_demo(args):
     return 0
 
 
+def bench_suites() -> list[str]:
+    """The suites of `bench`, as msa_cupy._bench declares them."""
+    from msa_cupy import _bench
+
+    return list(_bench.SUITES)
+
+
 def cmd_bench(args):
+    from msa_cupy import _interop
     from msa_cupy._bench import SUITES, harness
 
+    try:
+        _interop.require_cupy()
+    except RuntimeError as exc:
+        print(f"msa_cupy bench: {exc}", file=sys.stderr)
+        return 1
     report = harness.Report()
     card = harness.card()
     report.meta["card"] = card
@@ -200,7 +243,7 @@ def main(argv=None):
     check = sub.add_parser("check", help="compile every kernel with NVRTC (no GPU needed); registers, spills")
     check.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
     bench = sub.add_parser("bench", help="timings against ceilings measured on this card")
-    bench.add_argument("--suite", nargs="+", default=["plain"])
+    bench.add_argument("--suite", nargs="+", default=["plain"], choices=bench_suites())
     bench.add_argument("--tokens", nargs="+", type=int)
     bench.add_argument("--dense-max-tokens", type=int,
                        help="paper suite: run dense prefill up to this length (default 131072; longer is estimated)")

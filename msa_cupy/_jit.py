@@ -3,16 +3,21 @@
 One job: turn (source file, kernel name, template arguments) into a launchable function
 on the current device.  Local ``#include "x.cuh"`` lines are inlined, so the text that is
 hashed and compiled holds every header it uses: editing a header recompiles its users.
-Cubins are cached on disk under ``$MSA_CUPY_CACHE_DIR`` (default ``~/.cache/msa_cupy``),
-keyed on that text, the options, the target arch and the NVRTC version; an unwritable
-cache directory only costs recompiles.  Loaded modules are memoized per device.
+Cubins are cached on disk (see ``cache_dir``), keyed on that text, the options, the target
+arch and the NVRTC version.  An entry is verified before the driver sees it and compiled
+afresh on any failure; a cache directory that is not the user's own is not used.  Loaded
+modules are memoized per device.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
+import stat
 import sys
 import tempfile
 import threading
@@ -57,9 +62,8 @@ def arch_for(capability: tuple[int, int], arch_specific: bool = False) -> str:
     return f"sm_{major}{minor}{suffix}"
 
 
-def compile_options(arch: str, defines: dict | None = None, verbose: bool = False) -> list[str]:
+def compile_options(arch: str, verbose: bool = False) -> list[str]:
     opts = [*BASE_OPTIONS, f"-arch={arch}"]
-    opts += [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
     if verbose:
         opts.append("-Xptxas=-v")
     return opts
@@ -162,54 +166,267 @@ def _nvrtc_version(frontend) -> str:
         return "unknown"
 
 
-def compile_cubin(source: str, arch: str, names=(), defines=None, *, verbose=False, frontend=None):
+def compile_cubin(source: str, arch: str, names=(), *, verbose=False, frontend=None):
     """Compile cuda/<source> for arch. Returns (cubin bytes, {name expression: lowered name}, log)."""
     frontend = frontend or _nvrtc_cupy
     text = source_text(source)
-    options = compile_options(arch, defines, verbose)
+    options = compile_options(arch, verbose)
     return frontend(text, source, options, list(names))
 
 
 # --------------------------------------------------------------------------- cache + launch
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MSA_CUPY_CACHE_DIR") or Path.home() / ".cache" / "msa_cupy")
+# The disk cache holds one file per compiled variant, <source stem>-<arch>-<key>.kernel:
+#     ENTRY_MAGIC, one line of JSON {key, names, size, sha256}, then the cubin.
+# Everything in it is checked before a byte reaches the driver (a truncated cubin crashes the
+# process inside the driver's loader); any failure is a miss, compiled afresh and rewritten.
+# The checksum finds damage, not malice: what keeps another user's code out of this process is
+# that the directory and its entries must be this user's own, writable by nobody else, and
+# reached without following a symbolic link.
+
+ENTRY_MAGIC = b"msa_cupy kernel cache v1\n"
+ENTRY_SUFFIX = ".kernel"
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_S = 300  # a temp file this old was left by a writer that died before its rename
+_POSIX_CACHE = (hasattr(os, "O_NOFOLLOW") and hasattr(os, "getuid") and os.listdir in os.supports_fd
+                and {os.open, os.stat, os.unlink, os.rename} <= os.supports_dir_fd)  # os.replace goes as os.rename
+
+
+class _Refused(Exception):
+    """A cache directory or entry that must not be used; the message says why."""
+
+
+def _cache_candidates() -> list[Path]:
+    """Where the cache may live, best first: $MSA_CUPY_CACHE_DIR alone when set, else
+    $XDG_CACHE_HOME/msa_cupy, ~/.cache/msa_cupy, then a per-user directory in the temp dir
+    (containers often run with no HOME and a uid that has no passwd entry)."""
+    explicit = os.environ.get("MSA_CUPY_CACHE_DIR")
+    if explicit:
+        return [Path(explicit)]
+    candidates = []
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        candidates.append(Path(xdg) / "msa_cupy")
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry
+        home = None
+    if home is not None and home.is_absolute():  # HOME="" gives "."
+        candidates.append(home / ".cache" / "msa_cupy")
+    if hasattr(os, "getuid"):
+        candidates.append(Path(tempfile.gettempdir()) / f"msa_cupy-{os.getuid()}")
+    return candidates
+
+
+def _check_owned(st: os.stat_result, what: str) -> None:
+    if st.st_uid != os.getuid():
+        raise _Refused(f"{what} is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})")
+    if st.st_mode & 0o022:
+        raise _Refused(f"{what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):03o})")
+
+
+def _open_dir(path: Path) -> int:
+    """A descriptor of the cache directory, made 0700 if missing.  OSError: it cannot be made
+    or opened; _Refused: it is not safe to load code from."""
+    if not os.path.lexists(path):
+        os.makedirs(path, mode=0o700, exist_ok=True)  # the mode applies to the last component
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        if os.path.islink(path):
+            raise _Refused("it is a symbolic link") from None
+        raise
+    try:
+        _check_owned(os.fstat(fd), "it")
+    except _Refused:
+        os.close(fd)
+        raise
+    return fd
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _open_cache():
+    """(path, descriptor) of the cache directory in use, or None: kernels stay in memory (warned once).
+
+    A candidate that cannot be created gives way to the next; one that exists but is not
+    safe stops the search, so that the user hears of it."""
+    if not _POSIX_CACHE:
+        _warn_once("msa_cupy: no kernel cache on this platform (it needs O_NOFOLLOW and owner checks); "
+                   "kernels are compiled in each process")
+        return None
+    tried = []
+    for path in _cache_candidates():
+        try:
+            return path, _open_dir(path)
+        except _Refused as exc:
+            _warn_once(f"msa_cupy: not using the kernel cache {path}: {exc}; kernels are compiled in memory "
+                       "in each process (use a directory of your own, mode 0700, or set MSA_CUPY_CACHE_DIR)")
+            return None
+        except OSError as exc:
+            tried.append(f"{path}: {exc.strerror or exc}")
+    _warn_once(f"msa_cupy: cannot create a kernel cache directory ({'; '.join(tried) or 'none found'}); "
+               "kernels are compiled in memory in each process (set MSA_CUPY_CACHE_DIR to a directory of your own)")
+    return None
+
+
+def cache_dir() -> Path | None:
+    """The kernel cache directory (created 0700 if missing), or None when kernels stay in memory."""
+    opened = _open_cache()
+    if opened is None:
+        return None
+    os.close(opened[1])
+    return opened[0]
+
+
+def _entry_bytes(key: str, cubin: bytes, lowered: dict) -> bytes:
+    header = {"key": key, "names": lowered, "size": len(cubin), "sha256": hashlib.sha256(cubin).hexdigest()}
+    return ENTRY_MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + cubin
+
+
+def _parse_entry(data: bytes, key: str, names) -> tuple[bytes, dict]:
+    """(cubin, lowered names) of an entry written for key and names; _Refused says what is wrong."""
+    if not data.startswith(ENTRY_MAGIC):
+        raise _Refused("empty" if not data else "not a msa_cupy cache entry")
+    end = data.find(b"\n", len(ENTRY_MAGIC))
+    try:
+        header = json.loads(data[len(ENTRY_MAGIC):end]) if end > 0 else None
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise _Refused("its header is unreadable")
+    cubin, lowered = data[end + 1:], header.get("names")
+    if header.get("key") != key:
+        raise _Refused("it was written for another key")
+    if not (isinstance(lowered, dict) and set(lowered) == set(names)
+            and all(isinstance(v, str) and v for v in lowered.values())):
+        raise _Refused("its kernel names do not match")
+    if header.get("size") != len(cubin):
+        raise _Refused(f"it is cut short ({len(cubin)} of {header.get('size')} bytes)")
+    if header.get("sha256") != hashlib.sha256(cubin).hexdigest():
+        raise _Refused("its checksum does not match")
+    return cubin, lowered
+
+
+def _read_entry(dir_fd: int, fname: str, key: str, names):
+    """The verified (cubin, lowered names) of an entry, None when there is none; _Refused otherwise."""
+    try:  # O_NONBLOCK: a FIFO planted under the entry's name must not hang the open
+        fd = os.open(fname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _Refused("it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused("it is not a regular file")
+        _check_owned(st, "it")
+        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    finally:
+        os.close(fd)
+    return _parse_entry(data, key, names)
+
+
+def _write_entry(dir_fd: int, fname: str, data: bytes) -> None:
+    """Write atomically: a temp file (0600) in the same directory, renamed over the entry."""
+    _remove_stale_temps(dir_fd)
+    tmp = f"{fname}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, fname, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def _remove_stale_temps(dir_fd: int) -> None:
+    """Remove temp files that writers killed before their rename left behind (any pid)."""
+    now = time.time()
+    for name in os.listdir(dir_fd):
+        if name.endswith(TEMP_SUFFIX):
+            with contextlib.suppress(OSError):
+                if now - os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime > STALE_TEMP_S:
+                    os.unlink(name, dir_fd=dir_fd)
 
 
 _lock = threading.Lock()
-_modules: dict = {}  # (device id, key) -> (cupy Module, lowered names)
-_warned_cache = False
+_modules: dict = {}  # (device id, source, name expression, arch) -> Kernel
 
 
-def _cached_cubin(source, arch, names, defines):
-    global _warned_cache
+def _cached_cubin(source, arch, names, *, rejected=None):
+    """(cubin, {name expression: lowered name}, from_disk) for cuda/<source> on arch: a verified
+    cache entry, else a fresh compile that is then stored.  ``rejected`` (why the cached image
+    failed to load) skips the cache read and replaces the entry."""
     text = source_text(source)
-    options = compile_options(arch, defines)
-    key_src = json.dumps([text, options, sorted(names), _nvrtc_version(_nvrtc_cupy)])
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
-    stem = f"{Path(source).stem}-{arch}-{key}"
-    cubin_path, names_path = cache_dir() / f"{stem}.cubin", cache_dir() / f"{stem}.json"
+    options = compile_options(arch)
+    key = hashlib.sha256(json.dumps([text, options, sorted(names), _nvrtc_version(_nvrtc_cupy)]).encode()).hexdigest()
+    fname = f"{Path(source).stem}-{arch}-{key[:24]}{ENTRY_SUFFIX}"
+    opened = _open_cache()
+    path, dir_fd = opened if opened else (None, None)
     try:
-        return key, cubin_path.read_bytes(), json.loads(names_path.read_text())
-    except (OSError, ValueError):
-        pass
-    t0 = time.perf_counter()
-    cubin, lowered, _ = _nvrtc_cupy(text, source, options, list(names))
-    print(f"msa_cupy: compiled {source} for {arch} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    try:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        for path, data in ((cubin_path, cubin), (names_path, json.dumps(lowered).encode())):
-            fd, tmp = tempfile.mkstemp(dir=cache_dir())
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-    except OSError as exc:
-        if not _warned_cache:
-            warnings.warn(f"msa_cupy: kernel cache {cache_dir()} is not writable ({exc}); "
-                          "kernels will be recompiled in each process", RuntimeWarning, stacklevel=3)
-            _warned_cache = True
-    return key, cubin, lowered
+        why = rejected or ("first use; cached after" if dir_fd is not None else "first use; in memory only")
+        if dir_fd is not None and rejected is None:
+            try:
+                entry = _read_entry(dir_fd, fname, key, names)
+                if entry is not None:
+                    return (*entry, True)
+            except (_Refused, OSError) as exc:
+                why = f"cached copy rejected: {exc}"
+        # before the compile starts: a cold compile takes seconds to minutes
+        print(f"msa_cupy: compiling {source} for {arch} ({why}) ...", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            cubin, lowered, _ = _nvrtc_cupy(text, source, options, list(names))
+        except BaseException:
+            print(" failed", file=sys.stderr, flush=True)
+            raise
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        if dir_fd is not None:
+            try:
+                _write_entry(dir_fd, fname, _entry_bytes(key, cubin, lowered))
+            except OSError as exc:
+                _warn_once(f"msa_cupy: kernel cache {path} is not writable ({exc}); "
+                           "kernels will be recompiled in each process")
+        return cubin, lowered, False
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _load_function(cubin: bytes, lowered_name: str):
+    """Hand a cubin to the driver on the current device: (module, function)."""
+    import cupy
+
+    module = cupy.cuda.function.Module()
+    module.load(cubin)
+    return module, module.get_function(lowered_name)
+
+
+def _load(source: str, arch: str, expr: str):
+    """(module, function) for ``expr`` of cuda/<source> on arch.  A cached image the driver
+    refuses passed its checksum, so it was written bad: it is compiled afresh once and
+    replaced; a fresh image the driver refuses is an error."""
+    rejected = None
+    while True:
+        cubin, lowered, from_disk = _cached_cubin(source, arch, [expr], rejected=rejected)
+        try:
+            return _load_function(cubin, lowered[expr])
+        except Exception as exc:
+            if not from_disk:
+                raise RuntimeError(f"msa_cupy: the CUDA driver cannot load {expr} of {source} "
+                                   f"compiled for {arch}: {exc}") from exc
+            rejected = f"cached copy rejected by the driver: {exc}"
 
 
 class Kernel:
@@ -283,11 +500,10 @@ def has_wgmma(device_id=None) -> bool:
     return _WGMMA[dev]
 
 
-def get_kernel(source: str, name: str, *, template=None, defines=None, arch_specific=False) -> Kernel:
+def get_kernel(source: str, name: str, *, template=None, arch_specific=False) -> Kernel:
     """The kernel ``name`` (``name<template...>`` when templated) of cuda/<source> on the current device.
 
-    All template instantiations asked of one source compile together only once each; a
-    new instantiation compiles its own module.
+    Each template instantiation compiles (or loads from the cache) its own module once per device.
     """
     import cupy
 
@@ -297,14 +513,12 @@ def get_kernel(source: str, name: str, *, template=None, defines=None, arch_spec
     if cap < MIN_COMPUTE_CAPABILITY:
         raise RuntimeError(f"msa_cupy kernels need compute capability >= 8.0 (Ampere), device {dev.id} has {cap}")
     arch = arch_for(cap, arch_specific)
-    memo_key = (dev.id, source, expr, arch, tuple(sorted((defines or {}).items())))
+    memo_key = (dev.id, source, expr, arch)
     with _lock:
         hit = _modules.get(memo_key)
         if hit is None:
-            _, cubin, lowered = _cached_cubin(source, arch, [expr], defines)
-            module = cupy.cuda.function.Module()
-            module.load(cubin)
-            hit = Kernel(module.get_function(lowered[expr]), expr)
+            module, function = _load(source, arch, expr)
+            hit = Kernel(function, expr)
             hit._module = module  # keep the module alive with its function
             _modules[memo_key] = hit
         return hit

@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 import msa_cupy
 from msa_cupy import reference
-from gpu_utils import DTYPES, TOLERANCE, randn, rel_error
-from test_attention_gpu import _assert_same_selection
+from msa_cupy.testing import DTYPES, TOLERANCE, assert_attention_close, assert_selection_matches, randn, rel_error
 
 pytestmark = pytest.mark.gpu
 SETTINGS = settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
@@ -31,7 +30,7 @@ def _paged(cache, lens, page_size, rng, extra_pages=3):
     n_pages = sum(need) + extra_pages
     ids = rng.permutation(n_pages)
     table = np.full((batch, max(max(need, default=1), 1) + 1), -1, np.int32)  # -1 past the used pages
-    pages = randn((n_pages, page_size, *cache.shape[2:]), cache.dtype, rng)  # unused rows: noise
+    pages = randn(rng, (n_pages, page_size, *cache.shape[2:]), cache.dtype)  # unused rows: noise
     used = 0
     for s, n in enumerate(need):
         for p in range(n):
@@ -66,12 +65,12 @@ def _setup(p):
     dt = DTYPES[p["dtype"]]
     hq, hkv, d, nq, b = p["hkv"] * p["g"], p["hkv"], p["d"], p["nq"], p["batch"]
     lens = np.array(p["lens"], np.int32)
-    k = randn((p["max_batch"], p["max_len"], hkv, d), dt, rng)
-    v = randn((p["max_batch"], p["max_len"], hkv, d), dt, rng)
-    q = randn((b, nq, hq, d), dt, rng)
+    k = randn(rng, (p["max_batch"], p["max_len"], hkv, d), dt)
+    v = randn(rng, (p["max_batch"], p["max_len"], hkv, d), dt)
+    q = randn(rng, (b, nq, hq, d), dt)
     ik_heads = 1 if p["shared"] else hkv
-    iq = randn((b, nq, hkv, d), dt, rng) if p["learned"] else None
-    ik = randn((p["max_batch"], p["max_len"], ik_heads, d), dt, rng) if p["learned"] else None
+    iq = randn(rng, (b, nq, hkv, d), dt) if p["learned"] else None
+    ik = randn(rng, (p["max_batch"], p["max_len"], ik_heads, d), dt) if p["learned"] else None
     host = dict(q=q, k=k, v=v, iq=iq, ik=ik, lens=lens, table=None)
     if p["page_size"]:
         prng = np.random.default_rng(p["seed"] + 1)
@@ -116,16 +115,13 @@ def test_plan_matches_reference(p):
     same_out, same_lse = reference.sparse_attention(flat(host["q"]), k_seq, v_seq, flat(ids), block_size=p["block"],
                                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
     out, lse = out.get(), lse.get()
-    assert rel_error(flat(out), same_out) < TOLERANCE[p["dtype"]]
-    finite = np.isfinite(same_lse)
-    assert np.array_equal(finite, np.isfinite(flat(lse)))
-    assert np.abs(flat(lse)[finite] - same_lse[finite]).max(initial=0) < 1e-3
+    assert_attention_close(flat(out), same_out, host["q"].dtype, flat(lse), same_lse)
     if p["learned"]:
         iq, ik = flat(host["iq"]), flat(host["ik"])[rows]
-    else:
-        iq, ik = reference.training_free_index(flat(host["q"]), k_seq)
-    scores = reference.block_scores(iq, ik, block_size=p["block"], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    _assert_same_selection(flat(ids), flat(ref_ids), scores)
+    else:  # the plan's own index_q (fp32 sums of the heads), the group's key head
+        iq, ik = plan.workspace["index_q"][:b * nq].get(), k_seq
+    assert_selection_matches(flat(ids), iq, ik, top_k=p["top_k"], block_size=p["block"], cu_seqlens_q=cu_q,
+                             cu_seqlens_k=cu_k)
     if np.array_equal(ids, ref_ids):
         assert rel_error(flat(out), flat(ref_out)) < TOLERANCE[p["dtype"]]
 
@@ -136,12 +132,12 @@ def test_paged_is_bitwise_contiguous_with_permuted_and_shared_pages():
     rng = np.random.default_rng(3)
     b, s, hkv, g, d, page = 3, 1000, 2, 8, 128, 64
     dt = DTYPES["bfloat16"]
-    k, v = randn((b, s, hkv, d), dt, rng), randn((b, s, hkv, d), dt, rng)
+    k, v = randn(rng, (b, s, hkv, d), dt), randn(rng, (b, s, hkv, d), dt)
     k[1, :256], v[1, :256] = k[0, :256], v[0, :256]  # a shared prefix of 4 pages
-    q = randn((b, 2, hkv * g, d), dt, rng)
+    q = randn(rng, (b, 2, hkv * g, d), dt)
     lens = np.array([1000, 700, 129], np.int32)
     kp, table = _paged(k, lens, page, rng)
-    vp = randn(kp.shape, dt, rng)
+    vp = randn(rng, kp.shape, dt)
     flat_v = v.reshape(-1, hkv, d)
     for si, n in enumerate(lens):  # the same page ids for v
         for p_ in range(-(-n // page)):
@@ -319,9 +315,9 @@ def test_queued_one_call_decodes_with_distinct_lengths():
     rng = np.random.default_rng(15)
     dt = DTYPES["bfloat16"]
     hq, hkv, d = 8, 2, 64
-    k = cp.asarray(randn((1, 700, hkv, d), dt, rng))
-    v = cp.asarray(randn((1, 700, hkv, d), dt, rng))
-    q = cp.asarray(randn((1, 1, hq, d), dt, rng))
+    k = cp.asarray(randn(rng, (1, 700, hkv, d), dt))
+    v = cp.asarray(randn(rng, (1, 700, hkv, d), dt))
+    q = cp.asarray(randn(rng, (1, 1, hq, d), dt))
     outs = [msa_cupy.attention(q, k[:, :n], v[:, :n], block_size=64, top_k=2) for n in range(400, 700)]
     cp.cuda.Stream.null.synchronize()
     for n, out in zip(range(400, 700), outs):
@@ -337,7 +333,7 @@ def test_group_mean_kernel_is_the_fp32_sum_divided():
 
     rng = np.random.default_rng(16)
     for dt in DTYPES.values():
-        q = randn((37, 4 * 16, 128), dt, rng)
+        q = randn(rng, (37, 4 * 16, 128), dt)
         got = plan_mod.group_mean(cp.asarray(q), cp.empty((37, 4, 128), dt), 4).get()
         acc = np.zeros((37, 4, 128), np.float32)
         for h in range(16):

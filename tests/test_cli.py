@@ -1,0 +1,117 @@
+"""`python -m msa_cupy`: short, clear errors for what cannot run here; no tracebacks."""
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import msa_cupy.__main__ as cli
+from msa_cupy import _bench, _jit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, env=None, code=None, timeout=300, cwd=REPO):
+    """The CLI in a fresh process with no visible GPU; ``code`` runs first (to break the host)."""
+    full_env = dict(os.environ, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="", **(env or {}))
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    prog = f"{code or ''}\nimport runpy, sys\nsys.argv = ['msa_cupy', *{list(args)!r}]\n" \
+           "runpy.run_module('msa_cupy', run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", prog], env=full_env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def lines(text):
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_bench_without_a_gpu_is_one_line():
+    res = run_cli("bench")
+    assert res.returncode in (1, 2)
+    assert "Traceback" not in res.stdout + res.stderr
+    assert res.stdout == "" and len(lines(res.stderr)) == 1, res.stderr
+    assert "GPU" in res.stderr
+
+
+def test_bench_suites_come_from_the_bench_package():
+    suites = cli.bench_suites()
+    assert {"paper", "plain", "selection"} <= set(suites) and "harness" not in suites
+    modules = {m.name for m in pkgutil.iter_modules(_bench.__path__)}
+    for suite in suites:  # each one a module of the bench package that `bench` can run
+        assert suite in modules and callable(importlib.import_module(f"msa_cupy._bench.{suite}").run)
+    res = run_cli("bench", "--help")
+    assert res.returncode == 0 and "{" + ",".join(suites) + "}" in res.stdout
+
+
+def test_unknown_bench_suite_is_rejected():
+    res = run_cli("bench", "--suite", "plain", "nope")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "invalid choice: 'nope'" in res.stderr and "'paper'" in res.stderr
+
+
+def test_check_rejects_archs_below_sm80_in_one_line():
+    res = run_cli("check", "--arch", "sm_90", "sm_75", timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    (line,) = lines(res.stderr)
+    assert "sm_75" in line and "sm_80" in line and "sm_90a" in line
+
+
+def test_check_archs_are_sm80_and_newer():
+    archs = cli.check_archs()
+    assert {"sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"} <= set(archs)
+    assert all(int(a[3:].rstrip("a")) >= 80 for a in archs)
+
+
+@pytest.fixture
+def fake_compile(monkeypatch):
+    calls = []
+
+    def compile_cubin(source, arch, names, *, verbose=False, frontend=None):
+        calls.append((source, arch, tuple(names)))
+        return b"", {n: n for n in names}, ""
+
+    monkeypatch.setattr(_jit, "compile_cubin", compile_cubin)
+    return calls
+
+
+def test_check_sm90a_builds_what_sm90_builds(fake_compile, capsys):
+    assert cli.main(["check", "--arch", "sm_90"]) == 0
+    as_sm90 = list(fake_compile)
+    fake_compile.clear()
+    assert cli.main(["check", "--arch", "sm_90a"]) == 0
+    assert fake_compile == as_sm90
+    assert any(arch == "sm_90a" for _, arch, _ in as_sm90) and any(arch == "sm_90" for _, arch, _ in as_sm90)
+
+
+def test_check_cuts_long_nvrtc_logs(monkeypatch, capsys):
+    log = "\n".join(f"kernel.cu({i}): error: something is wrong here" for i in range(30000))
+
+    def failing(source, arch, names, *, verbose=False, frontend=None):
+        raise _jit.CompileError(f"NVRTC failed on {source}:\n{log}")
+
+    monkeypatch.setattr(_jit, "compile_cubin", failing)
+    monkeypatch.setattr(cli, "_declared_variants", lambda: {"k.cu": {"k": False}})
+    monkeypatch.setattr(_jit, "kernel_sources", lambda: ["k.cu"])
+    assert cli.main(["check", "--arch", "sm_80"]) == 1
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 60
+    assert "kernel.cu(0): error" in out and "more lines" in out and "FAILED" in out
+
+
+NO_PASSWD = """
+import pwd
+def _no_entry(*args):
+    raise KeyError("getpwuid(): uid not found")
+pwd.getpwuid = pwd.getpwnam = _no_entry
+"""
+
+
+def test_info_without_home_or_passwd_entry(tmp_path):
+    res = run_cli("info", code=NO_PASSWD, cwd=tmp_path,  # without a home CuPy makes ./~/.cupy
+                  env=dict(HOME=None, MSA_CUPY_CACHE_DIR=None, XDG_CACHE_HOME=None, TMPDIR=str(tmp_path)))
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    cache_line = [line for line in res.stdout.splitlines() if line.startswith("kernel cache:")]
+    assert cache_line == [f"kernel cache:   {tmp_path / f'msa_cupy-{os.getuid()}'}"]
