@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 
-from . import decode_host, paper, plain, selection, sparse_attention
+from . import decode, decode_host, paper, plain, selection, sparse_attention
 
 
 def check_tokens(tokens) -> tuple:
@@ -50,4 +50,5 @@ SUITES = {
     "select_variants": _suite("select_variants", selection.run_variants),
     "sparse": _suite("sparse", sparse_attention.run),
     "decode_host": _suite("decode_host", decode_host.run),
+    "decode": _suite("decode", decode.run),
 }

@@ -1,0 +1,138 @@
+"""Decode through a DecodePlan at the paper's shapes (Hq=64, Hkv=4, D=Di=128, Bk=128, k=16,
+bf16, a learned-style index with one shared index-key head): CUDA-graph replay and eager runs,
+host time per step in a growing cache, the share of the bandwidth floor, and dense decode
+(cuDNN / flash SDPA) on the same card.
+
+Floor: the bytes a step must read, over the card's copy rate: every cached index key once per
+sequence, plus the K and V rows of every selected block (counted from the plan's selection).
+Host time per step: ``update`` (device lengths, one launch) + ``run`` queued back to back while
+the cache grows by one token a step, wall clock over the steps.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import msa_cupy
+
+from . import harness, paper
+
+CACHES = (4096, 32768, 131072, 1048576)
+BATCHES = (1, 8, 32, 64)
+MTP = (1, 4, 8)              # queries per sequence; MTP > 1 runs at MTP_BATCH and each cache length
+MTP_BATCH = 8
+PAGE_SIZE = 128
+GROWING_STEPS = 200
+GRAPH_REPLAYS = 20
+
+
+def _inputs(batch, nq, n, paged):
+    """q, index_q and the caches (paged: pages in a random order) + lengths and block table."""
+    cp = harness.cupy()
+    bf16 = harness.BF16
+    q = harness.random((batch, nq, paper.HQ, paper.D), bf16)
+    iq = harness.random((batch, nq, paper.HKV, paper.DI), bf16)
+    pages = -(-n // PAGE_SIZE)
+    rows = (batch * pages, PAGE_SIZE) if paged else (batch, n)
+    k, v = harness.random((*rows, paper.HKV, paper.D), bf16), harness.random((*rows, paper.HKV, paper.D), bf16)
+    ik = harness.random((*rows, 1, paper.DI), bf16)
+    lens = cp.full(batch, n, cp.int32)
+    table = cp.random.permutation(rows[0]).astype(cp.int32).reshape(batch, pages) if paged else None
+    return q, iq, k, v, ik, lens, table
+
+
+def _plan(batch, nq, n, paged):
+    return msa_cupy.DecodePlan(max_batch=batch, max_cache_len=n, num_q_heads=paper.HQ, num_kv_heads=paper.HKV,
+                               head_dim=paper.D, dtype="bfloat16", index_dim=paper.DI, index_k_heads=1,
+                               block_size=paper.BLOCK, top_k=paper.TOP_K, queries_per_seq=nq,
+                               page_size=PAGE_SIZE if paged else None,
+                               num_pages=batch * -(-n // PAGE_SIZE) if paged else None)
+
+
+def _graph_ms(plan, args, kwargs):
+    """Median ms of one replay of a captured plan.run (GRAPH_REPLAYS back to back, events)."""
+    cp = harness.cupy()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        plan.run(*args, **kwargs)
+        stream.begin_capture()
+        plan.run(*args, **kwargs)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(5):
+            start.record(stream)
+            for _ in range(GRAPH_REPLAYS):
+                graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) / GRAPH_REPLAYS)
+    return float(np.median(times))
+
+
+def _growing_host_us(plan, args, kwargs, lens, table, n):
+    """Host microseconds per decode step (update + run) while the cache grows a token a step."""
+    cp = harness.cupy()
+    step_lens = cp.maximum(lens - GROWING_STEPS - 1, 0)
+    plan.update(step_lens, table)
+    plan.run(*args, **kwargs)
+    cp.cuda.get_current_stream().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(GROWING_STEPS):
+        step_lens += 1
+        plan.update(step_lens, table)
+        plan.run(*args, **kwargs)
+    host_us = (time.perf_counter() - t0) / GROWING_STEPS * 1e6
+    cp.cuda.get_current_stream().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(GROWING_STEPS):
+        plan.run(*args, **kwargs)
+    run_us = (time.perf_counter() - t0) / GROWING_STEPS * 1e6
+    cp.cuda.get_current_stream().synchronize()
+    plan.update(lens, table)
+    return host_us, run_us
+
+
+def bench(report, ceilings, batch, n, nq=1, paged=True, dense=True):
+    name = f"decode b{batch} {n // 1024}K" + (f" mtp{nq}" if nq > 1 else "") + (" paged" if paged else "")
+    fields = dict(kind="decode", batch=batch, tokens=n, queries_per_seq=nq, paged=paged)
+    cache_bytes = batch * n * (2 * paper.HKV * paper.D + paper.DI) * 2
+    if harness.skip_if_too_big(report, name, cache_bytes * 1.2, **fields):
+        return
+    cp = harness.cupy()
+    q, iq, k, v, ik, lens, table = _inputs(batch, nq, n, paged)
+    plan = _plan(batch, nq, n, paged)
+    plan.update(lens, table)
+    args, kwargs = (q, k, v), dict(index_q=iq, index_k_cache=ik)
+    eager_ms = harness.time_ms(lambda: plan.run(*args, **kwargs), [()], warmup=3, repeat=20)
+    graph_ms = _graph_ms(plan, args, kwargs)
+    host_us, run_us = _growing_host_us(plan, args, kwargs, lens, table, n)
+    plan.run(*args, **kwargs)
+    ids = plan.block_indices
+    picked = float((ids >= 0).sum())  # every selected block is full: the queries sit at the cache's end
+    floor_bytes = batch * n * paper.DI * 2 + picked * paper.BLOCK * paper.D * 2 * 2
+    floor_ms = floor_bytes / ceilings["copy_GBps"] / 1e6
+    workspace_bytes = plan.workspace_bytes
+    del q, iq, k, v, ik, ids, plan
+    cp.get_default_memory_pool().free_all_blocks()
+    best = harness.dense_decode_ms(batch, n, paper.HQ, paper.HKV, paper.D)["best"] if dense and nq == 1 else None
+    report(name, **fields, graph_ms=graph_ms, eager_ms=eager_ms, host_us_per_step=host_us,
+           host_us_per_run=run_us, floor_ms=floor_ms, pct_of_floor_graph=100 * floor_ms / graph_ms,
+           dense_best_ms=best, speedup_vs_dense_graph=best / graph_ms if best else None,
+           workspace_MiB=workspace_bytes / 2**20)
+
+
+def run(report, ceilings, tokens=CACHES, batches=BATCHES, mtp=MTP):
+    """Decode plans on each cache length in tokens: batches (decode), then multi-token
+    prediction at MTP_BATCH, paged; contiguous once per length at batch 1 and 8."""
+    for n in tokens:
+        for batch in batches:
+            bench(report, ceilings, batch, n)
+        for batch in (1, 8):
+            bench(report, ceilings, batch, n, paged=False, dense=False)
+        for nq in mtp:
+            if nq > 1:
+                bench(report, ceilings, MTP_BATCH, n, nq=nq, dense=False)
