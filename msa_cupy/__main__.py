@@ -1,4 +1,4 @@
-"""`python -m msa_cupy demo | bench | check | info`."""
+"""`python -m msa_cupy demo | bench | check | warmup | info`."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,42 @@ def cmd_check(args):
     return 1 if failures else 0
 
 
+def _warm_one(job):
+    from msa_cupy import _jit
+
+    source, arch, expr = job
+    _jit._cached_cubin(source, arch, [expr])
+    return expr
+
+
+def cmd_warmup(args):
+    """Compile every declared kernel variant for this GPU into the kernel cache, in parallel
+    processes, so that first calls load instead of compiling."""
+    import concurrent.futures
+    import multiprocessing
+
+    from msa_cupy import _interop, _jit
+
+    try:
+        _interop.require_cupy()
+    except RuntimeError as exc:
+        print(f"msa_cupy warmup: {exc}", file=sys.stderr)
+        return 1
+    if _jit.cache_dir() is None:
+        print("msa_cupy warmup: no usable kernel cache directory: nothing would be kept", file=sys.stderr)
+        return 1
+    cap = _jit.device_capability()
+    jobs = [(source, _jit.arch_for(cap, specific), expr) for source, names in sorted(_declared_variants().items())
+            for expr, specific in names.items() if not specific or cap == (9, 0)]
+    t0 = time.perf_counter()
+    workers = max(1, min(args.jobs or os.cpu_count() or 1, len(jobs)))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = sum(1 for _ in pool.map(_warm_one, jobs))
+    print(f"warmup: {done} kernel variants for {_jit.arch_for(cap)} in {_jit.cache_dir()} "
+          f"({time.perf_counter() - t0:.0f} s, {workers} processes)")
+    return 0
+
+
 def cmd_demo(args):
     import msa_cupy
     from msa_cupy import _interop, reference
@@ -242,6 +278,8 @@ def main(argv=None):
     demo.add_argument("--tokens", type=int, default=32768)
     check = sub.add_parser("check", help="compile every kernel with NVRTC (no GPU needed); registers, spills")
     check.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
+    warmup = sub.add_parser("warmup", help="compile every kernel variant for this GPU into the cache (parallel)")
+    warmup.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
     bench = sub.add_parser("bench", help="timings against ceilings measured on this card")
     bench.add_argument("--suite", nargs="+", default=["plain"], choices=bench_suites())
     bench.add_argument("--tokens", nargs="+", type=int)
@@ -251,7 +289,7 @@ def main(argv=None):
     bench.add_argument("--markdown", help="also write the table as Markdown (e.g. docs/perf.md)")
     bench.add_argument("--plot", help="also plot prefill speedup against context length (PNG)")
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "demo": cmd_demo, "check": cmd_check, "bench": cmd_bench}[args.cmd](args)
+    return {"info": cmd_info, "demo": cmd_demo, "check": cmd_check, "warmup": cmd_warmup, "bench": cmd_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

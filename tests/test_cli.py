@@ -25,8 +25,9 @@ def lines(text):
     return [line for line in text.splitlines() if line.strip()]
 
 
-def test_bench_without_a_gpu_is_one_line():
-    res = run_cli("bench")
+@pytest.mark.parametrize("cmd", ["bench", "warmup"])
+def test_gpu_commands_without_a_gpu_are_one_line(cmd):
+    res = run_cli(cmd)
     assert res.returncode in (1, 2)
     assert "Traceback" not in res.stdout + res.stderr
     assert res.stdout == "" and len(lines(res.stderr)) == 1, res.stderr
@@ -112,3 +113,12 @@ def test_info_without_home_or_passwd_entry(tmp_path):
     assert "Traceback" not in res.stderr
     cache_line = [line for line in res.stdout.splitlines() if line.startswith("kernel cache:")]
     assert cache_line == [f"kernel cache:   {tmp_path / f'msa_cupy-{os.getuid()}'}"]
+
+
+def test_warmup_worker_fills_the_cache_that_loads_read(tmp_path, monkeypatch):
+    """warmup's worker compiles a variant into the cache under the key a later load looks up."""
+    monkeypatch.setenv("MSA_CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    assert cli._warm_one(("group_mean.cu", "sm_90", "group_mean_kernel<bf16>")) == "group_mean_kernel<bf16>"
+    _, _, from_disk = _jit._cached_cubin("group_mean.cu", "sm_90", ["group_mean_kernel<bf16>"])
+    assert from_disk
