@@ -116,8 +116,9 @@ def planted_case(rng, *, nq, nk, hkv, group, d, block_size, top_k, causal, dtype
     """A random problem with one non-finite value of each kind in `kinds`:
 
     v: NaN at a key in the middle of the last query's block (later than the block's first
-       queries: invisible to them under causal), and +inf at a key of block 1, which even
-       queries never pick (an unselected block for them);
+       queries: invisible to them under causal), +inf at a key of block 1, which even
+       queries never pick (an unselected block for them), and -inf at key 0 (seen by the
+       queries that pick block 0; a gather that fills unused slots with key 0 leaks it);
     k: NaN at a key of block 0 (seen by the queries that pick it and are past it), and +inf
        at one dim of a key of the last block (its score is +-inf by the sign of q);
     q: NaN at one element of a middle query.
@@ -134,7 +135,8 @@ def planted_case(rng, *, nq, nk, hkv, group, d, block_size, top_k, causal, dtype
     plants = []
     if "v" in kinds:
         plants += [Plant("v", mid_last, 0, 3 % d, np.nan),
-                   Plant("v", unselected * block_size + block_size // 3, hkv - 1, 5 % d, np.inf)]
+                   Plant("v", unselected * block_size + block_size // 3, hkv - 1, 5 % d, np.inf),
+                   Plant("v", 0, hkv - 1, 4 % d, -np.inf)]
     if "k" in kinds:
         plants += [Plant("k", min(block_size // 4, nk - 1), hkv - 1, 7 % d, np.nan),
                    Plant("k", max(nk - 3, 0), 0, 1, np.inf)]
