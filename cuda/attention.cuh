@@ -16,16 +16,9 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
     return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
-// Store two adjacent floats of a partial result as PT (float, bf16 or f16).
-template <typename PT> __device__ __forceinline__ void store2(PT* dst, float a, float b);
-template <> __device__ __forceinline__ void store2<float>(float* dst, float a, float b) {
-    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
-}
-template <> __device__ __forceinline__ void store2<bf16>(bf16* dst, float a, float b) {
-    *reinterpret_cast<unsigned*>(dst) = pack2<bf16>(a, b);
-}
-template <> __device__ __forceinline__ void store2<f16>(f16* dst, float a, float b) {
-    *reinterpret_cast<unsigned*>(dst) = pack2<f16>(a, b);
+// Store two adjacent floats of a partial result in the input dtype T (bf16 or f16).
+template <typename T> __device__ __forceinline__ void store2(T* dst, float a, float b) {
+    *reinterpret_cast<unsigned*>(dst) = pack2<T>(a, b);
 }
 
 // Sequence of a query token: the largest s < n_seq with cu_q[s] <= token (empty sequences

@@ -12,15 +12,15 @@
 // values per query and group).  No pick, or only empty ones: out = 0, lse = -inf.
 #include "attention.cuh"
 
-template <typename PT, int N> struct Partial;  // N consecutive partial values of one lane
-template <typename PT> struct Partial<PT, 8> {  // 16-bit payloads: one 16-byte load
+template <typename T, int N> struct Partial;  // N consecutive partial values of one lane
+template <typename T> struct Partial<T, 8> {  // 16-bit payloads: one 16-byte load
     float x[8];
-    __device__ __forceinline__ void load(const PT* src) {
+    __device__ __forceinline__ void load(const T* src) {
         const uint4 u = *reinterpret_cast<const uint4*>(src);
         const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            PT lo, hi;
+            T lo, hi;
             lo.bits = w[i] & 0xffff;
             hi.bits = w[i] >> 16;
             x[2 * i] = to_float(lo);
@@ -28,20 +28,20 @@ template <typename PT> struct Partial<PT, 8> {  // 16-bit payloads: one 16-byte 
         }
     }
 };
-template <typename PT> struct Partial<PT, 4> {  // 16-bit payloads: one 8-byte load
+template <typename T> struct Partial<T, 4> {  // 16-bit payloads: one 8-byte load
     float x[4];
-    __device__ __forceinline__ void load(const PT* src) {
+    __device__ __forceinline__ void load(const T* src) {
         const uint2 u = *reinterpret_cast<const uint2*>(src);
-        PT h[4];
+        T h[4];
         h[0].bits = u.x & 0xffff; h[1].bits = u.x >> 16; h[2].bits = u.y & 0xffff; h[3].bits = u.y >> 16;
 #pragma unroll
         for (int i = 0; i < 4; ++i) x[i] = to_float(h[i]);
     }
 };
 
-template <typename T, typename PT, int D, int G, int WARPS>
+template <typename T, int D, int G, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
-sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ part_lse,
+sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ part_lse,
                       const int* __restrict__ slot_pos, const int* __restrict__ block_indices,
                       int slots_from_indices, int q_begin, int rows, int n_heads_q, int top_k,
                       T* __restrict__ out, float* __restrict__ lse_out) {
@@ -68,7 +68,7 @@ sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ p
         if (p >= 0) mx = fmaxf(mx, part_lse[(i64)p * G + hh]);
     }
 #pragma unroll
-    for (int off = LANES / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off, LANES));
+    for (int off = LANES / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(MSA_FULL_MASK, mx, off, LANES));
 
     float acc[PER_LANE];
 #pragma unroll
@@ -81,10 +81,10 @@ sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ p
         const int n = min(LANES, top_k - s0);
 #pragma unroll 4
         for (int j = 0; j < n; ++j) {
-            const int pj = __shfl_sync(0xffffffffu, p, j, LANES);
-            const float wj = __shfl_sync(0xffffffffu, w, j, LANES);
+            const int pj = __shfl_sync(MSA_FULL_MASK, p, j, LANES);
+            const float wj = __shfl_sync(MSA_FULL_MASK, w, j, LANES);
             if (pj >= 0 && wj > 0.f) {  // skips unused rows (which may hold anything)
-                Partial<PT, PER_LANE> part;
+                Partial<T, PER_LANE> part;
                 part.load(part_o + ((i64)pj * G + hh) * D + lane * PER_LANE);
 #pragma unroll
                 for (int i = 0; i < PER_LANE; ++i) acc[i] += wj * part.x[i];
@@ -92,7 +92,7 @@ sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ p
         }
     }
 #pragma unroll
-    for (int off = LANES / 2; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off, LANES);
+    for (int off = LANES / 2; off > 0; off >>= 1) total += __shfl_xor_sync(MSA_FULL_MASK, total, off, LANES);
     if (!live) return;
     const float inv = total > 0.f ? 1.f / total : 0.f;
     const i64 dst = ((i64)(q_begin + row) * n_heads_q + h);

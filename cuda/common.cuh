@@ -32,3 +32,4 @@ template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
 }
 
 #define MSA_NEG_INF (-__int_as_float(0x7f800000))
+#define MSA_FULL_MASK 0xffffffffu  // every lane of a warp (shuffles, votes)

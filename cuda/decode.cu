@@ -15,12 +15,12 @@
 // WARPS partial softmax states (m, l, O) are merged once through shared memory.  Decode is
 // bound by the bytes of the selected K/V: the split keeps 4x more loads in flight per CTA
 // than one warp would, and the math of one warp shrinks to a quarter.
-template <typename T, typename PT, int D, int G, int BK, int WARPS>
+template <typename T, int D, int G, int BK, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                      const int* __restrict__ block_indices, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int n_seq, int q_begin, int n_heads_q, int n_heads_kv,
-                     int top_k, PT* __restrict__ part_o, float* __restrict__ part_lse, int causal,
+                     int top_k, T* __restrict__ part_o, float* __restrict__ part_lse, int causal,
                      float scale_log2) {
     constexpr int KW = BK / WARPS;   // keys per warp
     constexpr int CH = D / 8;        // 16-byte chunks per row
@@ -95,8 +95,8 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     }
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
-        m_a = fmaxf(m_a, __shfl_xor_sync(0xffffffffu, m_a, off));
-        m_b = fmaxf(m_b, __shfl_xor_sync(0xffffffffu, m_b, off));
+        m_a = fmaxf(m_a, __shfl_xor_sync(MSA_FULL_MASK, m_a, off));
+        m_b = fmaxf(m_b, __shfl_xor_sync(MSA_FULL_MASK, m_b, off));
     }
     const float base_a = m_a == MSA_NEG_INF ? 0.f : m_a, base_b = m_b == MSA_NEG_INF ? 0.f : m_b;
     float l_a = 0.f, l_b = 0.f;
@@ -109,8 +109,8 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     }
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
-        l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
-        l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+        l_a += __shfl_xor_sync(MSA_FULL_MASK, l_a, off);
+        l_b += __shfl_xor_sync(MSA_FULL_MASK, l_b, off);
     }
     float o[DN][4];
 #pragma unroll
@@ -172,7 +172,7 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
         }
         const float inv = lt > 0.f ? 1.f / lt : 0.f;
         const i64 prow = (i64)entry * G + row;
-        store2<PT>(part_o + prow * D + col, x0 * inv, x1 * inv);
+        store2<T>(part_o + prow * D + col, x0 * inv, x1 * inv);
         if (col == 0) part_lse[prow] = lt > 0.f ? (mt + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
     }
 }

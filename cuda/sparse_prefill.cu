@@ -14,7 +14,7 @@
 // warp stops at the first sub-tile that none of its rows can see; a row that sees no key of
 // the block gets o = 0, lse = -inf.
 //
-// Output: per (list position p, head hh of the group) the normalised partial output o (PT,
+// Output: per (list position p, head hh of the group) the normalised partial output o (T,
 // the input dtype) and its natural-log lse, at partial row p * G + hh: the pick's own slot
 // (slot_pos in the reverse index), so no atomics and a deterministic result.  combine.cu
 // merges the <= K partials of each (query, head).
@@ -22,17 +22,17 @@
 // Shared memory: K, V (BK x D each) + STAGES query tile buffers (M x D; STAGES - 1 tiles in
 // flight with cp.async while one is computed), rows XOR-swizzled for conflict-free ldmatrix.
 // Default (sparse.py): WARPS = 4, MT = 1, STAGES = 2: 96 KiB at D = BK = 128, so two CTAs
-// share an SM and one's K/V load overlaps the other's math (measured on H200: +10% over one
+// share an SM and one's K/V load overlaps the other's math (measured on H200: +12% over one
 // CTA of 8 warps; MT = 2 spills at D = 128 and STAGES = 3 gained nothing).
 #include "attention.cuh"
 
-template <typename T, typename PT, int D, int G, int BK, int WARPS, int STAGES, int MT>
+template <typename T, int D, int G, int BK, int WARPS, int STAGES, int MT>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const int* __restrict__ items, const int* __restrict__ list_q,
                       const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                       const int* __restrict__ block_off, int n_seq,
-                      PT* __restrict__ part_o, float* __restrict__ part_lse,
+                      T* __restrict__ part_o, float* __restrict__ part_lse,
                       int n_blocks_total, int n_heads_q, int n_heads_kv, int causal, float scale_log2) {
     constexpr int THREADS = WARPS * 32;
     constexpr int M = 16 * MT * WARPS;   // rows of one query tile (MT m16 tiles per warp)
@@ -105,7 +105,7 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 
 #pragma unroll 1
             for (int kt = 0; kt < BK / KT; ++kt) {
-                if (__all_sync(0xffffffffu, kt * KT >= lim_max))
+                if (__all_sync(MSA_FULL_MASK, kt * KT >= lim_max))
                     break;  // every row of the warp is past its visible keys (warp-uniform exit)
                 float s[MT][NT][4];
 #pragma unroll
@@ -144,7 +144,7 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                     for (int h = 0; h < 2; ++h) {
 #pragma unroll
                         for (int off = 1; off < 4; off <<= 1)
-                            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], off));
+                            mx[h] = fmaxf(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], off));
                         const float new_m = fmaxf(m[mt][h], mx[h]);
                         const float base = new_m == MSA_NEG_INF ? 0.f : new_m;
                         const float alpha = exp2f(m[mt][h] - base);
@@ -196,13 +196,13 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                 for (int h = 0; h < 2; ++h) {
                     float lt = l[mt][h];
 #pragma unroll
-                    for (int off = 1; off < 4; off <<= 1) lt += __shfl_xor_sync(0xffffffffu, lt, off);
+                    for (int off = 1; off < 4; off <<= 1) lt += __shfl_xor_sync(MSA_FULL_MASK, lt, off);
                     const int r = r0 + mt * 16 + grp + 8 * h;
                     if (tile * TQ + r / G >= count) continue;
                     const float inv = lt > 0.f ? 1.f / lt : 0.f;
-                    PT* dst = part_o + (row0 + r) * D + 2 * quad;
+                    T* dst = part_o + (row0 + r) * D + 2 * quad;
 #pragma unroll
-                    for (int n = 0; n < DN; ++n) store2<PT>(dst + n * 8, o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
+                    for (int n = 0; n < DN; ++n) store2<T>(dst + n * 8, o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
                     if (quad == 0) part_lse[row0 + r] = lt > 0.f ? (m[mt][h] + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
                 }
             }

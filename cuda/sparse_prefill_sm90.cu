@@ -11,13 +11,13 @@
 #include "attention.cuh"
 #include "wgmma.cuh"
 
-template <typename T, typename PT, int D, int G, int BK, int WGS, int STAGES>
+template <typename T, int D, int G, int BK, int WGS, int STAGES>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            const int* __restrict__ items, const int* __restrict__ list_q,
                            const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                            const int* __restrict__ block_off, int n_seq,
-                           PT* __restrict__ part_o, float* __restrict__ part_lse,
+                           T* __restrict__ part_o, float* __restrict__ part_lse,
                            int n_blocks_total, int n_heads_q, int n_heads_kv, int causal, float scale_log2) {
     static_assert(D == 128 && BK == 128, "wgmma tiles: m64n128 over D = BK = 128");
     constexpr int THREADS = 128 * WGS;
@@ -95,8 +95,8 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
         float base[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], 1));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], 2));
             base[h] = mx[h] == MSA_NEG_INF ? 0.f : mx[h];
         }
         unsigned pa[JS][4];  // P as the A operand of P V: k16 step j = keys 16j.. (S n-tiles 2j, 2j+1)
@@ -127,14 +127,14 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float lt = sum[h];
-            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+            lt += __shfl_xor_sync(MSA_FULL_MASK, lt, 1);
+            lt += __shfl_xor_sync(MSA_FULL_MASK, lt, 2);
             const int r = r0 + grp + 8 * h;
             if (tile * TQ + r / G >= count) continue;
             const float inv = lt > 0.f ? 1.f / lt : 0.f;
-            PT* dst = part_o + (row0 + r) * D + 2 * quad;
+            T* dst = part_o + (row0 + r) * D + 2 * quad;
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n) store2<PT>(dst + n * 8, o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+            for (int n = 0; n < D / 8; ++n) store2<T>(dst + n * 8, o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
             if (quad == 0) part_lse[row0 + r] = lt > 0.f ? (base[h] + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
         }
         __syncthreads();  // a later prefetch overwrites this tile's buffer
