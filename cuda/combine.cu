@@ -62,13 +62,17 @@ sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ pa
         return slot_pos[row_g + s];
     };
 
-    float mx = MSA_NEG_INF;
+    float mx = MSA_NEG_INF;  // NaN if a partial's lse is NaN (a NaN or +inf score)
     for (int s0 = 0; s0 < top_k; s0 += LANES) {
         const int p = partial_row(s0 + lane);
-        if (p >= 0) mx = fmaxf(mx, part_lse[(i64)p * G + hh]);
+        if (p >= 0) mx = fmax_nan(mx, part_lse[(i64)p * G + hh]);
     }
 #pragma unroll
-    for (int off = LANES / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(MSA_FULL_MASK, mx, off, LANES));
+    for (int off = LANES / 2; off > 0; off >>= 1) mx = fmax_nan(mx, __shfl_xor_sync(MSA_FULL_MASK, mx, off, LANES));
+    // mx = -inf: no partial has weight (no seen key, or every seen score -inf): out 0, lse -inf.
+    // Otherwise every used partial enters, weight 0 included: such a partial holds 0, or the
+    // NaN that a seen key's non-finite v gives at weight 0, as in dense attention.
+    const bool empty = mx == MSA_NEG_INF;
 
     float acc[PER_LANE];
 #pragma unroll
@@ -76,14 +80,14 @@ sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ pa
     float total = 0.f;
     for (int s0 = 0; s0 < top_k; s0 += LANES) {  // uniform trip count across the warp
         const int p = partial_row(s0 + lane);
-        const float w = p >= 0 && mx != MSA_NEG_INF ? __expf(part_lse[(i64)p * G + hh] - mx) : 0.f;
+        const float w = p >= 0 && !empty ? __expf(part_lse[(i64)p * G + hh] - mx) : 0.f;
         total += w;
         const int n = min(LANES, top_k - s0);
 #pragma unroll 4
         for (int j = 0; j < n; ++j) {
             const int pj = __shfl_sync(MSA_FULL_MASK, p, j, LANES);
             const float wj = __shfl_sync(MSA_FULL_MASK, w, j, LANES);
-            if (pj >= 0 && wj > 0.f) {  // skips unused rows (which may hold anything)
+            if (pj >= 0 && !empty) {  // skips unused rows (which may hold anything)
                 Partial<T, PER_LANE> part;
                 part.load(part_o + ((i64)pj * G + hh) * D + lane * PER_LANE);
 #pragma unroll
@@ -94,7 +98,7 @@ sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ pa
 #pragma unroll
     for (int off = LANES / 2; off > 0; off >>= 1) total += __shfl_xor_sync(MSA_FULL_MASK, total, off, LANES);
     if (!live) return;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float inv = empty ? 0.f : 1.f / total;  // total NaN: NaN out
     const i64 dst = ((i64)(q_begin + row) * n_heads_q + h);
     unsigned packed[PER_LANE / 2];
 #pragma unroll
@@ -103,5 +107,5 @@ sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ pa
     T* o = out + dst * D + lane * PER_LANE;
     if constexpr (PER_LANE == 8) *reinterpret_cast<uint4*>(o) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     else *reinterpret_cast<uint2*>(o) = make_uint2(packed[0], packed[1]);
-    if (lane == 0) lse_out[dst] = total > 0.f ? mx + __logf(total) : MSA_NEG_INF;
+    if (lane == 0) lse_out[dst] = empty ? MSA_NEG_INF : mx + __logf(total);
 }

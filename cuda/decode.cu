@@ -90,13 +90,13 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
         s[n][1] = col + 1 < lim ? s[n][1] * scale_log2 : MSA_NEG_INF;
         s[n][2] = col < lim ? s[n][2] * scale_log2 : MSA_NEG_INF;
         s[n][3] = col + 1 < lim ? s[n][3] * scale_log2 : MSA_NEG_INF;
-        m_a = fmaxf(m_a, fmaxf(s[n][0], s[n][1]));
-        m_b = fmaxf(m_b, fmaxf(s[n][2], s[n][3]));
+        m_a = fmax_nan(m_a, fmax_nan(s[n][0], s[n][1]));
+        m_b = fmax_nan(m_b, fmax_nan(s[n][2], s[n][3]));
     }
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
-        m_a = fmaxf(m_a, __shfl_xor_sync(MSA_FULL_MASK, m_a, off));
-        m_b = fmaxf(m_b, __shfl_xor_sync(MSA_FULL_MASK, m_b, off));
+        m_a = fmax_nan(m_a, __shfl_xor_sync(MSA_FULL_MASK, m_a, off));
+        m_b = fmax_nan(m_b, __shfl_xor_sync(MSA_FULL_MASK, m_b, off));
     }
     const float base_a = m_a == MSA_NEG_INF ? 0.f : m_a, base_b = m_b == MSA_NEG_INF ? 0.f : m_b;
     float l_a = 0.f, l_b = 0.f;
@@ -143,8 +143,8 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     float mt_a = MSA_NEG_INF, mt_b = MSA_NEG_INF;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-        mt_a = fmaxf(mt_a, m_s[w * 16 + grp]);
-        mt_b = fmaxf(mt_b, m_s[w * 16 + grp + 8]);
+        mt_a = fmax_nan(mt_a, m_s[w * 16 + grp]);
+        mt_b = fmax_nan(mt_b, m_s[w * 16 + grp + 8]);
     }
     const float sc_a = m_a == MSA_NEG_INF ? 0.f : exp2f(m_a - mt_a);
     const float sc_b = m_b == MSA_NEG_INF ? 0.f : exp2f(m_b - mt_b);
@@ -161,7 +161,7 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
         const int row = (2 * i) / D, col = (2 * i) % D;
         float mt = MSA_NEG_INF, lt = 0.f, x0 = 0.f, x1 = 0.f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) mt = fmaxf(mt, m_s[w * 16 + row]);
+        for (int w = 0; w < WARPS; ++w) mt = fmax_nan(mt, m_s[w * 16 + row]);
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
             const float mw = m_s[w * 16 + row];
@@ -170,9 +170,11 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
             x0 += x.x;
             x1 += x.y;
         }
-        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        // lt = 0: no weight (no seen key, or every seen score -inf), lse -inf; NaN lt
+        // (a NaN or +inf score): NaN o and lse
+        const float inv = lt == 0.f ? 0.f : 1.f / lt;
         const i64 prow = (i64)entry * G + row;
         store2<T>(part_o + prow * D + col, x0 * inv, x1 * inv);
-        if (col == 0) part_lse[prow] = lt > 0.f ? (mt + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
+        if (col == 0) part_lse[prow] = lt == 0.f ? MSA_NEG_INF : (mt + __log2f(lt)) * MSA_LN2;
     }
 }

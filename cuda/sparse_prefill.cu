@@ -12,7 +12,10 @@
 // the BK / KT sub-tiles in the log2 domain, P fed from registers into O += P V.  Keys past the
 // query's position (causal) or past the sequence end are masked by a per-row key limit, and a
 // warp stops at the first sub-tile that none of its rows can see; a row that sees no key of
-// the block gets o = 0, lse = -inf.
+// the block gets o = 0, lse = -inf.  Masked keys never reach a row: their scores are replaced
+// (a select), and in a partly visible block (the causal diagonal) NaN and Inf of V are taken
+// out of the tensor-core product and added back for the rows that see them
+// (zero_nonfinite_v, attention.cuh).
 //
 // Output: per (list position p, head hh of the group) the normalised partial output o (T,
 // the input dtype) and its natural-log lse, at partial row p * G + hh: the pick's own slot
@@ -48,6 +51,8 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     PrefillItem it;
     if (!it.init(items, block_off, n_seq, cu_q, cu_k, n_blocks_total)) return;
     const int count = it.count, start = it.start;
+    const bool partly_visible = it.template partly_visible<BK>(list_q, causal);
+    __shared__ unsigned nonfinite_v[BK / 32];  // keys whose V row held NaN or Inf (partly visible items)
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Ks = reinterpret_cast<T*>(smem_raw);
@@ -56,6 +61,7 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     int* lim_s = reinterpret_cast<int*>(Qs + STAGES * M * D);  // [STAGES][TQ] visible keys of the block per token
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid < BK / 32) nonfinite_v[tid] = 0;
 
     // K and V block (rows past the sequence end are zero-filled and masked).
     it.template load_kv<D, BK, THREADS>(Ks, Vs, k, v, n_heads_kv, [](int row, int ch) { return swizzled<D>(row, ch); });
@@ -77,6 +83,10 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
         cp_async_commit();
         cp_async_wait<STAGES - 1>();  // this tile's group (and K, V) have landed
         __syncthreads();
+        if (tile == 0 && partly_visible) {
+            zero_nonfinite_v<D, BK, THREADS>(Vs, nonfinite_v, [](int row, int ch) { return swizzled<D>(row, ch); });
+            __syncthreads();
+        }
 
         const int r0 = warp * 16 * MT;  // first tile row of this warp
         if (tile * TQ + r0 / G < count) {  // this warp has at least one real row
@@ -137,15 +147,15 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                         for (int e = 0; e < 4; ++e) {
                             const int col = kt * KT + n * 8 + 2 * quad + (e & 1);
                             s[mt][n][e] = col < lim[mt][e >> 1] ? s[mt][n][e] * scale_log2 : MSA_NEG_INF;
-                            mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][n][e]);
+                            mx[e >> 1] = fmax_nan(mx[e >> 1], s[mt][n][e]);
                         }
                     }
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
 #pragma unroll
                         for (int off = 1; off < 4; off <<= 1)
-                            mx[h] = fmaxf(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], off));
-                        const float new_m = fmaxf(m[mt][h], mx[h]);
+                            mx[h] = fmax_nan(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], off));
+                        const float new_m = fmax_nan(m[mt][h], mx[h]);
                         const float base = new_m == MSA_NEG_INF ? 0.f : new_m;
                         const float alpha = exp2f(m[mt][h] - base);
                         m[mt][h] = new_m;
@@ -188,6 +198,20 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                         }
                     }
                 }
+                if (partly_visible) {  // the NaN and Inf of V zeroed above, for the rows that see them
+#pragma unroll
+                    for (int w = 0; w < KT / 32; ++w) {
+                        for (unsigned bits = nonfinite_v[kt * (KT / 32) + w]; bits; bits &= bits - 1) {
+                            const int col = w * 32 + __ffs(bits) - 1, key = kt * KT + col;
+                            const T* v_row = v + ((i64)(it.k_start + it.block * BK + key) * n_heads_kv + it.g) * D;
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt)
+                                add_back_nonfinite_v<D, NT>(
+                                    v_row, key, col, lim[mt], [&](int n, int h, int e) { return s[mt][n][2 * h + e]; },
+                                    [&](int n, int h, int e, float x) { o[mt][n][2 * h + e] += x; });
+                        }
+                    }
+                }
             }
             const i64 row0 = ((i64)start + tile * TQ) * G;  // partial row of tile row 0
 #pragma unroll
@@ -199,11 +223,13 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                     for (int off = 1; off < 4; off <<= 1) lt += __shfl_xor_sync(MSA_FULL_MASK, lt, off);
                     const int r = r0 + mt * 16 + grp + 8 * h;
                     if (tile * TQ + r / G >= count) continue;
-                    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+                    // lt = 0: no weight (no seen key, or every seen score -inf), lse -inf; NaN lt
+                    // (a NaN or +inf score): NaN o and lse
+                    const float inv = lt == 0.f ? 0.f : 1.f / lt;
                     T* dst = part_o + (row0 + r) * D + 2 * quad;
 #pragma unroll
                     for (int n = 0; n < DN; ++n) store2<T>(dst + n * 8, o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
-                    if (quad == 0) part_lse[row0 + r] = lt > 0.f ? (m[mt][h] + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
+                    if (quad == 0) part_lse[row0 + r] = lt == 0.f ? MSA_NEG_INF : (m[mt][h] + __log2f(lt)) * MSA_LN2;
                 }
             }
         }
