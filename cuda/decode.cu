@@ -7,9 +7,10 @@
 // derives the same slot -> partial-row map (row e, or none) from block_indices.
 #include "attention.cuh"
 
-// Split-K decode attention: one CTA per distinct pick, WARPS
-// warps; warp w owns keys [w * BK / WARPS, (w + 1) * BK / WARPS) of the block and the G query
-// heads of the token (one m16 tile: rows >= G are zero and never written).  Each warp loads
+// Split-K decode attention: one CTA per distinct pick, WARPS warps; warp w owns keys
+// [w * BK / WARPS, (w + 1) * BK / WARPS) of the block and the G query heads of the token (one
+// m16 tile: rows >= G are zero and never written).  Keys the token does not see are never
+// loaded (zero-filled), so a NaN or Inf in them cannot reach it.  Each warp loads
 // its own K/V slice and its own copy of the query with cp.async and waits only for its own
 // copies, so loads of all warps overlap and no CTA barrier sits between load and math; the
 // WARPS partial softmax states (m, l, O) are merged once through shared memory.  Decode is
