@@ -16,16 +16,9 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
     return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
-// Store two adjacent floats of a partial result as PT (float, bf16 or f16).
-template <typename PT> __device__ __forceinline__ void store2(PT* dst, float a, float b);
-template <> __device__ __forceinline__ void store2<float>(float* dst, float a, float b) {
-    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
-}
-template <> __device__ __forceinline__ void store2<bf16>(bf16* dst, float a, float b) {
-    *reinterpret_cast<unsigned*>(dst) = pack2<bf16>(a, b);
-}
-template <> __device__ __forceinline__ void store2<f16>(f16* dst, float a, float b) {
-    *reinterpret_cast<unsigned*>(dst) = pack2<f16>(a, b);
+// Store two adjacent floats of a partial result in the input dtype T (bf16 or f16).
+template <typename T> __device__ __forceinline__ void store2(T* dst, float a, float b) {
+    *reinterpret_cast<unsigned*>(dst) = pack2<T>(a, b);
 }
 
 // Sequence of a query token: the largest s < n_seq with cu_q[s] <= token (empty sequences
@@ -77,6 +70,16 @@ struct PrefillItem {
         return true;
     }
 
+    // True when a query of the item does not see every key of the block: causal, and the
+    // block holds keys past the position of the item's first query (lists ascend, so the
+    // first query sees the fewest).  Only then can p = 0 of an unseen key meet its V row in
+    // the P V product (see zero_nonfinite_v).
+    template <int BK>
+    __device__ __forceinline__ bool partly_visible(const int* __restrict__ list_q, int causal) const {
+        const int position = n_k - n_q + (list_q[start] - q_start);
+        return causal && position + 1 < min((block + 1) * BK, n_k);
+    }
+
     // The K and V block (BK rows; rows past the sequence end are zero-filled and masked).
     template <int D, int BK, int THREADS, typename T, typename Offset>
     __device__ __forceinline__ void load_kv(T* Ks, T* Vs, const T* __restrict__ k, const T* __restrict__ v,
@@ -119,3 +122,71 @@ struct PrefillItem {
         }
     }
 };
+
+// NaN and Inf in the V block of a partly visible item (PrefillItem::partly_visible).  The
+// tensor-core product O += P V multiplies each V row by the probabilities of all rows of the
+// tile, and p = 0 of a key a row does not see times a NaN or Inf is NaN: such values would
+// reach rows that never see them.  So they are zeroed in shared memory and their keys marked
+// in `nonfinite` (one bit per key of the block); add_back_nonfinite_v adds p * v for them to
+// the rows that see the key, in fp32, as dense attention would (p * Inf = Inf, NaN stays NaN).
+// Every thread of the CTA calls this after the V block has landed (barrier before and after).
+template <int D, int BK, int THREADS, typename T, typename Offset>
+__device__ __forceinline__ void zero_nonfinite_v(T* Vs, unsigned* nonfinite, Offset offset) {
+    constexpr int CH = D / 8;
+    for (int c = threadIdx.x; c < BK * CH; c += THREADS) {
+        const int row = c / CH, ch = c % CH;
+        uint4* chunk = reinterpret_cast<uint4*>(Vs + offset(row, ch));
+        const uint4 u = *chunk;
+        unsigned w[4] = {u.x, u.y, u.z, u.w};
+        bool found = false;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            T x;
+            x.bits = (unsigned short)(w[i / 2] >> (16 * (i % 2)));
+            if (is_nonfinite(x)) {
+                w[i / 2] &= ~(0xffffu << (16 * (i % 2)));
+                found = true;
+            }
+        }
+        if (found) {
+            *chunk = make_uint4(w[0], w[1], w[2], w[3]);
+            atomicOr(nonfinite + row / 32, 1u << (row % 32));
+        }
+    }
+}
+
+// For key `key` of the block, marked by zero_nonfinite_v, whose V row is v_row (global
+// memory, the original values): o += p * v at its non-finite dims, for the two rows of this
+// lane in the mma accumulator layout (rows grp and grp + 8: h = 0, 1) that see the key
+// (key < lim[h]).  The key is S column `col` of the lane quad's n-tiles (NS of 8 columns):
+// p_of(n, h, e) gives this lane's probability at column 8n + 2 quad + e, read with
+// compile-time n, e (unrolled, no local memory) and passed from the lane that holds the
+// column; add(n, h, e, x) adds x to o at dim 8n + 2 quad + e.  Warp-uniform: call from all lanes.
+template <int D, int NS, typename T, typename POf, typename Add>
+__device__ __forceinline__ void add_back_nonfinite_v(const T* __restrict__ v_row, int key, int col,
+                                                     const int (&lim)[2], POf p_of, Add add) {
+    const int lane = threadIdx.x & 31, quad = lane & 3;
+    const int owner = (lane & ~3) | ((col & 7) >> 1);
+    float p[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float mine = 0.f;
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+            if (n == col >> 3) mine = (col & 1) ? p_of(n, h, 1) : p_of(n, h, 0);
+        p[h] = __shfl_sync(MSA_FULL_MASK, mine, owner);
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const unsigned pair = *reinterpret_cast<const unsigned*>(v_row + n * 8 + 2 * quad);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            T x;
+            x.bits = (unsigned short)(pair >> (16 * e));
+            if (!is_nonfinite(x)) continue;  // already in the tensor-core product
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                if (key < lim[h]) add(n, h, e, p[h] * to_float(x));
+        }
+    }
+}

@@ -12,15 +12,15 @@
 // values per query and group).  No pick, or only empty ones: out = 0, lse = -inf.
 #include "attention.cuh"
 
-template <typename PT, int N> struct Partial;  // N consecutive partial values of one lane
-template <typename PT> struct Partial<PT, 8> {  // 16-bit payloads: one 16-byte load
+template <typename T, int N> struct Partial;  // N consecutive partial values of one lane
+template <typename T> struct Partial<T, 8> {  // 16-bit payloads: one 16-byte load
     float x[8];
-    __device__ __forceinline__ void load(const PT* src) {
+    __device__ __forceinline__ void load(const T* src) {
         const uint4 u = *reinterpret_cast<const uint4*>(src);
         const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            PT lo, hi;
+            T lo, hi;
             lo.bits = w[i] & 0xffff;
             hi.bits = w[i] >> 16;
             x[2 * i] = to_float(lo);
@@ -28,20 +28,20 @@ template <typename PT> struct Partial<PT, 8> {  // 16-bit payloads: one 16-byte 
         }
     }
 };
-template <typename PT> struct Partial<PT, 4> {  // 16-bit payloads: one 8-byte load
+template <typename T> struct Partial<T, 4> {  // 16-bit payloads: one 8-byte load
     float x[4];
-    __device__ __forceinline__ void load(const PT* src) {
+    __device__ __forceinline__ void load(const T* src) {
         const uint2 u = *reinterpret_cast<const uint2*>(src);
-        PT h[4];
+        T h[4];
         h[0].bits = u.x & 0xffff; h[1].bits = u.x >> 16; h[2].bits = u.y & 0xffff; h[3].bits = u.y >> 16;
 #pragma unroll
         for (int i = 0; i < 4; ++i) x[i] = to_float(h[i]);
     }
 };
 
-template <typename T, typename PT, int D, int G, int WARPS>
+template <typename T, int D, int G, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
-sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ part_lse,
+sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ part_lse,
                       const int* __restrict__ slot_pos, const int* __restrict__ block_indices,
                       int slots_from_indices, int q_begin, int rows, int n_heads_q, int top_k,
                       T* __restrict__ out, float* __restrict__ lse_out) {
@@ -62,13 +62,17 @@ sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ p
         return slot_pos[row_g + s];
     };
 
-    float mx = MSA_NEG_INF;
+    float mx = MSA_NEG_INF;  // NaN if a partial's lse is NaN (a NaN or +inf score)
     for (int s0 = 0; s0 < top_k; s0 += LANES) {
         const int p = partial_row(s0 + lane);
-        if (p >= 0) mx = fmaxf(mx, part_lse[(i64)p * G + hh]);
+        if (p >= 0) mx = fmax_nan(mx, part_lse[(i64)p * G + hh]);
     }
 #pragma unroll
-    for (int off = LANES / 2; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off, LANES));
+    for (int off = LANES / 2; off > 0; off >>= 1) mx = fmax_nan(mx, __shfl_xor_sync(MSA_FULL_MASK, mx, off, LANES));
+    // mx = -inf: no partial has weight (no seen key, or every seen score -inf): out 0, lse -inf.
+    // Otherwise every used partial enters, weight 0 included: such a partial holds 0, or the
+    // NaN that a seen key's non-finite v gives at weight 0, as in dense attention.
+    const bool empty = mx == MSA_NEG_INF;
 
     float acc[PER_LANE];
 #pragma unroll
@@ -76,15 +80,15 @@ sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ p
     float total = 0.f;
     for (int s0 = 0; s0 < top_k; s0 += LANES) {  // uniform trip count across the warp
         const int p = partial_row(s0 + lane);
-        const float w = p >= 0 && mx != MSA_NEG_INF ? __expf(part_lse[(i64)p * G + hh] - mx) : 0.f;
+        const float w = p >= 0 && !empty ? __expf(part_lse[(i64)p * G + hh] - mx) : 0.f;
         total += w;
         const int n = min(LANES, top_k - s0);
 #pragma unroll 4
         for (int j = 0; j < n; ++j) {
-            const int pj = __shfl_sync(0xffffffffu, p, j, LANES);
-            const float wj = __shfl_sync(0xffffffffu, w, j, LANES);
-            if (pj >= 0 && wj > 0.f) {  // skips unused rows (which may hold anything)
-                Partial<PT, PER_LANE> part;
+            const int pj = __shfl_sync(MSA_FULL_MASK, p, j, LANES);
+            const float wj = __shfl_sync(MSA_FULL_MASK, w, j, LANES);
+            if (pj >= 0 && !empty) {  // skips unused rows (which may hold anything)
+                Partial<T, PER_LANE> part;
                 part.load(part_o + ((i64)pj * G + hh) * D + lane * PER_LANE);
 #pragma unroll
                 for (int i = 0; i < PER_LANE; ++i) acc[i] += wj * part.x[i];
@@ -92,9 +96,9 @@ sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ p
         }
     }
 #pragma unroll
-    for (int off = LANES / 2; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off, LANES);
+    for (int off = LANES / 2; off > 0; off >>= 1) total += __shfl_xor_sync(MSA_FULL_MASK, total, off, LANES);
     if (!live) return;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float inv = empty ? 0.f : 1.f / total;  // total NaN: NaN out
     const i64 dst = ((i64)(q_begin + row) * n_heads_q + h);
     unsigned packed[PER_LANE / 2];
 #pragma unroll
@@ -103,5 +107,5 @@ sparse_combine_kernel(const PT* __restrict__ part_o, const float* __restrict__ p
     T* o = out + dst * D + lane * PER_LANE;
     if constexpr (PER_LANE == 8) *reinterpret_cast<uint4*>(o) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     else *reinterpret_cast<uint2*>(o) = make_uint2(packed[0], packed[1]);
-    if (lane == 0) lse_out[dst] = total > 0.f ? mx + __logf(total) : MSA_NEG_INF;
+    if (lane == 0) lse_out[dst] = empty ? MSA_NEG_INF : mx + __logf(total);
 }

@@ -31,7 +31,24 @@ template <> __device__ __forceinline__ f16 from_float<f16>(float x) {
     return r;
 }
 
+// NaN or +-inf: the exponent bits all set.
+template <typename T> constexpr unsigned short NONFINITE_EXPONENT = 0;
+template <> constexpr unsigned short NONFINITE_EXPONENT<bf16> = 0x7f80;
+template <> constexpr unsigned short NONFINITE_EXPONENT<f16> = 0x7c00;
+template <typename T> __device__ __forceinline__ bool is_nonfinite(T x) {
+    return (x.bits & NONFINITE_EXPONENT<T>) == NONFINITE_EXPONENT<T>;
+}
+
+// Maximum that propagates NaN (max.NaN, sm_80+), where fmaxf drops it: a softmax maximum
+// over a NaN score is NaN, and so is every weight taken against it.
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
 #define MSA_NEG_INF (-__int_as_float(0x7f800000))
+#define MSA_FULL_MASK 0xffffffffu  // every lane of a warp (shuffles, votes)
 
 // Row of key token `key` (0-based in its sequence) of sequence `seq` in a token-major
 // K / V / index-key array ([rows][heads][dim]).  Contiguous (varlen) arrays hold a sequence

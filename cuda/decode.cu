@@ -7,20 +7,21 @@
 // derives the same slot -> partial-row map (row e, or none) from block_indices.
 #include "attention.cuh"
 
-// Split-K decode attention: one CTA per distinct pick, WARPS
-// warps; warp w owns keys [w * BK / WARPS, (w + 1) * BK / WARPS) of the block and the G query
-// heads of the token (one m16 tile: rows >= G are zero and never written).  Each warp loads
+// Split-K decode attention: one CTA per distinct pick, WARPS warps; warp w owns keys
+// [w * BK / WARPS, (w + 1) * BK / WARPS) of the block and the G query heads of the token (one
+// m16 tile: rows >= G are zero and never written).  Keys the token does not see are never
+// loaded (zero-filled), so a NaN or Inf in them cannot reach it.  Each warp loads
 // its own K/V slice and its own copy of the query with cp.async and waits only for its own
 // copies, so loads of all warps overlap and no CTA barrier sits between load and math; the
 // WARPS partial softmax states (m, l, O) are merged once through shared memory.  Decode is
 // bound by the bytes of the selected K/V: the split keeps 4x more loads in flight per CTA
 // than one warp would, and the math of one warp shrinks to a quarter.
-template <typename T, typename PT, int D, int G, int BK, int WARPS>
+template <typename T, int D, int G, int BK, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                      const int* __restrict__ block_indices, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int n_seq, int q_begin, int n_heads_q, int n_heads_kv,
-                     int top_k, PT* __restrict__ part_o, float* __restrict__ part_lse, int causal,
+                     int top_k, T* __restrict__ part_o, float* __restrict__ part_lse, int causal,
                      float scale_log2, const int* __restrict__ block_table, int max_pages, int page_size) {
     constexpr int KW = BK / WARPS;   // keys per warp
     constexpr int CH = D / 8;        // 16-byte chunks per row
@@ -91,13 +92,13 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
         s[n][1] = col + 1 < lim ? s[n][1] * scale_log2 : MSA_NEG_INF;
         s[n][2] = col < lim ? s[n][2] * scale_log2 : MSA_NEG_INF;
         s[n][3] = col + 1 < lim ? s[n][3] * scale_log2 : MSA_NEG_INF;
-        m_a = fmaxf(m_a, fmaxf(s[n][0], s[n][1]));
-        m_b = fmaxf(m_b, fmaxf(s[n][2], s[n][3]));
+        m_a = fmax_nan(m_a, fmax_nan(s[n][0], s[n][1]));
+        m_b = fmax_nan(m_b, fmax_nan(s[n][2], s[n][3]));
     }
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
-        m_a = fmaxf(m_a, __shfl_xor_sync(0xffffffffu, m_a, off));
-        m_b = fmaxf(m_b, __shfl_xor_sync(0xffffffffu, m_b, off));
+        m_a = fmax_nan(m_a, __shfl_xor_sync(MSA_FULL_MASK, m_a, off));
+        m_b = fmax_nan(m_b, __shfl_xor_sync(MSA_FULL_MASK, m_b, off));
     }
     const float base_a = m_a == MSA_NEG_INF ? 0.f : m_a, base_b = m_b == MSA_NEG_INF ? 0.f : m_b;
     float l_a = 0.f, l_b = 0.f;
@@ -110,8 +111,8 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     }
 #pragma unroll
     for (int off = 1; off < 4; off <<= 1) {
-        l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
-        l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+        l_a += __shfl_xor_sync(MSA_FULL_MASK, l_a, off);
+        l_b += __shfl_xor_sync(MSA_FULL_MASK, l_b, off);
     }
     float o[DN][4];
 #pragma unroll
@@ -144,8 +145,8 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     float mt_a = MSA_NEG_INF, mt_b = MSA_NEG_INF;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-        mt_a = fmaxf(mt_a, m_s[w * 16 + grp]);
-        mt_b = fmaxf(mt_b, m_s[w * 16 + grp + 8]);
+        mt_a = fmax_nan(mt_a, m_s[w * 16 + grp]);
+        mt_b = fmax_nan(mt_b, m_s[w * 16 + grp + 8]);
     }
     const float sc_a = m_a == MSA_NEG_INF ? 0.f : exp2f(m_a - mt_a);
     const float sc_b = m_b == MSA_NEG_INF ? 0.f : exp2f(m_b - mt_b);
@@ -162,7 +163,7 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
         const int row = (2 * i) / D, col = (2 * i) % D;
         float mt = MSA_NEG_INF, lt = 0.f, x0 = 0.f, x1 = 0.f;
 #pragma unroll
-        for (int w = 0; w < WARPS; ++w) mt = fmaxf(mt, m_s[w * 16 + row]);
+        for (int w = 0; w < WARPS; ++w) mt = fmax_nan(mt, m_s[w * 16 + row]);
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) {
             const float mw = m_s[w * 16 + row];
@@ -171,9 +172,11 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
             x0 += x.x;
             x1 += x.y;
         }
-        const float inv = lt > 0.f ? 1.f / lt : 0.f;
+        // lt = 0: no weight (no seen key, or every seen score -inf), lse -inf; NaN lt
+        // (a NaN or +inf score): NaN o and lse
+        const float inv = lt == 0.f ? 0.f : 1.f / lt;
         const i64 prow = (i64)entry * G + row;
-        store2<PT>(part_o + prow * D + col, x0 * inv, x1 * inv);
-        if (col == 0) part_lse[prow] = lt > 0.f ? (mt + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
+        store2<T>(part_o + prow * D + col, x0 * inv, x1 * inv);
+        if (col == 0) part_lse[prow] = lt == 0.f ? MSA_NEG_INF : (mt + __log2f(lt)) * MSA_LN2;
     }
 }

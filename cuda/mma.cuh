@@ -44,14 +44,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* 
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row_ptr)));
 }
-__device__ __forceinline__ void ldmatrix_x2(unsigned (&r)[2], const void* row_ptr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row_ptr)));
-}
-__device__ __forceinline__ void ldmatrix_x2_trans(unsigned (&r)[2], const void* row_ptr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row_ptr)));
-}
 
 // K-major tile of ROWS rows x DI elements stored as DI/64 panels of [ROWS][64], 128-byte XOR
 // swizzle inside each panel: element offset of 16-byte chunk `chunk` of row `row`.  This is

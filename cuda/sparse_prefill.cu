@@ -12,9 +12,12 @@
 // the BK / KT sub-tiles in the log2 domain, P fed from registers into O += P V.  Keys past the
 // query's position (causal) or past the sequence end are masked by a per-row key limit, and a
 // warp stops at the first sub-tile that none of its rows can see; a row that sees no key of
-// the block gets o = 0, lse = -inf.
+// the block gets o = 0, lse = -inf.  Masked keys never reach a row: their scores are replaced
+// (a select), and in a partly visible block (the causal diagonal) NaN and Inf of V are taken
+// out of the tensor-core product and added back for the rows that see them
+// (zero_nonfinite_v, attention.cuh).
 //
-// Output: per (list position p, head hh of the group) the normalised partial output o (PT,
+// Output: per (list position p, head hh of the group) the normalised partial output o (T,
 // the input dtype) and its natural-log lse, at partial row p * G + hh: the pick's own slot
 // (slot_pos in the reverse index), so no atomics and a deterministic result.  combine.cu
 // merges the <= K partials of each (query, head).
@@ -22,17 +25,17 @@
 // Shared memory: K, V (BK x D each) + STAGES query tile buffers (M x D; STAGES - 1 tiles in
 // flight with cp.async while one is computed), rows XOR-swizzled for conflict-free ldmatrix.
 // Default (sparse.py): WARPS = 4, MT = 1, STAGES = 2: 96 KiB at D = BK = 128, so two CTAs
-// share an SM and one's K/V load overlaps the other's math (measured on H200: +10% over one
+// share an SM and one's K/V load overlaps the other's math (measured on H200: +12% over one
 // CTA of 8 warps; MT = 2 spills at D = 128 and STAGES = 3 gained nothing).
 #include "attention.cuh"
 
-template <typename T, typename PT, int D, int G, int BK, int WARPS, int STAGES, int MT>
+template <typename T, int D, int G, int BK, int WARPS, int STAGES, int MT>
 __global__ void __launch_bounds__(WARPS * 32, 1)
 sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const int* __restrict__ items, const int* __restrict__ list_q,
                       const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                       const int* __restrict__ block_off, int n_seq,
-                      PT* __restrict__ part_o, float* __restrict__ part_lse,
+                      T* __restrict__ part_o, float* __restrict__ part_lse,
                       int n_blocks_total, int n_heads_q, int n_heads_kv, int causal, float scale_log2,
                       const int* __restrict__ block_table, int max_pages, int page_size) {
     constexpr int THREADS = WARPS * 32;
@@ -49,6 +52,8 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     PrefillItem it;
     if (!it.init(items, block_off, n_seq, cu_q, cu_k, n_blocks_total, KeyRows{block_table, max_pages, page_size})) return;
     const int count = it.count, start = it.start;
+    const bool partly_visible = it.template partly_visible<BK>(list_q, causal);
+    __shared__ unsigned nonfinite_v[BK / 32];  // keys whose V row held NaN or Inf (partly visible items)
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* Ks = reinterpret_cast<T*>(smem_raw);
@@ -57,6 +62,7 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     int* lim_s = reinterpret_cast<int*>(Qs + STAGES * M * D);  // [STAGES][TQ] visible keys of the block per token
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid < BK / 32) nonfinite_v[tid] = 0;
 
     // K and V block (rows past the sequence end are zero-filled and masked).
     it.template load_kv<D, BK, THREADS>(Ks, Vs, k, v, n_heads_kv, [](int row, int ch) { return swizzled<D>(row, ch); });
@@ -78,6 +84,10 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
         cp_async_commit();
         cp_async_wait<STAGES - 1>();  // this tile's group (and K, V) have landed
         __syncthreads();
+        if (tile == 0 && partly_visible) {
+            zero_nonfinite_v<D, BK, THREADS>(Vs, nonfinite_v, [](int row, int ch) { return swizzled<D>(row, ch); });
+            __syncthreads();
+        }
 
         const int r0 = warp * 16 * MT;  // first tile row of this warp
         if (tile * TQ + r0 / G < count) {  // this warp has at least one real row
@@ -106,7 +116,7 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 
 #pragma unroll 1
             for (int kt = 0; kt < BK / KT; ++kt) {
-                if (__all_sync(0xffffffffu, kt * KT >= lim_max))
+                if (__all_sync(MSA_FULL_MASK, kt * KT >= lim_max))
                     break;  // every row of the warp is past its visible keys (warp-uniform exit)
                 float s[MT][NT][4];
 #pragma unroll
@@ -138,15 +148,15 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                         for (int e = 0; e < 4; ++e) {
                             const int col = kt * KT + n * 8 + 2 * quad + (e & 1);
                             s[mt][n][e] = col < lim[mt][e >> 1] ? s[mt][n][e] * scale_log2 : MSA_NEG_INF;
-                            mx[e >> 1] = fmaxf(mx[e >> 1], s[mt][n][e]);
+                            mx[e >> 1] = fmax_nan(mx[e >> 1], s[mt][n][e]);
                         }
                     }
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
 #pragma unroll
                         for (int off = 1; off < 4; off <<= 1)
-                            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], off));
-                        const float new_m = fmaxf(m[mt][h], mx[h]);
+                            mx[h] = fmax_nan(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], off));
+                        const float new_m = fmax_nan(m[mt][h], mx[h]);
                         const float base = new_m == MSA_NEG_INF ? 0.f : new_m;
                         const float alpha = exp2f(m[mt][h] - base);
                         m[mt][h] = new_m;
@@ -189,6 +199,20 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                         }
                     }
                 }
+                if (partly_visible) {  // the NaN and Inf of V zeroed above, for the rows that see them
+#pragma unroll
+                    for (int w = 0; w < KT / 32; ++w) {
+                        for (unsigned bits = nonfinite_v[kt * (KT / 32) + w]; bits; bits &= bits - 1) {
+                            const int col = w * 32 + __ffs(bits) - 1, key = kt * KT + col;
+                            const T* v_row = v + ((i64)(it.k_start + it.block * BK + key) * n_heads_kv + it.g) * D;
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt)
+                                add_back_nonfinite_v<D, NT>(
+                                    v_row, key, col, lim[mt], [&](int n, int h, int e) { return s[mt][n][2 * h + e]; },
+                                    [&](int n, int h, int e, float x) { o[mt][n][2 * h + e] += x; });
+                        }
+                    }
+                }
             }
             const i64 row0 = ((i64)start + tile * TQ) * G;  // partial row of tile row 0
 #pragma unroll
@@ -197,14 +221,16 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                 for (int h = 0; h < 2; ++h) {
                     float lt = l[mt][h];
 #pragma unroll
-                    for (int off = 1; off < 4; off <<= 1) lt += __shfl_xor_sync(0xffffffffu, lt, off);
+                    for (int off = 1; off < 4; off <<= 1) lt += __shfl_xor_sync(MSA_FULL_MASK, lt, off);
                     const int r = r0 + mt * 16 + grp + 8 * h;
                     if (tile * TQ + r / G >= count) continue;
-                    const float inv = lt > 0.f ? 1.f / lt : 0.f;
-                    PT* dst = part_o + (row0 + r) * D + 2 * quad;
+                    // lt = 0: no weight (no seen key, or every seen score -inf), lse -inf; NaN lt
+                    // (a NaN or +inf score): NaN o and lse
+                    const float inv = lt == 0.f ? 0.f : 1.f / lt;
+                    T* dst = part_o + (row0 + r) * D + 2 * quad;
 #pragma unroll
-                    for (int n = 0; n < DN; ++n) store2<PT>(dst + n * 8, o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
-                    if (quad == 0) part_lse[row0 + r] = lt > 0.f ? (m[mt][h] + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
+                    for (int n = 0; n < DN; ++n) store2<T>(dst + n * 8, o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
+                    if (quad == 0) part_lse[row0 + r] = lt == 0.f ? MSA_NEG_INF : (m[mt][h] + __log2f(lt)) * MSA_LN2;
                 }
             }
         }

@@ -11,15 +11,15 @@
 #include "attention.cuh"
 #include "wgmma.cuh"
 
-template <typename T, typename PT, int D, int G, int BK, int WGS, int STAGES>
+template <typename T, int D, int G, int BK, int WGS, int STAGES>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                            const int* __restrict__ items, const int* __restrict__ list_q,
                            const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                            const int* __restrict__ block_off, int n_seq,
-                           PT* __restrict__ part_o, float* __restrict__ part_lse,
+                           T* __restrict__ part_o, float* __restrict__ part_lse,
                            int n_blocks_total, int n_heads_q, int n_heads_kv, int causal, float scale_log2,
-                      const int* __restrict__ block_table, int max_pages, int page_size) {
+                           const int* __restrict__ block_table, int max_pages, int page_size) {
     static_assert(D == 128 && BK == 128, "wgmma tiles: m64n128 over D = BK = 128");
     constexpr int THREADS = 128 * WGS;
     constexpr int M = 64 * WGS;          // rows of one query tile
@@ -32,6 +32,8 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
     PrefillItem it;
     if (!it.init(items, block_off, n_seq, cu_q, cu_k, n_blocks_total, KeyRows{block_table, max_pages, page_size})) return;
     const int count = it.count, start = it.start;
+    const bool partly_visible = it.template partly_visible<BK>(list_q, causal);
+    __shared__ unsigned nonfinite_v[BK / 32];  // keys whose V row held NaN or Inf (partly visible items)
 
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     T* Ks = reinterpret_cast<T*>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));  // [BK x D]
@@ -42,6 +44,7 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wg = warp >> 2, wq = warp & 3;
     const int grp = lane >> 2, quad = lane & 3;
+    if (tid < BK / 32) nonfinite_v[tid] = 0;
 
     it.template load_kv<D, BK, THREADS>(Ks, Vs, k, v, n_heads_kv, [](int row, int ch) { return swizzled_panel<D, BK>(row, ch); });
     const int n_tiles = (count + TQ - 1) / TQ;
@@ -63,6 +66,11 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
         cp_async_wait<STAGES - 1>();  // this tile's group (and K, V) have landed
         fence_proxy_async();
         __syncthreads();
+        if (tile == 0 && partly_visible) {
+            zero_nonfinite_v<D, BK, THREADS>(Vs, nonfinite_v, [](int row, int ch) { return swizzled_panel<D, BK>(row, ch); });
+            fence_proxy_async();  // generic-proxy writes to V, read next by wgmma
+            __syncthreads();
+        }
 
         // every warpgroup computes, padding rows too (zero-filled, never stored): a wgmma
         // under a branch the compiler cannot prove warpgroup-uniform is serialized
@@ -91,13 +99,13 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
         for (int i = 0; i < 64; ++i) {
             const int h = (i >> 1) & 1, col = 8 * (i >> 2) + 2 * quad + (i & 1);
             s[i] = col < lim[h] ? s[i] * scale_log2 : MSA_NEG_INF;
-            mx[h] = fmaxf(mx[h], s[i]);
+            mx[h] = fmax_nan(mx[h], s[i]);
         }
         float base[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+            mx[h] = fmax_nan(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], 1));
+            mx[h] = fmax_nan(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], 2));
             base[h] = mx[h] == MSA_NEG_INF ? 0.f : mx[h];
         }
         unsigned pa[JS][4];  // P as the A operand of P V: k16 step j = keys 16j.. (S n-tiles 2j, 2j+1)
@@ -123,20 +131,39 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_operands(o);
+        if (partly_visible) {  // the NaN and Inf of V zeroed above, for the rows that see them
+            for (int w = 0; w < BK / 32; ++w) {
+                for (unsigned bits = nonfinite_v[w]; bits; bits &= bits - 1) {
+                    const int key = w * 32 + __ffs(bits) - 1;
+                    const T* v_row = v + ((i64)(it.k_start + it.block * BK + key) * n_heads_kv + it.g) * D;
+                    // p from the packed A operand of P V: S columns 16j.. are pa[j], n-tile 2j + n % 2
+                    add_back_nonfinite_v<D, BK / 8>(
+                        v_row, key, key, lim,
+                        [&](int n, int h, int e) {
+                            T x;
+                            x.bits = (unsigned short)(pa[n >> 1][2 * (n & 1) + h] >> (16 * e));
+                            return to_float(x);
+                        },
+                        [&](int n, int h, int e, float x) { o[4 * n + 2 * h + e] += x; });
+                }
+            }
+        }
 
         const i64 row0 = ((i64)start + tile * TQ) * G;  // partial row of tile row 0
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float lt = sum[h];
-            lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-            lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+            lt += __shfl_xor_sync(MSA_FULL_MASK, lt, 1);
+            lt += __shfl_xor_sync(MSA_FULL_MASK, lt, 2);
             const int r = r0 + grp + 8 * h;
             if (tile * TQ + r / G >= count) continue;
-            const float inv = lt > 0.f ? 1.f / lt : 0.f;
-            PT* dst = part_o + (row0 + r) * D + 2 * quad;
+            // lt = 0: no weight (no seen key, or every seen score -inf), lse -inf; NaN lt
+            // (a NaN or +inf score): NaN o and lse
+            const float inv = lt == 0.f ? 0.f : 1.f / lt;
+            T* dst = part_o + (row0 + r) * D + 2 * quad;
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n) store2<PT>(dst + n * 8, o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
-            if (quad == 0) part_lse[row0 + r] = lt > 0.f ? (base[h] + __log2f(lt)) * MSA_LN2 : MSA_NEG_INF;
+            for (int n = 0; n < D / 8; ++n) store2<T>(dst + n * 8, o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
+            if (quad == 0) part_lse[row0 + r] = lt == 0.f ? MSA_NEG_INF : (base[h] + __log2f(lt)) * MSA_LN2;
         }
         __syncthreads();  // a later prefetch overwrites this tile's buffer
     }

@@ -20,7 +20,6 @@
 
 typedef unsigned long long u64;
 
-#define MSA_FULL_MASK 0xffffffffu
 constexpr unsigned MSA_FORCED_SCORE_BITS = 0xffffffffu;  // above msa_ordered_bits(+inf) = 0xff800000
 
 // float -> uint32 with the same order (for non-NaN inputs); -0.0 ranks as +0.0 (a tie)

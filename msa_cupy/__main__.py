@@ -135,6 +135,10 @@ def cmd_check(args):
                 print(f"{source + ':' + expr:<64} {arch:<7} {regs:>4} {stack:>5} {st:>5}/{ld:<5}{flag}")
             print(f"  ({source} {arch}: {time.perf_counter() - t0:.1f} s)")
     print("check:", "FAILED" if failures else "all kernels compiled")
+    if args.sanitize:
+        from msa_cupy import _sanitize
+
+        failures += _sanitize.sanitize()
     return 1 if failures else 0
 
 
@@ -278,6 +282,9 @@ def main(argv=None):
     demo.add_argument("--tokens", type=int, default=32768)
     check = sub.add_parser("check", help="compile every kernel with NVRTC (no GPU needed); registers, spills")
     check.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
+    check.add_argument("--sanitize", action="store_true",
+                       help="then run every kernel on small shapes under compute-sanitizer memcheck, racecheck, "
+                            "synccheck (GPU)")
     warmup = sub.add_parser("warmup", help="compile every kernel variant for this GPU into the cache (parallel)")
     warmup.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
     bench = sub.add_parser("bench", help="timings against ceilings measured on this card")

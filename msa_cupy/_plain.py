@@ -137,7 +137,8 @@ def sparse_attention(q, k, v, block_indices, layout: Layout, *, block_size, caus
     lse = cp.full((total_q, hq), -cp.inf, cp.float32)
     offsets = cp.arange(block_size, dtype=cp.int64)
     group_ids = cp.arange(hkv, dtype=cp.int64)[None, :, None]
-    step = _rows_per_chunk(hkv * top_k * block_size * (2 * d + 2 * g + 4) * 4)
+    # per gathered key: k and v in float32 plus one masked copy in flight, logits and p
+    step = _rows_per_chunk(hkv * top_k * block_size * (3 * d + 2 * g + 4) * 4)
     for q0, nq, k0, nk in layout.sequences():
         if nq == 0 or nk == 0:
             continue  # no keys: out 0, lse -inf
@@ -151,16 +152,20 @@ def sparse_attention(q, k, v, block_indices, layout: Layout, *, block_size, caus
             limit = nk if not causal else cp.clip(cp.arange(r0, r1) + (nk - nq) + 1, 0, nk)[:, None, None]
             valid = (cp.repeat(ids, block_size, axis=-1) >= 0) & (tok < limit)
             tok = cp.where(valid, tok, 0)
-            kg = kf[tok, group_ids].astype(cp.float32)  # (rows, Hkv, K*Bk, D)
-            vg = vf[tok, group_ids].astype(cp.float32)
+            # unseen slots are zero rows (a select, not a zero weight: 0 * NaN = NaN), so a NaN
+            # or Inf of a key the query does not see never enters its products
+            seen = valid[..., None]
+            kg = cp.where(seen, kf[tok, group_ids].astype(cp.float32), cp.float32(0))  # (rows, Hkv, K*Bk, D)
+            vg = cp.where(seen, vf[tok, group_ids].astype(cp.float32), cp.float32(0))
             qg = q[q0 + r0:q0 + r1].astype(cp.float32).reshape(rows, hkv, g, d)
             logits = cp.matmul(qg, kg.transpose(0, 1, 3, 2)) * scale  # (rows, Hkv, G, K*Bk)
             logits = cp.where(valid[:, :, None, :], logits, -cp.inf)
-            m = logits.max(axis=-1, keepdims=True)
-            m = cp.where(cp.isfinite(m), m, 0.0)
+            m = logits.max(axis=-1, keepdims=True)  # NaN if a seen score is NaN
+            m = cp.where(m == -cp.inf, cp.float32(0), m)  # +inf stays: exp(inf - inf) = NaN, as in dense softmax
             p = cp.exp(logits - m)
             denom = p.sum(axis=-1, keepdims=True)
-            o = cp.matmul(p, vg) / cp.where(denom > 0, denom, 1.0)
+            empty = denom == 0  # no seen key, or every seen score -inf: out 0, lse -inf
+            o = cp.where(empty, cp.float32(0), cp.matmul(p, vg) / cp.where(empty, cp.float32(1), denom))
             out[q0 + r0:q0 + r1] = o.reshape(rows, hq, d).astype(q.dtype)
-            lse[q0 + r0:q0 + r1] = cp.where(denom > 0, cp.log(denom) + m, -cp.inf).reshape(rows, hq)
+            lse[q0 + r0:q0 + r1] = cp.where(empty, -cp.inf, cp.log(denom) + m).reshape(rows, hq)
     return out, lse

@@ -87,9 +87,28 @@ def sequence_topk(scores, positions, num_keys, *, top_k=16, block_size=128, loca
     return ids
 
 
+def _weighted_values(p, v, keep_h, group):
+    """sum_k p[q, h, k] v[k, group[h], :] over the seen keys (keep_h) only, in IEEE arithmetic.
+
+    The product runs on v with its non-finite values zeroed; those values are then added back
+    for the seen keys alone, so that a NaN or Inf of a key a query does not see never meets
+    that query's zero weight (0 * NaN = NaN), while one of a seen key propagates as dense
+    attention propagates it (p * Inf = Inf, 0 * Inf = NaN, NaN anywhere = NaN)."""
+    finite = np.isfinite(v)
+    out = np.einsum("qhk,khd->qhd", p, np.where(finite, v, 0.0)[:, group, :])
+    for key in np.flatnonzero(~finite.all(axis=(1, 2))):
+        vk = v[key, group, :]  # (Hq, D)
+        seen = keep_h[:, :, key, None] & ~np.isfinite(vk)[None]
+        out += np.where(seen, p[:, :, key, None] * vk[None], 0.0)
+    return out
+
+
 def sequence_sparse_attention(q, k, v, block_indices, positions, *, block_size=128, causal=True,
                               scale=None):
-    """Exact softmax over the selected, visible keys. Returns (out (Nq, Hq, D), lse (Nq, Hq))."""
+    """Exact softmax over the selected, visible keys. Returns (out (Nq, Hq, D), lse (Nq, Hq)).
+
+    Keys a query does not see are masked (their k and v never reach its result); over the keys
+    it sees, NaN and Inf follow dense softmax attention (README, "NaN and Inf")."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
@@ -102,16 +121,19 @@ def sequence_sparse_attention(q, k, v, block_indices, positions, *, block_size=1
     keep = chosen[:, :, key_block]  # (Nq, Hkv, Nk)
     keep &= (np.arange(nk)[None, :] < _visible_keys(positions, nk, causal)[:, None])[:, None, :]
     group = np.arange(hq) // (hq // hkv)
-    logits = scale * np.einsum("qhd,khd->qhk", q, k[:, group, :])
     keep_h = keep[:, group, :]
-    logits = np.where(keep_h, logits, -np.inf)
-    m = logits.max(axis=-1, initial=-np.inf, keepdims=True)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    p = np.where(keep_h, np.exp(logits - m_safe), 0.0)
-    denom = p.sum(axis=-1, keepdims=True)
-    out = np.einsum("qhk,khd->qhd", p / np.where(denom > 0, denom, 1.0), v[:, group, :])
-    with np.errstate(divide="ignore"):
-        lse = np.where(denom[..., 0] > 0, np.log(denom[..., 0]) + m_safe[..., 0], -np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        # unseen keys are masked by a select: a NaN or Inf in their k or v never enters a sum
+        logits = np.where(keep_h, scale * np.einsum("qhd,khd->qhk", q, k[:, group, :]), -np.inf)
+        m = logits.max(axis=-1, initial=-np.inf, keepdims=True)  # NaN if a seen score is NaN
+        m_safe = np.where(m == -np.inf, 0.0, m)  # +inf stays: exp(inf - inf) = NaN, as in dense softmax
+        p = np.where(keep_h, np.exp(logits - m_safe), 0.0)
+        denom = p.sum(axis=-1, keepdims=True)
+        out = _weighted_values(p, v, keep_h, group)
+        empty = denom == 0  # no seen key, or every seen score -inf
+        out = np.where(empty, 0.0, out / np.where(empty, 1.0, denom))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(empty[..., 0], -np.inf, np.log(denom[..., 0]) + m_safe[..., 0])
     return out, lse
 
 

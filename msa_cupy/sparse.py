@@ -34,7 +34,7 @@ from ._layout import CONTIGUOUS_KEYS
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_GROUP_SIZES = (1, 2, 4, 8, 16)
-PREFILL_WARPS = 4  # 64-row query tiles: 2 CTAs per SM (measured +10% over 8 warps, H200)
+PREFILL_WARPS = 4  # 64-row query tiles: 2 CTAs per SM (measured +12% over 8 warps, H200)
 PREFILL_STAGES = 2  # query tiles buffered in shared memory (STAGES - 1 in flight)
 PREFILL_MT = 1  # m16 row tiles per warp (2: each K/V fragment load feeds two mma)
 WGMMA_WARPGROUPS = 1  # sm_90 prefill (sparse_prefill_sm90.cu, D = BK = 128): 64-row tiles per warpgroup
@@ -52,14 +52,14 @@ _poison_outputs = False  # test hook: fill every buffer with NaN before the kern
 # every variant this module may launch, for `python -m msa_cupy check`
 for _t in ("bf16", "f16"):
     for _d in SUPPORTED_HEAD_DIMS:
-        _jit.declare("combine.cu", "sparse_combine_kernel", *[(_t, _t, _d, _g, COMBINE_WARPS) for _g in SUPPORTED_GROUP_SIZES])
+        _jit.declare("combine.cu", "sparse_combine_kernel", *[(_t, _d, _g, COMBINE_WARPS) for _g in SUPPORTED_GROUP_SIZES])
         _jit.declare("sparse_prefill.cu", "sparse_prefill_kernel",
-                     *[(_t, _t, _d, _g, _bk, PREFILL_WARPS, PREFILL_STAGES, PREFILL_MT) for _g in SUPPORTED_GROUP_SIZES
+                     *[(_t, _d, _g, _bk, PREFILL_WARPS, PREFILL_STAGES, PREFILL_MT) for _g in SUPPORTED_GROUP_SIZES
                        for _bk in SUPPORTED_BLOCK_SIZES])
         _jit.declare("decode.cu", "sparse_decode_kernel",
-                     *[(_t, _t, _d, _g, _bk, DECODE_WARPS) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
+                     *[(_t, _d, _g, _bk, DECODE_WARPS) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
 _jit.declare("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
-             *[(_t, _t, 128, _g, 128, WGMMA_WARPGROUPS, WGMMA_STAGES) for _t in ("bf16", "f16")
+             *[(_t, 128, _g, 128, WGMMA_WARPGROUPS, WGMMA_STAGES) for _t in ("bf16", "f16")
                for _g in SUPPORTED_GROUP_SIZES], arch_specific=True)
 for _name in ("reverse_index_keys", "reverse_index_fill", "build_work_items"):
     _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
@@ -133,7 +133,7 @@ class _Stats:
 def decode_kernel(dtype, head_dim: int, group: int, block_size: int):
     """(kernel, shared memory bytes) of the split-K decode attention (decode.cu)."""
     tname = _jit.dtype_template(dtype)
-    kernel = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, tname, head_dim, group, block_size, DECODE_WARPS))
+    kernel = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, head_dim, group, block_size, DECODE_WARPS))
     return kernel, _smem_bytes(head_dim, block_size, DECODE_WARPS, group, True)
 
 
@@ -150,7 +150,7 @@ def launch_decode(kernel, smem, q, k, v, block_indices, cu_q, cu_k, n_seq, q_beg
 
 def combine_kernel(dtype, head_dim: int, group: int):
     tname = _jit.dtype_template(dtype)
-    return _jit.kernel("combine.cu", "sparse_combine_kernel", (tname, tname, head_dim, group, COMBINE_WARPS))
+    return _jit.kernel("combine.cu", "sparse_combine_kernel", (tname, head_dim, group, COMBINE_WARPS))
 
 
 def launch_combine(part_o, part_lse, slot_pos, block_indices, q_begin, rows, out, lse, *, head_dim, group,
@@ -216,12 +216,12 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
         if not _wgmma_prefill_fits(head_dim, block_size):
             raise ValueError("the wgmma prefill kernel needs an sm_90 GPU and head_dim = block_size = 128")
         attn = _jit.kernel("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
-                           (tname, tname, head_dim, group, block_size, WGMMA_WARPGROUPS, WGMMA_STAGES), arch_specific=True)
+                           (tname, head_dim, group, block_size, WGMMA_WARPGROUPS, WGMMA_STAGES), arch_specific=True)
         tile_tokens, threads = 64 * WGMMA_WARPGROUPS // group, 128 * WGMMA_WARPGROUPS
         smem = _wgmma_smem_bytes(head_dim, block_size, group)
     else:
         attn = _jit.kernel("sparse_prefill.cu", "sparse_prefill_kernel",
-                           (tname, tname, head_dim, group, block_size, warps, prefill_stages, prefill_mt))
+                           (tname, head_dim, group, block_size, warps, prefill_stages, prefill_mt))
         smem = _smem_bytes(head_dim, block_size, warps, group, False, prefill_stages, prefill_mt)
     scale_log2 = np.float32(scale * LOG2E)
 

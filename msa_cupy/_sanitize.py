@@ -1,0 +1,361 @@
+"""Every CUDA kernel of msa_cupy once, on small shapes, each result checked against the
+reference: the workload that ``python -m msa_cupy check --sanitize`` and
+tests/test_sanitize_gpu.py run under compute-sanitizer's memcheck, racecheck and synccheck.
+
+    python -m msa_cupy._sanitize      the workload in this process: a line per stage, exit
+                                      status 1 if a result is wrong
+
+The workload switches CuPy's memory pool off, so that each array is its own device
+allocation: memcheck then sees an access past an array's end, which inside a pooled chunk
+would land in a neighbour's bytes unnoticed.  Shapes are small (a few hundred tokens, two
+sequences, a chunk at the end of a cache and a decode batch) because racecheck and synccheck
+run each kernel one to two orders of magnitude slower.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TOOLS = ("memcheck", "racecheck", "synccheck")
+CLEAN = "ERROR SUMMARY: 0 errors"
+PREFILL_SEQS = ((150, 200), (60, 333))  # (queries, keys) per sequence: queries at the end of the keys
+DECODE_SEQS = ((1, 400), (3, 700))
+WIDE_SEQS = ((70, 512), (20, 260))     # 8 blocks of 64: the 4-wide loads of topk.cu
+HKV, GROUP, TOP_K, LOCAL, SINK = 2, 4, 4, 1, 1
+INDEX_DIM, SELECT_BLOCK = 64, 64
+HEAD_DIM, ATTN_BLOCK = 128, 128       # both prefill kernels run at D = BK = 128
+TOLERANCE = 1e-2                       # bf16 attention, ||out - ref|| / ||ref||
+LSE_TOLERANCE = 1e-3
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _bf16():
+    from ._interop import BFLOAT16
+
+    return BFLOAT16
+
+
+def _layout(seqs):
+    from ._layout import varlen_layout
+
+    cu_q = np.concatenate([[0], np.cumsum([q for q, _ in seqs])]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum([k for _, k in seqs])]).astype(np.int32)
+    return varlen_layout(cu_q, cu_k), cu_q, cu_k
+
+
+def _index(rng, layout):
+    """Small integers: every dot product is exact in fp32, so the selection must equal the
+    float64 reference bit for bit, ties included.  index_k is shared by the groups."""
+    iq = rng.integers(-2, 3, (layout.total_q, HKV, INDEX_DIM)).astype(_bf16())
+    ik = rng.integers(-2, 3, (layout.total_k, 1, INDEX_DIM)).astype(_bf16())
+    return iq, ik
+
+
+def _device(*arrays):
+    import cupy
+
+    return [cupy.asarray(a) for a in arrays]
+
+
+def _seq_kw(cu_q, cu_k):
+    return dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _equal(got, ref, what):
+    got = np.asarray(got)
+    if got.shape != ref.shape or not np.array_equal(got.astype(np.float64), np.asarray(ref, np.float64)):
+        bad = int(np.sum(got.astype(np.float64) != np.asarray(ref, np.float64))) if got.shape == ref.shape else -1
+        return f"{what}: {bad} entries differ from the reference"
+    return None
+
+
+def _close(out, lse, ref_out, ref_lse):
+    """Same non-finite elements; finite ones within the bf16 tolerance."""
+    out = np.asarray(out).astype(np.float64)
+    lse = np.asarray(lse).astype(np.float64)
+    if not np.array_equal(np.isfinite(out), np.isfinite(ref_out)):
+        return f"out: {int(np.sum(np.isfinite(out) != np.isfinite(ref_out)))} elements finite on one side only"
+    if not np.array_equal(np.isfinite(lse), np.isfinite(ref_lse)) or not np.array_equal(np.isneginf(lse),
+                                                                                      np.isneginf(ref_lse)):
+        return "lse: non-finite elements differ from the reference"
+    fin = np.isfinite(ref_out)
+    err = np.linalg.norm(out[fin] - ref_out[fin]) / max(np.linalg.norm(ref_out[fin]), 1e-30)
+    if err > TOLERANCE:
+        return f"out: relative error {err:.2e}"
+    fin = np.isfinite(ref_lse)
+    if fin.any() and np.max(np.abs(lse[fin] - ref_lse[fin])) > LSE_TOLERANCE:
+        return "lse: beyond tolerance"
+    return None
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _select_scores(rng, warps):
+    from . import reference, selection
+
+    layout, cu_q, cu_k = _layout(PREFILL_SEQS)
+    iq, ik = _index(rng, layout)
+    got = selection.block_scores(*_device(iq, ik), layout, *_device(cu_q, cu_k), block_size=SELECT_BLOCK,
+                                 causal=True, warps=warps)
+    ref = reference.block_scores(iq, ik, block_size=SELECT_BLOCK, causal=True, **_seq_kw(cu_q, cu_k))
+    return _equal(got.get(), ref, "block scores")
+
+
+def _select_topk(rng, warps, splits, seqs):
+    from . import reference, selection
+
+    layout, cu_q, cu_k = _layout(seqs)
+    iq, ik = _index(rng, layout)
+    options = dict(top_k=TOP_K, block_size=SELECT_BLOCK, local_blocks=LOCAL, sink_blocks=SINK, causal=True)
+    got = selection.select_blocks(*_device(iq, ik), layout, *_device(cu_q, cu_k), splits=splits, warps=warps,
+                                  **options)
+    ref = reference.select_blocks(iq, ik, **options, **_seq_kw(cu_q, cu_k))
+    return _equal(got.get(), ref, "block ids")
+
+
+def _topk(rng, seqs):
+    """topk.cu over float32 scores with NaN, -inf and ties."""
+    from . import reference, selection
+
+    layout, cu_q, cu_k = _layout(seqs)
+    width = layout.n_blocks(SELECT_BLOCK)
+    scores = rng.integers(-3, 4, (layout.total_q, HKV, width)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.1] = np.nan
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
+    options = dict(top_k=TOP_K, block_size=SELECT_BLOCK, local_blocks=LOCAL, sink_blocks=SINK, causal=True)
+    got = selection.topk_blocks(*_device(scores), layout, *_device(cu_q, cu_k), **options)
+    ref = reference.topk_blocks(scores, **options, **_seq_kw(cu_q, cu_k))
+    return _equal(got.get(), ref, "block ids")
+
+
+def _attention_case(rng, seqs):
+    """bf16 q, k, v and a selection (the reference's, on a random index), with a NaN in v of
+    the last key of the first sequence: a key only its last query sees, so the prefill
+    kernels take their masking path for non-finite V."""
+    from . import reference
+
+    layout, cu_q, cu_k = _layout(seqs)
+    dt = _bf16()
+    q = rng.standard_normal((layout.total_q, HKV * GROUP, HEAD_DIM)).astype(dt)
+    k = rng.standard_normal((layout.total_k, HKV, HEAD_DIM)).astype(dt)
+    v = rng.standard_normal((layout.total_k, HKV, HEAD_DIM)).astype(dt)
+    v[cu_k[1] - 1, 0, 5] = np.nan
+    iq = rng.standard_normal((layout.total_q, HKV, INDEX_DIM)).astype(dt)
+    ik = rng.standard_normal((layout.total_k, HKV, INDEX_DIM)).astype(dt)
+    ids = reference.select_blocks(iq, ik, top_k=TOP_K, block_size=ATTN_BLOCK, local_blocks=LOCAL,
+                                  sink_blocks=SINK, causal=True, **_seq_kw(cu_q, cu_k))
+    scale = 1 / np.sqrt(HEAD_DIM)
+    ref = reference.sparse_attention(q, k, v, ids, block_size=ATTN_BLOCK, causal=True, scale=scale,
+                                     return_lse=True, **_seq_kw(cu_q, cu_k))
+    return layout, cu_q, cu_k, (q, k, v, ids), scale, ref
+
+
+def _sparse_kernels(rng, seqs, force_path, prefill_kernel=None):
+    from . import sparse
+
+    layout, cu_q, cu_k, arrays, scale, ref = _attention_case(rng, seqs)
+    sparse._poison_outputs = True  # an element no kernel writes stays NaN
+    try:
+        out, lse = sparse.sparse_attention(*_device(*arrays), layout, *_device(cu_q, cu_k), block_size=ATTN_BLOCK,
+                                           causal=True, scale=scale, force_path=force_path,
+                                           prefill_kernel=prefill_kernel)
+    finally:
+        sparse._poison_outputs = False
+    return _close(out.get(), lse.get(), *ref)
+
+
+def _block_max(rng, causal):
+    from . import _plain, reference
+
+    layout, cu_q, cu_k = _layout(PREFILL_SEQS)
+    iq, ik = _index(rng, layout)
+    got = _plain.block_scores(*_device(iq, ik), layout, block_size=SELECT_BLOCK, causal=causal)
+    ref = reference.block_scores(iq, ik, block_size=SELECT_BLOCK, causal=causal, **_seq_kw(cu_q, cu_k))
+    return _equal(got.get(), ref, "block scores")
+
+
+def _plain_end_to_end(rng):
+    from . import _plain, reference
+
+    layout, cu_q, cu_k, (q, k, v, _), scale, _ = _attention_case(rng, PREFILL_SEQS)
+    iq, ik = _index(rng, layout)
+    options = dict(top_k=TOP_K, block_size=ATTN_BLOCK, local_blocks=LOCAL, sink_blocks=SINK, causal=True)
+    ids = _plain.select_blocks(*_device(iq, ik), layout, **options)
+    ref_ids = reference.select_blocks(iq, ik, **options, **_seq_kw(cu_q, cu_k))
+    if (msg := _equal(ids.get(), ref_ids, "block ids")) is not None:
+        return msg
+    out, lse = _plain.sparse_attention(*_device(q, k, v), ids, layout, block_size=ATTN_BLOCK, causal=True,
+                                       scale=scale)
+    ref = reference.sparse_attention(q, k, v, ref_ids, block_size=ATTN_BLOCK, causal=True, scale=scale,
+                                     return_lse=True, **_seq_kw(cu_q, cu_k))
+    return _close(out.get(), lse.get(), *ref)
+
+
+def _decode_plan(rng, page_size, batched_one_call=False):
+    """A decode plan over a paged (or contiguous) cache with the training-free index:
+    plan_update.cu from device arrays, group_mean.cu, the selection, decode.cu and combine.cu
+    over block_table pages, against the reference; and a batched one-call decode
+    (uniform_cu_seqlens)."""
+    import cupy
+
+    import msa_cupy
+
+    from . import reference
+
+    dt = _bf16()
+    batch, nq, max_len = 2, 2, 700
+    lens = np.array([700, 129], np.int32)
+    hq = HKV * GROUP
+    q = rng.standard_normal((batch, nq, hq, HEAD_DIM)).astype(dt)
+    if page_size:
+        n_pages = 2 * -(-max_len // page_size) + 1
+        cache = (n_pages, page_size, HKV, HEAD_DIM)
+        table = rng.permutation(n_pages)[:2 * -(-max_len // page_size)].reshape(2, -1).astype(np.int32)
+    else:
+        n_pages, cache, table = None, (batch, max_len, HKV, HEAD_DIM), None
+    k, v = rng.standard_normal(cache).astype(dt), rng.standard_normal(cache).astype(dt)
+    plan = msa_cupy.DecodePlan(max_batch=batch, max_cache_len=max_len, num_q_heads=hq, num_kv_heads=HKV,
+                               head_dim=HEAD_DIM, dtype="bfloat16", block_size=ATTN_BLOCK, top_k=TOP_K,
+                               local_blocks=LOCAL, sink_blocks=SINK, queries_per_seq=nq, page_size=page_size,
+                               num_pages=n_pages)
+    plan.update(*_device(lens, *(() if table is None else (table,))))
+    out, lse = plan.run(*_device(q, k, v), return_lse=True)
+    ids = plan.block_indices.get()
+    rows = reference.cache_rows(lens, cache[1], table)
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    cu_q = (np.arange(batch + 1) * nq).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    ref = reference.sparse_attention(flat(q), flat(k)[rows], flat(v)[rows], flat(ids), block_size=ATTN_BLOCK,
+                                     causal=True, return_lse=True, **_seq_kw(cu_q, cu_k))
+    if (msg := _close(flat(out.get()), flat(lse.get()), *ref)) is not None or not batched_one_call:
+        return msg
+    q1 = cupy.asarray(q[:1])
+    out1 = msa_cupy.attention(q1, *_device(k[:1, :400] if not page_size else flat(k)[None, :400],
+                                          v[:1, :400] if not page_size else flat(v)[None, :400]),
+                              block_size=ATTN_BLOCK, top_k=TOP_K)
+    return None if bool(cupy.isfinite(out1).all()) else "one-call decode: non-finite output"
+
+
+def stages(wgmma: bool):
+    """(name, check(rng) -> None or what is wrong) for every kernel; the sm_90 kernels where
+    `wgmma`."""
+    from .selection import DECODE_WARPS, PREFILL_WARPS, WGMMA
+
+    p = functools.partial
+    out = [
+        ("select.cu scores epilogue, 256-row CTAs", p(_select_scores, warps=PREFILL_WARPS)),
+        ("select.cu top-k epilogue, 256-row CTAs", p(_select_topk, warps=PREFILL_WARPS, splits=1, seqs=PREFILL_SEQS)),
+        ("select.cu top-k epilogue, 32-row CTAs, split-K + topk.cu merge",
+         p(_select_topk, warps=DECODE_WARPS, splits=2, seqs=DECODE_SEQS)),
+        ("topk.cu over scores, 1-wide loads", p(_topk, seqs=PREFILL_SEQS)),
+        ("topk.cu over scores, 4-wide loads", p(_topk, seqs=WIDE_SEQS)),
+        ("reverse_index.cu + sparse_prefill.cu (mma.sync) + combine.cu",
+         p(_sparse_kernels, seqs=PREFILL_SEQS, force_path="prefill", prefill_kernel="mma")),
+        ("decode.cu + combine.cu", p(_sparse_kernels, seqs=DECODE_SEQS, force_path="decode")),
+        ("block_max.cu causal (plain path)", p(_block_max, causal=True)),
+        ("block_max.cu non-causal (plain path)", p(_block_max, causal=False)),
+        ("plain path end to end", _plain_end_to_end),
+        ("decode plan, paged: plan_update.cu + group_mean.cu + selection + decode.cu + combine.cu; "
+         "one-call decode (plan_update.cu uniform_cu_seqlens)", p(_decode_plan, page_size=64, batched_one_call=True)),
+        ("decode plan, contiguous cache", p(_decode_plan, page_size=None)),
+    ]
+    if wgmma:
+        out += [
+            ("select_sm90.cu scores epilogue", p(_select_scores, warps=WGMMA)),
+            ("select_sm90.cu top-k epilogue", p(_select_topk, warps=WGMMA, splits=1, seqs=PREFILL_SEQS)),
+            ("reverse_index.cu + sparse_prefill_sm90.cu (wgmma) + combine.cu",
+             p(_sparse_kernels, seqs=PREFILL_SEQS, force_path="prefill", prefill_kernel="wgmma")),
+        ]
+    return out
+
+
+def workload(log=print) -> int:
+    """Run every stage once; returns the number of wrong results."""
+    import cupy
+
+    from . import _jit
+
+    failures = 0
+    rng = np.random.default_rng(0)
+    for name, check in stages(_jit.has_wgmma()):
+        problem = check(rng)
+        cupy.cuda.runtime.deviceSynchronize()
+        log(f"{'ok  ' if problem is None else 'FAIL'} {name}" + ("" if problem is None else f": {problem}"))
+        failures += problem is not None
+    return failures
+
+
+# --------------------------------------------------------------------------- compute-sanitizer
+
+
+def compute_sanitizer() -> str | None:
+    """compute-sanitizer on PATH, else under $CUDA_HOME/bin or /usr/local/cuda/bin; None if absent."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and os.access(exe := os.path.join(root, "bin", "compute-sanitizer"), os.X_OK):
+            return exe
+    return None
+
+
+def run(tool: str | None = None, timeout: float = 3600) -> tuple[bool, str]:
+    """The workload in a fresh process, under compute-sanitizer --tool `tool` (None: alone).
+    Returns (clean, output): the workload's checks passed and, under a tool, the sanitizer
+    reported 0 errors."""
+    command = [sys.executable, "-m", "msa_cupy._sanitize"]
+    if tool is not None:
+        exe = compute_sanitizer()
+        if exe is None:
+            raise FileNotFoundError("compute-sanitizer not found on PATH, under $CUDA_HOME/bin or /usr/local/cuda/bin")
+        command = [exe, "--tool", tool, "--error-exitcode", "1", *command]
+    env = dict(os.environ)
+    env.pop("MSA_CUPY_PLAIN", None)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    clean = proc.returncode == 0
+    if tool is not None:
+        clean = clean and CLEAN in output and not re.search(r"ERROR SUMMARY: [1-9]", output)
+    return clean, output
+
+
+def sanitize(tools=TOOLS, log=print) -> int:
+    """The workload alone (which also compiles and caches every kernel it needs), then under
+    each tool.  Returns the number of failed runs (1 when compute-sanitizer is absent)."""
+    if compute_sanitizer() is None:
+        log("sanitize: compute-sanitizer not found on PATH, under $CUDA_HOME/bin or /usr/local/cuda/bin")
+        return 1
+    failures = 0
+    for tool in (None, *tools):
+        clean, output = run(tool)
+        log(f"sanitize {tool or 'workload alone'}: {'clean' if clean else 'FAILED'}")
+        if not clean:
+            log(output[-8000:])
+            failures += 1
+    return failures
+
+
+def main() -> int:
+    import cupy
+
+    cupy.cuda.set_allocator(None)  # one device allocation per array (see the module docstring)
+    return 1 if workload() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
