@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_utils import DTYPES, TOLERANCE
+from msa_cupy.testing import DTYPES, TOLERANCE
 from msa_cupy import reference
 from test_nonfinite import _sees_a_planted_key, expected_nonfinite, planted_case
 
