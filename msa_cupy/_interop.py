@@ -388,20 +388,34 @@ def array_module(x):
     return np
 
 
-def check_block_ids(block_indices, layout: Layout, block_size: int):
+def check_block_ids(block_indices, layout: Layout, block_size: int, *, name="block_indices"):
     """Every entry of flat ``(total_q, Hkv, k)`` block_indices is -1 (unused) or a key block id of
     its own query's sequence.  One reduction where the array lives (on the GPU: one sync)."""
-    xp = array_module(block_indices)
     if block_indices.size == 0:
         return
     blocks_per_row = np.repeat(-(-np.diff(layout.cu_k) // block_size), np.diff(layout.cu_q))
-    limit = xp.asarray(blocks_per_row.astype(np.int64))[:, None, None]
-    bad = int(xp.count_nonzero((block_indices < -1) | (block_indices >= limit)))
-    if bad:
+    check_block_range(block_indices, blocks_per_row[:, None, None], name=name,
+                      most=layout.n_blocks(block_size))
+
+
+def check_block_range(block_indices, n_blocks=None, *, name="block_indices", most=None):
+    """The rule of check_block_ids where the layout is not known: every entry is -1 (unused) or a
+    block id below ``n_blocks`` (host int or int array broadcasting against block_indices; None:
+    no upper bound).  ``most``: the largest block count, for the message."""
+    xp = array_module(block_indices)
+    if block_indices.size == 0:
+        return
+    bad = block_indices < -1
+    if n_blocks is not None:
+        bad |= block_indices >= xp.asarray(np.asarray(n_blocks, np.int64))
+    count = int(xp.count_nonzero(bad))
+    if count:
         lo, hi = int(block_indices.min()), int(block_indices.max())
+        most = int(np.max(n_blocks)) if most is None and n_blocks is not None else most
         raise ValueError(
-            f"block_indices hold {bad} entries that are neither -1 (unused) nor a key block id of their "
-            f"sequence (values in [{lo}, {hi}], sequences have up to {layout.n_blocks(block_size)} key blocks)"
+            f"{name} hold {count} entries that are neither -1 (unused) nor a key block id of their "
+            f"sequence (values in [{lo}, {hi}]" + ("" if most is None else f", sequences have up to {most} key blocks")
+            + ")"
         )
 
 

@@ -109,7 +109,7 @@ def _select_scores(rng, warps):
     layout, cu_q, cu_k = _layout(PREFILL_SEQS)
     iq, ik = _index(rng, layout)
     got = selection.block_scores(*_device(iq, ik), layout, *_device(cu_q, cu_k), block_size=SELECT_BLOCK,
-                                 causal=True, warps=warps)
+                                 causal=True, tuning=selection.SelectTuning(warps=warps))
     ref = reference.block_scores(iq, ik, block_size=SELECT_BLOCK, causal=True, **_seq_kw(cu_q, cu_k))
     return _equal(got.get(), ref, "block scores")
 
@@ -120,8 +120,8 @@ def _select_topk(rng, warps, splits, seqs):
     layout, cu_q, cu_k = _layout(seqs)
     iq, ik = _index(rng, layout)
     options = dict(top_k=TOP_K, block_size=SELECT_BLOCK, local_blocks=LOCAL, sink_blocks=SINK, causal=True)
-    got = selection.select_blocks(*_device(iq, ik), layout, *_device(cu_q, cu_k), splits=splits, warps=warps,
-                                  **options)
+    got = selection.select_blocks(*_device(iq, ik), layout, *_device(cu_q, cu_k),
+                                  tuning=selection.SelectTuning(splits=splits, warps=warps), **options)
     ref = reference.select_blocks(iq, ik, **options, **_seq_kw(cu_q, cu_k))
     return _equal(got.get(), ref, "block ids")
 
@@ -163,15 +163,15 @@ def _attention_case(rng, seqs):
     return layout, cu_q, cu_k, (q, k, v, ids), scale, ref
 
 
-def _sparse_kernels(rng, seqs, force_path, prefill_kernel=None):
+def _sparse_kernels(rng, seqs, path, prefill_kernel=None):
     from . import sparse
 
     layout, cu_q, cu_k, arrays, scale, ref = _attention_case(rng, seqs)
     sparse._poison_outputs = True  # an element no kernel writes stays NaN
     try:
         out, lse = sparse.sparse_attention(*_device(*arrays), layout, *_device(cu_q, cu_k), block_size=ATTN_BLOCK,
-                                           causal=True, scale=scale, force_path=force_path,
-                                           prefill_kernel=prefill_kernel)
+                                           causal=True, scale=scale,
+                                           tuning=sparse.SparseTuning(path=path, prefill_kernel=prefill_kernel))
     finally:
         sparse._poison_outputs = False
     return _close(out.get(), lse.get(), *ref)
@@ -263,8 +263,8 @@ def stages(wgmma: bool):
         ("topk.cu over scores, 1-wide loads", p(_topk, seqs=PREFILL_SEQS)),
         ("topk.cu over scores, 4-wide loads", p(_topk, seqs=WIDE_SEQS)),
         ("reverse_index.cu + sparse_prefill.cu (mma.sync) + combine.cu",
-         p(_sparse_kernels, seqs=PREFILL_SEQS, force_path="prefill", prefill_kernel="mma")),
-        ("decode.cu + combine.cu", p(_sparse_kernels, seqs=DECODE_SEQS, force_path="decode")),
+         p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="mma")),
+        ("decode.cu + combine.cu", p(_sparse_kernels, seqs=DECODE_SEQS, path="decode")),
         ("block_max.cu causal (plain path)", p(_block_max, causal=True)),
         ("block_max.cu non-causal (plain path)", p(_block_max, causal=False)),
         ("plain path end to end", _plain_end_to_end),
@@ -277,7 +277,7 @@ def stages(wgmma: bool):
             ("select_sm90.cu scores epilogue", p(_select_scores, warps=WGMMA)),
             ("select_sm90.cu top-k epilogue", p(_select_topk, warps=WGMMA, splits=1, seqs=PREFILL_SEQS)),
             ("reverse_index.cu + sparse_prefill_sm90.cu (wgmma) + combine.cu",
-             p(_sparse_kernels, seqs=PREFILL_SEQS, force_path="prefill", prefill_kernel="wgmma")),
+             p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="wgmma")),
         ]
     return out
 

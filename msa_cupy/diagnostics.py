@@ -79,8 +79,7 @@ def _check_indices(name, block_indices):
                          f"{tuple(block_indices.shape)}")
     if block_indices.shape[-1] < 1:
         raise ValueError(f"{name} must have at least one slot in its last dim")
-    if block_indices.size and block_indices.min() < -1:
-        raise ValueError(f"{name} entries must be -1 (unused) or a block id >= 0, got {int(block_indices.min())}")
+    _interop.check_block_range(block_indices, name=name)  # the upper bound needs a layout: compute_saved
     return block_indices
 
 
@@ -95,11 +94,7 @@ def selection_mask(block_indices, n_blocks: int):
     if block_indices.ndim < 1:
         raise ValueError("block_indices must have at least one dimension (the k slots)")
     n_blocks = _interop.check_int("n_blocks", n_blocks, minimum=0)
-    if block_indices.size and block_indices.min() < -1:
-        raise ValueError(f"block_indices entries must be -1 (unused) or a block id >= 0, got {int(block_indices.min())}")
-    if block_indices.size and block_indices.max() >= n_blocks:
-        raise ValueError(f"block_indices hold block id {int(block_indices.max())}, but there are only "
-                         f"{n_blocks} key blocks")
+    _interop.check_block_range(block_indices, n_blocks)
     mask = np.zeros((*block_indices.shape[:-1], n_blocks + 1), bool)  # last column absorbs -1
     np.put_along_axis(mask, np.where(block_indices < 0, n_blocks, block_indices).astype(np.int64), True, axis=-1)
     return mask[..., :n_blocks]
@@ -121,6 +116,7 @@ def _sequence_block_mass(q, k, positions, block_size, causal, scale):
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
     heads_per_group = hq // hkv
+    block_size = min(block_size, max(nk, 1))  # a block longer than the keys is all of them: pad no further
     n_blocks = -(-nk // block_size)
     pad = n_blocks * block_size - nk
     n_visible = reference._visible_keys(positions, nk, causal)
@@ -277,6 +273,7 @@ def compute_saved(block_indices, *, block_size=128, num_keys=None, causal=True, 
     block_size = _interop.check_block_size(block_size, gpu=False)
     layout = _indices_layout(block_indices, num_keys, cu_seqlens_q, cu_seqlens_k)
     flat = layout.flatten(block_indices)
+    _interop.check_block_ids(flat, layout, block_size)
     groups = flat.shape[-2]
     selected_keys = np.zeros((layout.total_q, groups))
     visible_keys = np.zeros((layout.total_q, groups))
@@ -285,8 +282,6 @@ def compute_saved(block_indices, *, block_size=128, num_keys=None, causal=True, 
             continue
         n_blocks = -(-nk // block_size)
         rows = flat[q0:q0 + nq]
-        if rows.size and rows.max() >= n_blocks:
-            raise ValueError(f"block_indices hold block ids >= {n_blocks}, the block count of their sequence")
         n_visible = reference._visible_keys(query_positions(nq, nk), nk, causal)  # (nq,)
         block_start = np.arange(n_blocks) * block_size
         # visible keys of each block per query: clip(n_visible - start, 0, block_size)

@@ -6,9 +6,15 @@ same on wgmma, for prefill on sm_90), ``cuda/topk.cu`` (warp top-k over material
 scores, and the merge of split-K partial lists).  Inputs arrive validated, contiguous and in
 varlen form: ``index_q`` (total_q, Hkv, Di), ``index_k`` (total_k, 1 | Hkv, Di), fp16/bf16,
 ``cu_q``/``cu_k`` device int32 (n_seq + 1), ``layout`` the host-side :class:`Layout`.
+
+Launch code: ``select_config`` (kernel and grid) with ``launch_select`` and
+``launch_topk_merge``, which decode plans also call, and ``launch_topk``; the public functions
+configure from the layout, allocate their outputs and run these.  Tuning and test choices
+travel in one :class:`SelectTuning`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -60,6 +66,28 @@ def supports(*, top_k: int, block_size: int, index_dim: int) -> bool:
     return supports_topk(top_k=top_k) and supports_block_scores(block_size=block_size, index_dim=index_dim)
 
 
+@dataclass(frozen=True)
+class SelectTuning:
+    """Choices the launch heuristics otherwise make, for tests and tuning: ``splits`` key-range
+    splits per CTA (None: enough CTAs for CTAS_PER_SM_TARGET per SM), ``warps`` the (WM, WN)
+    warp grid of select.cu or ``WGMMA`` for select_sm90.cu (None: by rows, card and shared
+    memory)."""
+
+    splits: int | None = None
+    warps: tuple | str | None = None
+
+    def __post_init__(self):
+        if self.splits is not None and (isinstance(self.splits, bool) or not isinstance(self.splits, int)
+                                        or self.splits < 1):
+            raise ValueError(f"splits must be None or a positive int, got {self.splits!r}")
+        pair = (isinstance(self.warps, tuple) and len(self.warps) == 2
+                and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.warps))
+        if self.warps is not None and self.warps != WGMMA and not pair:
+            raise ValueError(f"warps must be None, {WGMMA!r} or a (WM, WN) pair of positive ints, got {self.warps!r}")
+
+
+DEFAULT_TUNING = SelectTuning()
+
 _DEVICE_ATTRS: dict = {}
 _ATTR_MULTIPROCESSOR_COUNT = 16  # cudaDevAttrMultiProcessorCount
 _ATTR_SMEM_PER_BLOCK_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
@@ -108,10 +136,11 @@ class SelectLaunch(NamedTuple):
 
 
 def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_q, max_k, top_k, epilogue,
-                  q_lens=None, splits=None, warps=None) -> SelectLaunch:
+                  q_lens=None, tuning: SelectTuning = DEFAULT_TUNING) -> SelectLaunch:
     """Kernel choice and grid for sequences of at most max_q queries and max_k keys.  ``q_lens``
     (host, per sequence) refines the CTA count that sets the split-K factor; without it every
     sequence counts as max_q long."""
+    splits, warps = tuning.splits, tuning.warps
     if index_dim not in INDEX_DIMS or block_size not in BLOCK_SIZES:
         raise ValueError(f"fast selection covers index_dim {INDEX_DIMS} and block_size {BLOCK_SIZES}")
     rows_per_q = n_heads if k_heads == 1 else 1
@@ -169,43 +198,42 @@ def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int):
           (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
 
 
-def _select_launch(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, epilogue,
-                   top_k=1, local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, splits=None,
-                   warps=None):
-    """One public selection call: configure from the layout, allocate the outputs, launch."""
-    import cupy
+def launch_topk(scores, cu_q, cu_k, ids_out, n_seq: int, *, top_k, block_size, local_blocks, sink_blocks,
+                causal):
+    """topk_kernel: float32 scores (total_q, Hkv, W) -> ids_out (total_q, Hkv, top_k), a warp per
+    (query, group) row; 4-wide loads where W allows."""
+    n_heads, width = scores.shape[1], scores.shape[2]
+    rows = scores.shape[0] * n_heads
+    kernel = _jit.kernel("topk.cu", "topk_kernel", (4 if width % 4 == 0 else 1, TOPK_WARPS))
+    kernel((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,), (
+        scores, cu_q, cu_k, ids_out, np.int64(rows), _i32(n_seq), _i32(n_heads), _i32(width),
+        _i32(top_k), _i32(block_size), _i32(local_blocks), _i32(sink_blocks), _i32(1 if causal else 0)))
 
-    total_q, n_heads, di = index_q.shape
+
+def _layout_config(index_q, index_k, layout: Layout, *, block_size, top_k, epilogue, tuning):
+    """(select_config for this call's lengths, block-score width)."""
     q_lens, k_lens = np.diff(layout.cu_q), np.diff(layout.cu_k)  # one pass each: host cost counts in decode
     max_q, max_k = int(q_lens.max(initial=0)), int(k_lens.max(initial=0))
-    width = -(-max_k // block_size)
-    cfg = select_config(dtype=index_q.dtype, index_dim=di, block_size=block_size, n_heads=n_heads,
-                        k_heads=index_k.shape[1], n_seq=layout.n_seq, max_q=max_q, max_k=max_k, top_k=top_k,
-                        epilogue=epilogue, q_lens=q_lens, splits=splits, warps=warps)
-    partial = None
-    if epilogue == EPI_SCORES:
-        out = scores_out if scores_out is not None else cupy.empty((total_q, n_heads, width), cupy.float32)
-    else:
-        out = ids_out if ids_out is not None else cupy.empty((total_q, n_heads, top_k), cupy.int32)
-        if cfg.splits > 1:
-            partial = cupy.empty((total_q, n_heads, cfg.splits, top_k), cupy.uint64)
-    if total_q == 0 or layout.n_seq == 0:
-        return out
-    launch_select(cfg, index_q, index_k, cu_q, cu_k, layout.n_seq, causal=causal, width=width, top_k=top_k,
-                  local_blocks=local_blocks, sink_blocks=sink_blocks,
-                  scores_out=out if epilogue == EPI_SCORES else None,
-                  ids_out=out if epilogue == EPI_TOPK and partial is None else None, partial=partial)
-    if partial is not None:
-        launch_topk_merge(partial, out, total_q * n_heads, cfg.splits, top_k)
-    return out
+    cfg = select_config(dtype=index_q.dtype, index_dim=index_q.shape[2], block_size=block_size,
+                        n_heads=index_q.shape[1], k_heads=index_k.shape[1], n_seq=layout.n_seq, max_q=max_q,
+                        max_k=max_k, top_k=top_k, epilogue=epilogue, q_lens=q_lens, tuning=tuning)
+    return cfg, -(-max_k // block_size)
 
 
-def block_scores(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, out=None, warps=None):
+def block_scores(index_q, index_k, layout: Layout, cu_q, cu_k, *, block_size, causal, out=None,
+                 tuning: SelectTuning = DEFAULT_TUNING):
     """float32 (total_q, Hkv, n_blocks): max over the visible keys of each key block of
     index_q . index_k (-inf for blocks with no visible key and blocks past a sequence's end).
-    ``warps``: as in :func:`select_blocks`."""
-    return _select_launch(index_q, index_k, layout, cu_q, cu_k, block_size=block_size, causal=causal,
-                          epilogue=EPI_SCORES, scores_out=out, splits=1, warps=warps)
+    ``tuning``: its warp grid counts; the scores are written in one split."""
+    import cupy
+
+    cfg, width = _layout_config(index_q, index_k, layout, block_size=block_size, top_k=1, epilogue=EPI_SCORES,
+                                tuning=replace(tuning, splits=1))
+    total_q, n_heads = index_q.shape[:2]
+    out = out if out is not None else cupy.empty((total_q, n_heads, width), cupy.float32)
+    if total_q and layout.n_seq:
+        launch_select(cfg, index_q, index_k, cu_q, cu_k, layout.n_seq, causal=causal, width=width, scores_out=out)
+    return out
 
 
 def topk_blocks(scores, layout: Layout, cu_q, cu_k, *, top_k, block_size, local_blocks, sink_blocks,
@@ -216,28 +244,32 @@ def topk_blocks(scores, layout: Layout, cu_q, cu_k, *, top_k, block_size, local_
 
     if not supports_topk(top_k=top_k):
         raise ValueError(f"fast top-k covers top_k <= {SELECT_KERNEL_MAX_TOP_K}, got {top_k}")
-    total_q, n_heads, width = scores.shape
+    total_q, n_heads = scores.shape[:2]
     out = out if out is not None else cupy.empty((total_q, n_heads, top_k), cupy.int32)
-    rows = total_q * n_heads
-    if rows == 0:
-        return out
-    vec = 4 if width % 4 == 0 else 1
-    kernel = _jit.kernel("topk.cu", "topk_kernel", (vec, TOPK_WARPS))
-    kernel((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,), (
-        scores, cu_q, cu_k, out, np.int64(rows), _i32(layout.n_seq), _i32(n_heads), _i32(width),
-        _i32(top_k), _i32(block_size), _i32(local_blocks), _i32(sink_blocks), _i32(1 if causal else 0)))
+    if total_q * n_heads:
+        launch_topk(scores, cu_q, cu_k, out, layout.n_seq, top_k=top_k, block_size=block_size,
+                    local_blocks=local_blocks, sink_blocks=sink_blocks, causal=causal)
     return out
 
 
 def select_blocks(index_q, index_k, layout: Layout, cu_q, cu_k, *, top_k, block_size, local_blocks,
-                  sink_blocks, causal, out=None, splits=None, warps=None):
-    """int32 (total_q, Hkv, top_k): fused block scoring and top-k; the score map never reaches memory.
+                  sink_blocks, causal, out=None, tuning: SelectTuning = DEFAULT_TUNING):
+    """int32 (total_q, Hkv, top_k): fused block scoring and top-k; the score map never reaches
+    memory.  ``tuning``: a :class:`SelectTuning` (split-K factor, warp grid) for tests and tuning."""
+    import cupy
 
-    ``splits`` (key-range splits per CTA) and ``warps`` ((WM, WN) warp grid of the mma.sync
-    kernel, or ``"wgmma"`` for the sm_90 kernel) override the launch heuristics; for tests and
-    tuning."""
     if not supports_topk(top_k=top_k):
         raise ValueError(f"fast selection covers top_k <= {SELECT_KERNEL_MAX_TOP_K}, got {top_k}")
-    return _select_launch(index_q, index_k, layout, cu_q, cu_k, block_size=block_size, causal=causal,
-                          epilogue=EPI_TOPK, top_k=top_k, local_blocks=local_blocks,
-                          sink_blocks=sink_blocks, ids_out=out, splits=splits, warps=warps)
+    cfg, width = _layout_config(index_q, index_k, layout, block_size=block_size, top_k=top_k, epilogue=EPI_TOPK,
+                                tuning=tuning)
+    total_q, n_heads = index_q.shape[:2]
+    out = out if out is not None else cupy.empty((total_q, n_heads, top_k), cupy.int32)
+    partial = cupy.empty((total_q, n_heads, cfg.splits, top_k), cupy.uint64) if cfg.splits > 1 else None
+    if total_q == 0 or layout.n_seq == 0:
+        return out
+    launch_select(cfg, index_q, index_k, cu_q, cu_k, layout.n_seq, causal=causal, width=width, top_k=top_k,
+                  local_blocks=local_blocks, sink_blocks=sink_blocks, ids_out=out if partial is None else None,
+                  partial=partial)
+    if partial is not None:
+        launch_topk_merge(partial, out, total_q * n_heads, cfg.splits, top_k)
+    return out

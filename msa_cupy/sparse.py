@@ -17,6 +17,12 @@ Two paths, one combine:
   more across the CTA's 4 warps, merged in shared memory.
 * ``cuda/combine.cu`` merges the <= K partials of each (query, head) by log-sum-exp.
 
+Launch code: one stage function per kernel file (``decode_kernel``/``launch_decode``,
+``block_offsets``/``reverse_index``, ``prefill_kernel``/``launch_prefill``,
+``combine_kernel``/``launch_combine``; decode plans call the decode and combine ones
+directly); ``sparse_attention`` chooses the path, cuts the queries into chunks and runs the
+stages on each.  Tuning and test choices travel in one :class:`SparseTuning`.
+
 Partials are stored in the input dtype (half the bytes of fp32; the extra rounding is one
 ulp of a normalised output, far inside the tolerances) with fp32 lse.  Queries are processed
 in chunks whose partial buffer fits ``PARTIAL_BUDGET_BYTES``, which also bounds every 32-bit
@@ -24,6 +30,9 @@ list position.  Host-device synchronisation: none (the work grid is an upper bou
 the real count exit at once).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
@@ -107,8 +116,41 @@ def _n_blocks_total(layout, block_size) -> int:
     return int((-(-np.diff(layout.cu_k) // block_size)).sum())
 
 
-class _Stats:
-    """Optional per-phase timing (benchmarks): CUDA events around the three phases."""
+@dataclass(frozen=True)
+class SparseTuning:
+    """Choices that the shapes otherwise make, for tests and benchmarks: ``path`` None (by
+    shape), "prefill" or "decode"; ``prefill_kernel`` None (wgmma on sm_90 at D = BK = 128,
+    else mma.sync), "mma" (sparse_prefill.cu with the tile options below) or "wgmma"
+    (sparse_prefill_sm90.cu); ``prefill_warps`` / ``prefill_stages`` / ``prefill_mt`` the
+    mma.sync tiling (warps per CTA, query tiles buffered, m16 row tiles per warp)."""
+
+    path: str | None = None
+    prefill_kernel: str | None = None
+    prefill_warps: int = PREFILL_WARPS
+    prefill_stages: int = PREFILL_STAGES
+    prefill_mt: int = PREFILL_MT
+
+    def __post_init__(self):
+        if self.path not in (None, "prefill", "decode"):
+            raise ValueError(f"path must be None, 'prefill' or 'decode', got {self.path!r}")
+        if self.prefill_kernel not in (None, "mma", "wgmma"):
+            raise ValueError(f"prefill_kernel must be None, 'mma' or 'wgmma', got {self.prefill_kernel!r}")
+        for name in ("prefill_warps", "prefill_stages", "prefill_mt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    def changes(self) -> dict:
+        """The fields that differ from the defaults (a benchmark variant's name)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
+
+DEFAULT_TUNING = SparseTuning()
+
+
+class PhaseTimes:
+    """Optional per-phase timing (benchmarks): CUDA events that sparse_attention records
+    between its phases (reverse index, attention, combine), summed over the chunks."""
 
     def __init__(self):
         self.events = []
@@ -130,6 +172,9 @@ class _Stats:
         return out
 
 
+# --------------------------------------------------------------------------- stages
+
+
 def decode_kernel(dtype, head_dim: int, group: int, block_size: int):
     """(kernel, shared memory bytes) of the split-K decode attention (decode.cu)."""
     tname = _jit.dtype_template(dtype)
@@ -146,6 +191,99 @@ def launch_decode(kernel, smem, q, k, v, block_indices, cu_q, cu_k, n_seq, q_beg
            (q, k, v, block_indices, cu_q, cu_k, np.int32(n_seq), np.int32(q_begin), np.int32(n_heads_q),
             np.int32(n_heads_kv), np.int32(top_k), part_o, part_lse, np.int32(bool(causal)), scale_log2, *pages),
            shared_mem=smem)
+
+
+def block_offsets(cu_k, n_seq: int, block_size: int):
+    """reverse_index.cu block_offsets: int32 (n_seq + 1) device, the global id of each
+    sequence's first key block (one thread: n_seq is small)."""
+    import cupy
+
+    block_off = cupy.empty(n_seq + 1, cupy.int32)
+    _jit.kernel("reverse_index.cu", "block_offsets", (block_size,))((1,), (1,), (cu_k, np.int32(n_seq), block_off))
+    return block_off
+
+
+def _schedule_grid(n):
+    return (int(-(-n // SCHEDULE_THREADS)),)
+
+
+def reverse_index(block_indices, cu_q, block_off, n_seq: int, q_begin: int, rows: int, *, n_blocks_total: int,
+                  max_queries: int, list_q, slot_pos):
+    """reverse_index.cu for block_indices rows [q_begin, q_begin + rows): per bucket (KV head,
+    global key block) the ascending list of the queries that picked it, into list_q, and each
+    pick's place in those lists, into slot_pos (for the combine); returns the work items,
+    int32 (n_items, 3) (bucket, list start, query count <= max_queries), largest first.
+    n_items is an upper bound known on the host (no sync): items past the real count are
+    empty and exit at once."""
+    import cupy
+
+    n_heads_kv, top_k = block_indices.shape[1], block_indices.shape[2]
+    n_entries = rows * n_heads_kv * top_k
+    n_buckets = n_heads_kv * n_blocks_total
+    keys = cupy.empty(n_entries, cupy.int64)
+    counts = cupy.zeros(n_buckets, cupy.int32)
+    _jit.kernel("reverse_index.cu", "reverse_index_keys", (SCHEDULE_THREADS,))(
+        _schedule_grid(n_entries), (SCHEDULE_THREADS,),
+        (block_indices, cu_q, block_off, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(n_heads_kv),
+         np.int32(top_k), np.int32(n_blocks_total), keys, counts))
+    perm = cupy.argsort(keys)  # unique keys: the order is fully determined
+    _jit.kernel("reverse_index.cu", "reverse_index_fill", (SCHEDULE_THREADS,))(
+        _schedule_grid(n_entries), (SCHEDULE_THREADS,),
+        (keys, perm, np.int64(n_entries), np.int64(n_buckets * rows), np.int32(rows), np.int32(q_begin), list_q,
+         slot_pos))
+    list_start = cupy.cumsum(counts, dtype=cupy.int32) - counts
+    n_chunks = (counts + (max_queries - 1)) // max_queries
+    item_start = cupy.cumsum(n_chunks, dtype=cupy.int32) - n_chunks
+    n_items = min(n_entries // max_queries + min(n_buckets, n_entries), n_entries)
+    raw_items = cupy.zeros((n_items, 3), cupy.int32)
+    _jit.kernel("reverse_index.cu", "build_work_items", (SCHEDULE_THREADS,))(
+        _schedule_grid(n_buckets), (SCHEDULE_THREADS,),
+        (counts, list_start, item_start, np.int32(n_buckets), np.int32(max_queries), raw_items))
+    # largest first; ties (and the empty tail) in item order: a unique key, deterministic
+    order_key = (max_queries - raw_items[:, 2]).astype(cupy.int64) * n_items + cupy.arange(n_items)
+    return raw_items[cupy.argsort(order_key)]
+
+
+class PrefillKernel(NamedTuple):
+    """A prefill attention kernel and its launch shape; ``tile_tokens`` query tokens per
+    row tile (TILES_PER_ITEM tiles make a work item)."""
+
+    kernel: object
+    threads: int
+    smem: int
+    tile_tokens: int
+
+
+def prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, variant=None, warps=PREFILL_WARPS,
+                   stages=PREFILL_STAGES, mt=PREFILL_MT) -> PrefillKernel:
+    """The KV-outer attention kernel: ``variant`` None (wgmma where it fits, else mma.sync),
+    "wgmma" (sparse_prefill_sm90.cu) or "mma" (sparse_prefill.cu with warps x mt m16 row
+    tiles per CTA, stages tiles buffered)."""
+    tname = _jit.dtype_template(dtype)
+    if variant is None:
+        variant = "wgmma" if _wgmma_prefill_fits(head_dim, block_size) else "mma"
+    if variant == "wgmma":
+        if not _wgmma_prefill_fits(head_dim, block_size):
+            raise ValueError("the wgmma prefill kernel needs an sm_90 GPU and head_dim = block_size = 128")
+        kernel = _jit.kernel("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
+                             (tname, head_dim, group, block_size, WGMMA_WARPGROUPS, WGMMA_STAGES), arch_specific=True)
+        return PrefillKernel(kernel, 128 * WGMMA_WARPGROUPS, _wgmma_smem_bytes(head_dim, block_size, group),
+                             64 * WGMMA_WARPGROUPS // group)
+    kernel = _jit.kernel("sparse_prefill.cu", "sparse_prefill_kernel",
+                         (tname, head_dim, group, block_size, warps, stages, mt))
+    return PrefillKernel(kernel, 32 * warps, _smem_bytes(head_dim, block_size, warps, group, False, stages, mt),
+                         16 * mt * warps // group)
+
+
+def launch_prefill(prefill: PrefillKernel, q, k, v, items, list_q, cu_q, cu_k, block_off, n_seq, n_blocks_total,
+                   part_o, part_lse, *, causal, scale_log2, pages=CONTIGUOUS_KEYS):
+    """sparse_prefill.cu / sparse_prefill_sm90.cu: one CTA per work item, a partial (o, lse)
+    per pick at its list position (list_q order)."""
+    n_heads_q, n_heads_kv = q.shape[1], k.shape[-2]
+    prefill.kernel((items.shape[0],), (prefill.threads,),
+                   (q, k, v, items, list_q, cu_q, cu_k, block_off, np.int32(n_seq), part_o, part_lse,
+                    np.int32(n_blocks_total), np.int32(n_heads_q), np.int32(n_heads_kv), np.int32(bool(causal)),
+                    scale_log2, *pages), shared_mem=prefill.smem)
 
 
 def combine_kernel(dtype, head_dim: int, group: int):
@@ -166,19 +304,27 @@ def launch_combine(part_o, part_lse, slot_pos, block_indices, q_begin, rows, out
              np.int32(q_begin), np.int32(rows), np.int32(n_heads_q), np.int32(top_k), out, lse))
 
 
+# --------------------------------------------------------------------------- the operation
+
+
+def _chunk_rows(total_q, n_heads_q, top_k, head_dim, itemsize) -> int:
+    """Query rows per chunk: its partials fit PARTIAL_BUDGET_BYTES and every partial row
+    (and list position) fits 32 bits."""
+    per_token = n_heads_q * top_k * head_dim * itemsize
+    return int(max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_token, (2**31 - 1) // (n_heads_q * top_k))))
+
+
 def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, causal, scale,
-                     return_lse=True, stats=None, force_path=None, prefill_warps=PREFILL_WARPS,
-                     prefill_stages=PREFILL_STAGES, prefill_mt=PREFILL_MT, prefill_kernel=None,
-                     pages=CONTIGUOUS_KEYS):
+                     return_lse=True, pages=CONTIGUOUS_KEYS, tuning: SparseTuning = DEFAULT_TUNING,
+                     stats: PhaseTimes | None = None):
     """(out (total_q, Hq, D) q.dtype, lse (total_q, Hq) float32) over the selected blocks.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) contiguous CuPy fp16/bf16; block_indices
     (total_q, Hkv, K) int32, entries -1 or a valid block id of the query's sequence, read
     as a set (order free, duplicates count once); cu_q/cu_k device int32 (n_seq + 1);
     layout the host Layout.  lse is always computed (return_lse is accepted for symmetry).
-    ``force_path``: None (by shape), "prefill" or "decode" (tests).  ``prefill_kernel``: None
-    (wgmma on sm_90 for D = BK = 128, else mma.sync), "mma" (sparse_prefill.cu with the
-    prefill_* tile options) or "wgmma" (sparse_prefill_sm90.cu).
+    ``pages``: where k/v rows live (_layout.key_rows).  ``tuning``: a :class:`SparseTuning`
+    (tests, benchmarks).  ``stats``: a :class:`PhaseTimes` to record the phases into.
     """
     import cupy
 
@@ -189,7 +335,6 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     if not supports(head_dim=head_dim, block_size=block_size, group_size=group, top_k=top_k):
         raise ValueError(f"no sparse attention kernel for head_dim={head_dim}, block_size={block_size}, "
                          f"group size={group}, top_k={top_k}")
-    tname = _jit.dtype_template(q.dtype)
     out = _empty(q.shape, q.dtype)
     lse = _empty((total_q, n_heads_q), np.float32)
     if total_q == 0:
@@ -202,87 +347,42 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
         return out, lse
     cu_q = cu_q.astype(cupy.int32, copy=False)
     cu_k = cu_k.astype(cupy.int32, copy=False)
-    n_seq = np.int32(layout.n_seq)
-    n_buckets = n_heads_kv * n_blocks_total
-    decode = force_path == "decode" or (force_path is None and layout.max_q <= DECODE_MAX_QUERIES)
-    warps = DECODE_WARPS if decode else prefill_warps
-    tile_tokens = 16 * (1 if decode else prefill_mt) * warps // group
-    threads = 32 * warps
-    if prefill_kernel is None:
-        prefill_kernel = "wgmma" if _wgmma_prefill_fits(head_dim, block_size) else "mma"
+    decode = tuning.path == "decode" or (tuning.path is None and layout.max_q <= DECODE_MAX_QUERIES)
     if decode:
         attn, smem = decode_kernel(q.dtype, head_dim, group, block_size)
-    elif prefill_kernel == "wgmma":
-        if not _wgmma_prefill_fits(head_dim, block_size):
-            raise ValueError("the wgmma prefill kernel needs an sm_90 GPU and head_dim = block_size = 128")
-        attn = _jit.kernel("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
-                           (tname, head_dim, group, block_size, WGMMA_WARPGROUPS, WGMMA_STAGES), arch_specific=True)
-        tile_tokens, threads = 64 * WGMMA_WARPGROUPS // group, 128 * WGMMA_WARPGROUPS
-        smem = _wgmma_smem_bytes(head_dim, block_size, group)
     else:
-        attn = _jit.kernel("sparse_prefill.cu", "sparse_prefill_kernel",
-                           (tname, head_dim, group, block_size, warps, prefill_stages, prefill_mt))
-        smem = _smem_bytes(head_dim, block_size, warps, group, False, prefill_stages, prefill_mt)
+        prefill = prefill_kernel(q.dtype, head_dim, group, block_size, variant=tuning.prefill_kernel,
+                                 warps=tuning.prefill_warps, stages=tuning.prefill_stages, mt=tuning.prefill_mt)
     scale_log2 = np.float32(scale * LOG2E)
+    kernel_args = dict(causal=causal, scale_log2=scale_log2, pages=pages)
 
-    per_token = n_heads_q * top_k * head_dim * q.dtype.itemsize
-    chunk = int(max(1, min(total_q, PARTIAL_BUDGET_BYTES // per_token, (2**31 - 1) // (n_heads_kv * top_k * group))))
+    chunk = _chunk_rows(total_q, n_heads_q, top_k, head_dim, q.dtype.itemsize)
     max_entries = chunk * n_heads_kv * top_k
     part_o = _empty((max_entries * group * head_dim,), q.dtype)
     part_lse = _empty((max_entries * group,), np.float32)
-    grid_of = lambda n: (int(-(-n // SCHEDULE_THREADS)),)  # noqa: E731
     slot_pos = None
     if not decode:
         list_q = cupy.empty(max_entries, cupy.int32)
         slot_pos = cupy.empty(max_entries, cupy.int32)
-        block_off = cupy.empty(layout.n_seq + 1, cupy.int32)
-        _jit.kernel("reverse_index.cu", "block_offsets", (block_size,))((1,), (1,), (cu_k, n_seq, block_off))
-        keys_k = _jit.kernel("reverse_index.cu", "reverse_index_keys", (SCHEDULE_THREADS,))
-        fill_k = _jit.kernel("reverse_index.cu", "reverse_index_fill", (SCHEDULE_THREADS,))
-        items_k = _jit.kernel("reverse_index.cu", "build_work_items", (SCHEDULE_THREADS,))
-        max_queries = tile_tokens * TILES_PER_ITEM
+        block_off = block_offsets(cu_k, layout.n_seq, block_size)
 
+    mark = stats.mark if stats is not None else lambda name: None
     for q_begin in range(0, total_q, chunk):
         rows = min(chunk, total_q - q_begin)
-        n_entries = rows * n_heads_kv * top_k
         bi = block_indices[q_begin:q_begin + rows]
-        if stats is not None:
-            stats.mark("start")
-        if not decode:
-            keys = cupy.empty(n_entries, cupy.int64)
-            counts = cupy.zeros(n_buckets, cupy.int32)
-            keys_k(grid_of(n_entries), (SCHEDULE_THREADS,),
-                   (bi, cu_q, block_off, n_seq, np.int32(q_begin), np.int32(rows), np.int32(n_heads_kv),
-                    np.int32(top_k), np.int32(n_blocks_total), keys, counts))
-            perm = cupy.argsort(keys)  # unique keys: the order is fully determined
-            fill_k(grid_of(n_entries), (SCHEDULE_THREADS,),
-                   (keys, perm, np.int64(n_entries), np.int64(n_buckets * rows), np.int32(rows),
-                    np.int32(q_begin), list_q, slot_pos))
-            list_start = cupy.cumsum(counts, dtype=cupy.int32) - counts
-            n_chunks = (counts + (max_queries - 1)) // max_queries
-            item_start = cupy.cumsum(n_chunks, dtype=cupy.int32) - n_chunks
-            # upper bound of the item count, known on the host: no sync
-            n_items = min(n_entries // max_queries + min(n_buckets, n_entries), n_entries)
-            raw_items = cupy.zeros((n_items, 3), cupy.int32)
-            items_k(grid_of(n_buckets), (SCHEDULE_THREADS,),
-                    (counts, list_start, item_start, np.int32(n_buckets), np.int32(max_queries), raw_items))
-            # largest first; ties (and the empty tail) in item order: a unique key, deterministic
-            order_key = (max_queries - raw_items[:, 2]).astype(cupy.int64) * n_items + cupy.arange(n_items)
-            items = raw_items[cupy.argsort(order_key)]
-        if stats is not None:
-            stats.mark("reverse_index")
-        if decode:  # one CTA per entry of block_indices
-            launch_decode(attn, smem, q, k, v, bi, cu_q, cu_k, n_seq, q_begin, rows, part_o, part_lse,
-                          causal=causal, scale_log2=scale_log2, pages=pages)
+        mark("start")
+        if decode:  # one CTA per entry of block_indices: no reverse index
+            mark("reverse_index")
+            launch_decode(attn, smem, q, k, v, bi, cu_q, cu_k, layout.n_seq, q_begin, rows, part_o, part_lse,
+                          **kernel_args)
         else:
-            attn((n_items,), (threads,),
-                 (q, k, v, items, list_q, cu_q, cu_k, block_off, n_seq, part_o, part_lse,
-                  np.int32(n_blocks_total), np.int32(n_heads_q), np.int32(n_heads_kv), np.int32(bool(causal)),
-                  scale_log2, *pages), shared_mem=smem)
-        if stats is not None:
-            stats.mark("attention")
+            items = reverse_index(bi, cu_q, block_off, layout.n_seq, q_begin, rows, n_blocks_total=n_blocks_total,
+                                  max_queries=prefill.tile_tokens * TILES_PER_ITEM, list_q=list_q, slot_pos=slot_pos)
+            mark("reverse_index")
+            launch_prefill(prefill, q, k, v, items, list_q, cu_q, cu_k, block_off, layout.n_seq, n_blocks_total,
+                           part_o, part_lse, **kernel_args)
+        mark("attention")
         launch_combine(part_o, part_lse, slot_pos, bi, q_begin, rows, out, lse, head_dim=head_dim, group=group,
                        decode=decode)
-        if stats is not None:
-            stats.mark("combine")
+        mark("combine")
     return out, lse

@@ -66,6 +66,18 @@ def test_block_mass_chunked_rows_agree(rng, monkeypatch):
     np.testing.assert_allclose(dg.block_attention_mass(q, k, block_size=8), whole, rtol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_mass_block_longer_than_the_keys(rng, causal):
+    """A block longer than the keys is one block of all of them, whatever its size (the padding
+    stays bounded by the keys, as in reference.sequence_block_scores)."""
+    q, k, _ = _random_qkv(rng, (5, 4, 8), (7, 2, 8))
+    want = dg.block_attention_mass(q, k, block_size=7, causal=causal)
+    assert want.shape == (5, 2, 1)
+    np.testing.assert_allclose(want[..., 0], 1.0, rtol=1e-12)
+    for block_size in (8, 1 << 40):
+        np.testing.assert_array_equal(dg.block_attention_mass(q, k, block_size=block_size, causal=causal), want)
+
+
 def test_block_mass_rows_without_visible_keys_are_zero(rng):
     q, k, _ = _random_qkv(rng, (6, 2, 4), (3, 1, 4))  # Nq > Nk: queries 0..2 see no key
     mass = dg.block_attention_mass(q, k, block_size=2)
@@ -273,8 +285,48 @@ def test_bad_inputs_name_the_argument(rng):
         dg.block_recall(np.zeros((8, 2, 2), np.int32), np.zeros((8, 2, 2), np.float32))
     with pytest.raises(ValueError, match="num_keys"):
         dg.compute_saved(np.zeros((8, 2, 2), np.int32), block_size=2)
-    with pytest.raises(ValueError, match="block ids >= 2"):
+    with pytest.raises(ValueError, match=r"hold 32 entries .* up to 2 key blocks"):
         dg.compute_saved(np.full((8, 2, 2), 3, np.int32), block_size=4, num_keys=8)
+
+
+# one rule for block ids (_interop.check_block_ids): -1 or a key block id of the query's sequence
+
+_BAD_ID = r"hold {} entries that are neither -1 \(unused\) nor a key block id of their sequence"
+
+
+def test_metrics_name_the_argument_with_ids_below_minus_one():
+    good = np.zeros((4, 2, 2), np.int32)
+    bad = good.copy()
+    bad[1, 0, 1] = -2
+    with pytest.raises(ValueError, match="^oracle_indices " + _BAD_ID.format(1) + r" \(values in \[-2, 0\]\)$"):
+        dg.block_recall(good, bad)
+    with pytest.raises(ValueError, match="^block_indices " + _BAD_ID.format(1)):
+        dg.compute_saved(bad, block_size=2, num_keys=8)
+
+
+def test_selection_mask_bounds_ids_by_n_blocks():
+    ids = np.array([[0, 2, -1], [3, 5, 1]])
+    np.testing.assert_array_equal(dg.selection_mask(ids[:1], 3), [[True, False, True]])
+    with pytest.raises(ValueError, match="^block_indices " + _BAD_ID.format(2) + r" .*up to 3 key blocks\)$"):
+        dg.selection_mask(ids, 3)
+    with pytest.raises(ValueError, match=_BAD_ID.format(1)):
+        dg.selection_mask(np.array([[-3, 0]]), 3)
+
+
+def test_compute_saved_bounds_ids_per_sequence_as_the_reference_does(rng):
+    """Varlen: block 2 is valid in the long sequence and not in the short one; the message is
+    the one the reference gives for the same selection."""
+    cu_q, cu_k = np.array([0, 3, 5], np.int32), np.array([0, 12, 16], np.int32)
+    ids = np.full((5, 1, 2), -1, np.int32)
+    ids[:3, 0, 0] = 2  # sequence 0: 3 blocks of 4
+    assert 0.0 < dg.compute_saved(ids, block_size=4, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=False) < 1.0
+    ids[4, 0, 1] = 2  # sequence 1: blocks 0 and 1 only
+    with pytest.raises(ValueError, match=_BAD_ID.format(1)) as raised:
+        dg.compute_saved(ids, block_size=4, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    q, k, v = _random_qkv(rng, (5, 1, 4), (16, 1, 4))
+    with pytest.raises(ValueError) as from_reference:
+        ref.sparse_attention(q, k, v, ids, block_size=4, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert str(raised.value) == str(from_reference.value)
 
 
 def test_recall_sweep_records(rng):

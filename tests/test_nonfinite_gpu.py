@@ -47,9 +47,9 @@ def _kernel_run(path):
         if path == "plain":
             return _plain.sparse_attention(*args, layout, block_size=case.block_size, causal=case.causal,
                                            scale=case.scale)
-        options = dict(decode=dict(force_path="decode"),
-                       mma=dict(force_path="prefill", prefill_kernel="mma"),
-                       wgmma=dict(force_path="prefill", prefill_kernel="wgmma"))[path]
+        tuning = dict(decode=sparse.SparseTuning(path="decode"),
+                      mma=sparse.SparseTuning(path="prefill", prefill_kernel="mma"),
+                      wgmma=sparse.SparseTuning(path="prefill", prefill_kernel="wgmma"))[path]
         if path == "wgmma" and not (_jit.has_wgmma() and q.shape[-1] == 128 and case.block_size == 128):
             pytest.skip("the wgmma prefill kernel runs on sm_90 at head_dim = block_size = 128")
         cu_q = cupy.asarray([0, nq], cupy.int32)
@@ -57,7 +57,7 @@ def _kernel_run(path):
         sparse._poison_outputs = True
         try:
             return sparse.sparse_attention(*args, layout, cu_q, cu_k, block_size=case.block_size, causal=case.causal,
-                                           scale=case.scale, **options)
+                                           scale=case.scale, tuning=tuning)
         finally:
             sparse._poison_outputs = False
 

@@ -108,7 +108,7 @@ def test_block_scores_matches_reference(case, warps):
     diq, dik = cupy.asarray(iq), cupy.asarray(ik)
     got = run_poisoned_twice(
         lambda out: selection.block_scores(diq, dik, layout, cu_q, cu_k, block_size=bs, causal=case["causal"], out=out,
-                                           warps=warps),
+                                           tuning=selection.SelectTuning(warps=warps)),
         lambda: cupy.empty((layout.total_q, case["hkv"], layout.n_blocks(bs)), cupy.float32), SCORE_POISON)
     _assert_scores(got, iq, ik, layout, bs, case["causal"])
 
@@ -187,8 +187,9 @@ def _check_fused(case, splits=None, warps=None):
     cu_q, cu_k = _device_cu(layout)
     diq, dik = cupy.asarray(iq), cupy.asarray(ik)
     opts = _options(case)
-    got = run_poisoned_twice(lambda out: selection.select_blocks(diq, dik, layout, cu_q, cu_k, out=out, splits=splits,
-                                                                 warps=warps, **opts),
+    tuning = selection.SelectTuning(splits=splits, warps=warps)
+    got = run_poisoned_twice(lambda out: selection.select_blocks(diq, dik, layout, cu_q, cu_k, out=out, tuning=tuning,
+                                                                 **opts),
                              lambda: cupy.empty((layout.total_q, case["hkv"], case["top_k"]), cupy.int32), ID_POISON)
     testing.assert_selection_matches(got, iq, ik, **opts, **_cu(layout))
 
@@ -231,7 +232,8 @@ def test_select_wgmma_kernel(case, splits, scores):
     cu_q, cu_k = _device_cu(layout)
     got = run_poisoned_twice(
         lambda out: selection.block_scores(cupy.asarray(iq), cupy.asarray(ik), layout, cu_q, cu_k, block_size=bs,
-                                           causal=case["causal"], out=out, warps=selection.WGMMA),
+                                           causal=case["causal"], out=out,
+                                           tuning=selection.SelectTuning(warps=selection.WGMMA)),
         lambda: cupy.empty((layout.total_q, case["hkv"], layout.n_blocks(bs)), cupy.float32), SCORE_POISON)
     _assert_scores(got, iq, ik, layout, bs, case["causal"])
 

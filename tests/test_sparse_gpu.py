@@ -11,7 +11,8 @@ from msa_cupy import reference, testing
 from msa_cupy._layout import query_positions, varlen_layout
 
 
-def _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=None, **tuning):
+def _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, **tuning):
+    """sparse_attention with poisoned outputs; ``tuning``: SparseTuning fields."""
     import cupy
 
     from msa_cupy import sparse
@@ -22,7 +23,8 @@ def _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=None, **
         out, lse = sparse.sparse_attention(
             cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), cupy.asarray(bi), layout,
             cupy.asarray(cu_q, cupy.int32), cupy.asarray(cu_k, cupy.int32),
-            block_size=block_size, causal=causal, scale=scale, return_lse=True, force_path=force_path, **tuning)
+            block_size=block_size, causal=causal, scale=scale, return_lse=True,
+            tuning=sparse.SparseTuning(**tuning))
         cupy.cuda.runtime.deviceSynchronize()
     finally:
         sparse._poison_outputs = False
@@ -85,9 +87,9 @@ def _check_case(case, **tuning):
     (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _varlen_case(
         rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode,
         scale=float(rng.uniform(0.5, 1.5)) / np.sqrt(head_dim))
-    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=path, **tuning)
+    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, path=path, **tuning)
     testing.assert_attention_close(out, ref_out, dtype_name, lse, ref_lse)
-    out2, lse2 = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, force_path=path, **tuning)
+    out2, lse2 = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, path=path, **tuning)
     assert np.array_equal(out.get().view(np.uint16), out2.get().view(np.uint16)), "repeat not bitwise identical"
     assert np.array_equal(lse.get().view(np.uint32), lse2.get().view(np.uint32)), "repeat lse not bitwise identical"
 
@@ -102,7 +104,7 @@ def test_decode_shaped_batch(rng, group, path):
     lengths = [(1, 5000), (16, 3000), (0, 100), (7, 1)]
     (q, k, v, bi, cu_q, cu_k, _), (ref_out, ref_lse) = _varlen_case(
         rng, lengths, group, hkv, head_dim, "bfloat16", top_k, block_size, True, "local")
-    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim), force_path=path)
+    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim), path=path)
     testing.assert_attention_close(out, ref_out, "bfloat16", lse, ref_lse)
     if path == "decode":
         auto, _ = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim))
@@ -118,7 +120,7 @@ def test_prefill_tile_variants(rng, warps, stages, mt, group, head_dim):
     lengths = [(300, 700), (1, 1), (130, 130)]
     (q, k, v, bi, cu_q, cu_k, _), (ref_out, ref_lse) = _varlen_case(
         rng, lengths, group, hkv, head_dim, "float16", top_k, block_size, True, "local")
-    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim), force_path="prefill",
+    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim), path="prefill",
                     prefill_warps=warps, prefill_stages=stages, prefill_mt=mt, prefill_kernel="mma")
     testing.assert_attention_close(out, ref_out, "float16", lse, ref_lse)
 
@@ -197,4 +199,80 @@ def test_public_api_runs_the_kernels(rng):
     out, lse = msa_cupy.sparse_attention(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), cupy.asarray(bi),
                                          block_size=block_size, return_lse=True)
     assert isinstance(out, cupy.ndarray) and out.shape == q.shape and lse.shape == (batch, nq, hq)
+    testing.assert_attention_close(out, ref_out, "bfloat16", lse, ref_lse)
+
+
+@pytest.mark.gpu
+def test_reverse_index_stage(rng):
+    """block_offsets + reverse_index on a chunk of a varlen batch, against a host model: every
+    distinct pick has one list position holding its query, each bucket's list ascends, and the
+    work items tile the lists, at most max_queries each, largest first."""
+    import cupy
+
+    from msa_cupy import sparse
+
+    lengths, hkv, top_k, block_size, max_queries = [(90, 700), (40, 300)], 2, 6, 64, 16
+    bi = testing.random_block_indices(rng, lengths, hkv, top_k, block_size, mode="random", causal=False)
+    bi[::3, :, -1] = bi[::3, :, 0]  # repeated ids count once
+    cu_q = np.array([0, 90, 130], np.int32)
+    cu_k = np.array([0, 700, 1000], np.int32)
+    layout = varlen_layout(cu_q, cu_k)
+    n_blocks_total = sparse._n_blocks_total(layout, block_size)
+    block_off = sparse.block_offsets(cupy.asarray(cu_k), layout.n_seq, block_size)
+    assert block_off.get().tolist() == [0, 11, 16]
+    q_begin, rows = 50, 70  # a chunk across the sequence boundary
+    n_entries = rows * hkv * top_k
+    list_q, slot_pos = (cupy.full(n_entries, -7, cupy.int32) for _ in range(2))
+    items = sparse.reverse_index(cupy.asarray(bi[q_begin:q_begin + rows]), cupy.asarray(cu_q), block_off,
+                                 layout.n_seq, q_begin, rows, n_blocks_total=n_blocks_total, max_queries=max_queries,
+                                 list_q=list_q, slot_pos=slot_pos).get()
+    list_q, slot_pos = list_q.get(), slot_pos.get().reshape(rows, hkv, top_k)
+    bucket_at = {}
+    for r in range(rows):
+        token = q_begin + r
+        seq = int(np.searchsorted(cu_q, token, side="right") - 1)
+        for g in range(hkv):
+            kept = slot_pos[r, g][slot_pos[r, g] >= 0]
+            picks = bi[token, g]
+            assert len(kept) == len(set(picks[picks >= 0].tolist()))
+            assert all(list_q[p] == token for p in kept)
+            for p, block in zip(slot_pos[r, g], picks):
+                if p >= 0:
+                    bucket_at[int(p)] = g * n_blocks_total + [0, 11][seq] + int(block)
+    n_valid = len(bucket_at)
+    assert sorted(bucket_at) == list(range(n_valid)), "valid picks fill positions 0 .. n - 1"
+    real = items[items[:, 2] > 0]
+    assert np.all(np.diff(items[:, 2]) <= 0) and real[:, 2].max() <= max_queries
+    covered = np.concatenate([np.arange(s, s + c) for _, s, c in real])
+    assert sorted(covered.tolist()) == list(range(n_valid))
+    for bucket, start, count in real:
+        assert all(bucket_at[int(p)] == bucket for p in range(start, start + count))
+    for p in range(1, n_valid):
+        if bucket_at[p] == bucket_at[p - 1]:
+            assert list_q[p] > list_q[p - 1], "a bucket's queries ascend"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_phase_times_and_explicit_tuning(rng, path):
+    """Recording phase times and spelling out the default tuning change no bit of the result."""
+    import cupy
+
+    from msa_cupy import sparse
+
+    lengths, hkv, group, head_dim, block_size = [(200 if path == "prefill" else 3, 500), (9, 260)], 2, 4, 128, 64
+    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _varlen_case(
+        rng, lengths, group, hkv, head_dim, "bfloat16", 4, block_size, True, "random")
+    layout = varlen_layout(cu_q, cu_k)
+    args = [cupy.asarray(x) for x in (q, k, v, bi)] + [layout, cupy.asarray(cu_q), cupy.asarray(cu_k)]
+    kw = dict(block_size=block_size, causal=True, scale=scale)
+    plain_out, plain_lse = sparse.sparse_attention(*args, **kw)
+    stats = sparse.PhaseTimes()
+    tuning = sparse.SparseTuning(path=path if path == "decode" else None, prefill_warps=sparse.PREFILL_WARPS,
+                                 prefill_stages=sparse.PREFILL_STAGES, prefill_mt=sparse.PREFILL_MT)
+    out, lse = sparse.sparse_attention(*args, **kw, tuning=tuning, stats=stats)
+    totals = stats.totals()
+    assert set(totals) == {"reverse_index", "attention", "combine"} and all(t >= 0 for t in totals.values())
+    assert np.array_equal(out.get().view(np.uint16), plain_out.get().view(np.uint16))
+    assert np.array_equal(lse.get().view(np.uint32), plain_lse.get().view(np.uint32))
     testing.assert_attention_close(out, ref_out, "bfloat16", lse, ref_lse)

@@ -112,7 +112,8 @@ def bench_prefill(report, ceil, n, plain=True, variants=()):
     report(f"select_blocks prefill {n // 1024}K", **fields)
     ref = fn()
     for warps in variants:  # tuning: other warp grids, checked against the default first
-        vfn = lambda: selection.select_blocks(iq, ik, layout, cu_q, cu_k, warps=warps, **opts)  # noqa: E731
+        tuning = selection.SelectTuning(warps=warps)
+        vfn = lambda: selection.select_blocks(iq, ik, layout, cu_q, cu_k, tuning=tuning, **opts)  # noqa: E731
         same = bool(cp.array_equal(vfn(), ref))
         vms = harness.time_ms(vfn, [()], warmup=1, repeat=repeat)
         report(f"  variant warps={warps}", tokens=n, ms=vms, TFLOPs=flops / vms / 1e9,

@@ -6,8 +6,9 @@ Prefill: useful TFLOP/s (4 * Hq / Hkv * D * selected visible keys, summed over (
 against the matmul ceiling, the reverse index / attention / combine split, and dense causal
 attention (torch SDPA, cuDNN) on the same shapes up to ``dense_max_tokens``.  Decode (one query
 per sequence): bytes of the selected K/V blocks over the time against the copy ceiling, and
-dense decode (best of cuDNN and flash).  ``variants``: tuning keyword sets of the prefill
-kernels (e.g. ``dict(prefill_kernel="mma")``), each timed and compared with the default's output.
+dense decode (best of cuDNN and flash).  ``variants``: ``sparse.SparseTuning`` choices of the
+prefill kernels (e.g. ``SparseTuning(prefill_kernel="mma")``), each timed and compared with the
+default's output.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ DECODE_BATCHES = (1, 8, 32)
 DENSE_MAX_TOKENS = 131072
 
 
-def _attention(q, k, v, block_indices, n_seq, nq, nk, **tuning):
+def _attention(q, k, v, block_indices, n_seq, nq, nk, tuning=None):
     """A call of the kernels' launch function (no public-API id check) for n_seq equal
     sequences; returns fn(stats=None) -> (out, lse)."""
     from .. import sparse
@@ -30,15 +31,16 @@ def _attention(q, k, v, block_indices, n_seq, nq, nk, **tuning):
     cp = harness.cupy()
     layout = uniform_layout(n_seq, nq, nk)
     cu_q, cu_k = (cp.asarray(x.astype("int32")) for x in (layout.cu_q, layout.cu_k))
+    tuning = sparse.DEFAULT_TUNING if tuning is None else tuning
     return lambda stats=None: sparse.sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, block_size=BLOCK,
-                                                      causal=True, scale=D**-0.5, stats=stats, **tuning)
+                                                      causal=True, scale=D**-0.5, tuning=tuning, stats=stats)
 
 
 def _stages(run):
     """Milliseconds of each phase of one run (CUDA events between the phases)."""
     from .. import sparse
 
-    stats = sparse._Stats()
+    stats = sparse.PhaseTimes()
     run(stats)
     return stats.totals()
 
@@ -52,8 +54,8 @@ def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=())
     flops = 4 * (HQ // HKV) * D * harness.selected_visible_keys(ids, n, BLOCK)
     matmul = ceilings["matmul_TFLOPs"]
     default = None
-    for tuning in ({}, *variants):
-        run = _attention(q, k, v, ids, 1, n, n, **tuning)
+    for tuning in (None, *variants):
+        run = _attention(q, k, v, ids, 1, n, n, tuning)
         ms = harness.time_ms(run, [()], warmup=2, repeat=5)
         split = _stages(run)
         fields = dict(kind="sparse prefill", tokens=n, ms=ms, TFLOPs=flops / ms / 1e9,
@@ -67,7 +69,8 @@ def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=())
         else:  # a variant against the default: a sanity check, the tests are the judge
             fields["rel_diff_vs_default"] = float(cp.linalg.norm(out - default) / cp.linalg.norm(default))
         del out
-        name = f"sparse prefill {n // 1024}K" + "".join(f" {key}={value}" for key, value in tuning.items())
+        changes = {} if tuning is None else tuning.changes()
+        name = f"sparse prefill {n // 1024}K" + "".join(f" {key}={value}" for key, value in changes.items())
         report(name, **fields)
     del q, k, v, ids, default
     cp.get_default_memory_pool().free_all_blocks()

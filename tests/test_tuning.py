@@ -1,0 +1,70 @@
+"""Tuning and test choices of the launch modules (sparse.SparseTuning, selection.SelectTuning):
+checked when made, and kept out of the stage functions that launch kernels.  CPU only."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from msa_cupy import selection, sparse
+
+HOOKS = {"tuning", "stats", "force_path", "prefill_kernel", "prefill_warps", "prefill_stages", "prefill_mt"}
+SELECT_HOOKS = {"splits", "warps"}  # launch_topk_merge takes the split count of a config: data, not a choice
+
+
+def test_sparse_tuning_defaults_are_the_module_constants():
+    t = sparse.SparseTuning()
+    assert (t.path, t.prefill_kernel) == (None, None)
+    assert (t.prefill_warps, t.prefill_stages, t.prefill_mt) == (sparse.PREFILL_WARPS, sparse.PREFILL_STAGES,
+                                                                  sparse.PREFILL_MT)
+    assert t == sparse.DEFAULT_TUNING and t.changes() == {}
+    assert sparse.SparseTuning(prefill_kernel="mma", prefill_warps=8).changes() == {"prefill_kernel": "mma",
+                                                                                    "prefill_warps": 8}
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(path="prefil"), "path"),
+    (dict(prefill_kernel="tma"), "prefill_kernel"),
+    (dict(prefill_warps=0), "prefill_warps"),
+    (dict(prefill_stages=2.0), "prefill_stages"),
+    (dict(prefill_mt=True), "prefill_mt"),
+])
+def test_sparse_tuning_rejects(options, match):
+    with pytest.raises(ValueError, match=match):
+        sparse.SparseTuning(**options)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(splits=0), "splits"),
+    (dict(splits=1.5), "splits"),
+    (dict(warps=(8,)), "warps"),
+    (dict(warps=(8, 0)), "warps"),
+    (dict(warps="mma"), "warps"),
+    (dict(warps=[8, 1]), "warps"),
+])
+def test_select_tuning_rejects(options, match):
+    with pytest.raises(ValueError, match=match):
+        selection.SelectTuning(**options)
+
+
+def test_select_tuning_accepts_every_warp_grid_of_the_module():
+    for warps in (None, selection.PREFILL_WARPS, selection.SMALL_SMEM_WARPS, selection.DECODE_WARPS, selection.WGMMA):
+        assert selection.SelectTuning(splits=3, warps=warps).warps == warps
+
+
+@pytest.mark.parametrize("fn", [sparse.decode_kernel, sparse.launch_decode, sparse.block_offsets, sparse.reverse_index,
+                                sparse.launch_prefill, sparse.combine_kernel, sparse.launch_combine,
+                                selection.launch_select, selection.launch_topk, selection.launch_topk_merge])
+def test_stage_functions_take_no_tuning_or_stats(fn):
+    assert HOOKS.isdisjoint(inspect.signature(fn).parameters), fn.__name__
+
+
+def test_operations_take_one_tuning_object():
+    """The hooks travel as tuning= (and stats=), not as loose keywords."""
+    sparse_params = set(inspect.signature(sparse.sparse_attention).parameters)
+    assert {"tuning", "stats"} <= sparse_params and not (HOOKS - {"tuning", "stats"}) & sparse_params
+    for fn in (selection.block_scores, selection.select_blocks):
+        params = set(inspect.signature(fn).parameters)
+        assert "tuning" in params and not (HOOKS - {"tuning"} | SELECT_HOOKS) & params
+    assert inspect.signature(sparse.sparse_attention).parameters["tuning"].default is sparse.DEFAULT_TUNING
+
