@@ -209,11 +209,9 @@ def _decode_plan(rng, page_size, batched_one_call=False):
     plan_update.cu from device arrays, group_mean.cu, the selection, decode.cu and combine.cu
     over block_table pages, against the reference; and a batched one-call decode
     (uniform_cu_seqlens)."""
-    import cupy
-
     import msa_cupy
 
-    from . import reference
+    from . import reference, testing
 
     dt = _bf16()
     batch, nq, max_len = 2, 2, 700
@@ -240,13 +238,23 @@ def _decode_plan(rng, page_size, batched_one_call=False):
     cu_k = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     ref = reference.sparse_attention(flat(q), flat(k)[rows], flat(v)[rows], flat(ids), block_size=ATTN_BLOCK,
                                      causal=True, return_lse=True, **_seq_kw(cu_q, cu_k))
-    if (msg := _close(flat(out.get()), flat(lse.get()), *ref)) is not None or not batched_one_call:
+    if (msg := _close(flat(out.get()), flat(lse.get()), *ref)) is not None:
         return msg
-    q1 = cupy.asarray(q[:1])
-    out1 = msa_cupy.attention(q1, *_device(k[:1, :400] if not page_size else flat(k)[None, :400],
-                                          v[:1, :400] if not page_size else flat(v)[None, :400]),
-                              block_size=ATTN_BLOCK, top_k=TOP_K)
-    return None if bool(cupy.isfinite(out1).all()) else "one-call decode: non-finite output"
+    try:  # the selection itself, from the plan's own index_q (group_mean.cu) and the group's key head
+        testing.assert_selection_matches(flat(ids), plan.workspace["index_q"][:batch * nq].get(), flat(k)[rows],
+                                         top_k=TOP_K, block_size=ATTN_BLOCK, local_blocks=LOCAL, sink_blocks=SINK,
+                                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    except AssertionError as exc:
+        return f"plan selection: {exc}"
+    if not batched_one_call:
+        return None
+    # one-call decode of a batched (B, Nq, ...) input: device cu_seqlens from uniform_cu_seqlens
+    k1, v1 = flat(k)[rows][None, :400], flat(v)[rows][None, :400]  # sequence 0's first 400 keys
+    out1, lse1, ids1 = msa_cupy.attention(*_device(q[:1], k1, v1), block_size=ATTN_BLOCK, top_k=TOP_K,
+                                          local_blocks=LOCAL, sink_blocks=SINK, return_lse=True, return_indices=True)
+    ref1 = reference.sparse_attention(q[0], k1[0], v1[0], ids1.get()[0], block_size=ATTN_BLOCK, causal=True,
+                                      return_lse=True)
+    return _close(out1.get()[0], lse1.get()[0], *ref1)
 
 
 def stages(wgmma: bool):
@@ -270,7 +278,7 @@ def stages(wgmma: bool):
         ("plain path end to end", _plain_end_to_end),
         ("decode plan, paged: plan_update.cu + group_mean.cu + selection + decode.cu + combine.cu; "
          "one-call decode (plan_update.cu uniform_cu_seqlens)", p(_decode_plan, page_size=64, batched_one_call=True)),
-        ("decode plan, contiguous cache", p(_decode_plan, page_size=None)),
+        ("decode plan, contiguous cache; one-call decode", p(_decode_plan, page_size=None, batched_one_call=True)),
     ]
     if wgmma:
         out += [
