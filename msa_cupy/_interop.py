@@ -527,17 +527,22 @@ class Call:
 
     def wrap(self, result):
         """Hand results back as the caller's own array type (no copy)."""
-        if isinstance(result, tuple):
-            return tuple(self.wrap(r) for r in result)
-        if self.framework in ("numpy", "cupy", "dlpack"):
-            return result
-        if self.framework == "torch":
-            import torch
+        return wrap_as(self.framework, result)
 
-            return torch.from_dlpack(result)
-        import jax.dlpack
 
-        return jax.dlpack.from_dlpack(result)
+def wrap_as(framework: str, result):
+    """CuPy results (or tuples of them) as arrays of `framework` (framework_of's names), no copy."""
+    if isinstance(result, tuple):
+        return tuple(wrap_as(framework, r) for r in result)
+    if framework in ("numpy", "cupy", "dlpack"):
+        return result
+    if framework == "torch":
+        import torch
+
+        return torch.from_dlpack(result)
+    import jax.dlpack
+
+    return jax.dlpack.from_dlpack(result)
 
 
 def external_stream(torch_stream):

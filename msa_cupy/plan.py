@@ -422,13 +422,4 @@ class DecodePlan:
 
     @staticmethod
     def _wrap(like, result):
-        kind = type(like).__module__.split(".")[0]
-        if kind == "torch":
-            import torch
-
-            return torch.from_dlpack(result)
-        if kind in ("jax", "jaxlib"):
-            import jax.dlpack
-
-            return jax.dlpack.from_dlpack(result)
-        return result
+        return _interop.wrap_as(_interop.framework_of("q", like), result)
