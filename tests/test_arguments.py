@@ -59,11 +59,16 @@ def test_scalar_options_are_plain_python_values():
     assert _interop.scalar_options(num_keys=None, scale=None) == dict(num_keys=None, scale=None)
 
 
-def _public_calls(rng):
+def _call_inputs(rng):
+    """q, k, v, index_q, index_k and the reference's float32 block scores and ids for them."""
     q, k, v = qkv(rng)
     iq, ik = index_pair(rng)
     scores = reference.block_scores(iq, ik, block_size=64).astype(np.float32)
-    ids = reference.select_blocks(iq, ik, top_k=3, block_size=64)
+    return q, k, v, iq, ik, scores, reference.select_blocks(iq, ik, top_k=3, block_size=64)
+
+
+def _public_calls(rng):
+    q, k, v, iq, ik, scores, ids = _call_inputs(rng)
     return {
         "block_scores": lambda m, o: m.block_scores(iq, ik, block_size=o["block_size"], causal=o["causal"]),
         "topk_blocks": lambda m, o: m.topk_blocks(scores, num_keys=np.int64(200), **o),
@@ -151,10 +156,7 @@ def test_causal_none_is_refused_everywhere(module, rng):
 
 
 def _required_arrays(rng):
-    q, k, v = qkv(rng)
-    iq, ik = index_pair(rng)
-    scores = reference.block_scores(iq, ik, block_size=64).astype(np.float32)
-    ids = reference.select_blocks(iq, ik, top_k=3, block_size=64)
+    q, k, v, iq, ik, scores, ids = _call_inputs(rng)
     return {
         "block_scores": (lambda m, a: m.block_scores(a["index_q"], a["index_k"], block_size=64),
                          dict(index_q=iq, index_k=ik)),
