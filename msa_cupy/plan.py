@@ -204,16 +204,38 @@ class DecodePlan:
             return self
         cp = _interop.require_cupy()
         with cp.cuda.Device(self.device):
-            raw = cp.empty(self.workspace_bytes, cp.uint8)
-            ws, offset = {}, 0
-            for name, shape, dt in self._views:
-                nbytes = math.prod(shape) * np.dtype(dt).itemsize
-                ws[name] = raw[offset:offset + nbytes].view(dt).reshape(shape)
-                offset += _aligned(nbytes)
-            ws["errors"].fill(0)
-            ws["raw"] = raw
-        self._ws = ws
+            self._ws = self._carve(cp.empty(self.workspace_bytes, cp.uint8))
+            self._ws["errors"].fill(0)
         return self
+
+    def use_workspace(self, raw):
+        """Run on a caller's workspace instead of the plan's own: ``raw`` a contiguous uint8 GPU
+        array of at least ``workspace_bytes`` on the plan's device (e.g. a buffer XLA or
+        PyTorch's allocator handed out), owned by the caller and live while queued work reads
+        it.  Nothing is kept from an earlier workspace: call :meth:`update` next.  Allocates
+        nothing; one launch on the current stream zeroes the clamp counter."""
+        cp = _interop.require_cupy()
+        arr = self._device_array("workspace", raw)
+        if np.dtype(arr.dtype) != np.uint8 or arr.ndim != 1 or arr.size < self.workspace_bytes:
+            raise ValueError(f"workspace must be a 1-D uint8 array of at least {self.workspace_bytes} bytes, got "
+                             f"{arr.dtype} of shape {tuple(arr.shape)}")
+        _interop.check_contiguous("workspace", arr)
+        if arr.data.ptr % _ALIGN:
+            raise ValueError(f"workspace must start on a {_ALIGN}-byte boundary")
+        with cp.cuda.Device(self.device):
+            self._ws = self._carve(arr)
+            self._ws["errors"].fill(0)
+        self._batch = None
+        return self
+
+    def _carve(self, raw) -> dict:
+        ws, offset = {}, 0
+        for name, shape, dt in self._views:
+            nbytes = math.prod(shape) * np.dtype(dt).itemsize
+            ws[name] = raw[offset:offset + nbytes].view(dt).reshape(shape)
+            offset += _aligned(nbytes)
+        ws["raw"] = raw
+        return ws
 
     @property
     def workspace(self) -> dict:

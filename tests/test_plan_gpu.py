@@ -340,3 +340,28 @@ def test_group_mean_kernel_is_the_fp32_sum_divided():
             acc += q.reshape(37, 4, 16, 128)[:, :, h].astype(np.float32)
         want = (acc / np.float32(16)).astype(dt)
         assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_caller_workspace_gives_the_plans_own_results_bitwise():
+    import cupy as cp
+
+    rng = np.random.default_rng(21)
+    p = _graph_problem(rng)
+    plan, host, dev = _setup(p)
+    plan.update(dev["lens"], dev["table"])
+    own_out, own_lse = (x.copy() for x in _run(plan, dev))
+    raw = cp.full(plan.workspace_bytes + 512, 0xA5, cp.uint8)  # poison: nothing may be read before written
+    other = msa_cupy.DecodePlan(
+        max_batch=p["max_batch"], max_cache_len=p["max_len"], num_q_heads=p["hkv"] * p["g"], num_kv_heads=p["hkv"],
+        head_dim=p["d"], dtype=p["dtype"], block_size=p["block"], top_k=p["top_k"], page_size=p["page_size"],
+        num_pages=host["k"].shape[0])
+    other.use_workspace(raw[256:])
+    other.update(dev["lens"], dev["table"])
+    out, lse = _run(other, dev)
+    assert out.data.ptr >= raw.data.ptr and out.data.ptr < raw.data.ptr + raw.size  # a view of the caller's buffer
+    assert cp.array_equal(_bits(out), _bits(own_out)) and cp.array_equal(_bits(lse), _bits(own_lse))
+    assert other.clamped_entries() == 0
+    with pytest.raises(ValueError, match="workspace must be a 1-D uint8 array"):
+        other.use_workspace(raw[:plan.workspace_bytes - 1])
+    with pytest.raises(ValueError, match="256-byte boundary"):
+        other.use_workspace(raw[1:])
