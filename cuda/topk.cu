@@ -105,17 +105,25 @@ topk_kernel(const float* __restrict__ scores, const int* __restrict__ cu_q, cons
     best.write_sorted(out + row * top_k);
 }
 
-template <int WARPS>
+// ROW_WARPS warps share a row (WARPS / ROW_WARPS rows per CTA): each merges every
+// ROW_WARPS-th chunk of the row's candidates into its own list, then the first warp of the row
+// merges the others' lists (each sorted, best first) through shared memory.  Few rows with many
+// candidates (decode: split-K over a long cache) would otherwise leave one warp walking
+// thousands of keys in a chain of dependent loads.
+template <int WARPS, int ROW_WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 topk_merge_kernel(const u64* __restrict__ partial, int* __restrict__ out, i64 n_rows, int n_cand, int top_k) {
     constexpr int PER_LANE = 8;  // keys in flight per lane
-    const i64 row = (i64)blockIdx.x * WARPS + threadIdx.x / 32;
-    if (row >= n_rows) return;
-    const int lane = threadIdx.x & 31;
+    constexpr int CHUNK = 32 * PER_LANE;
+    static_assert(WARPS % ROW_WARPS == 0, "whole rows per CTA");
+    __shared__ u64 lists[WARPS][32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int part = warp % ROW_WARPS;
+    const i64 row = (i64)blockIdx.x * (WARPS / ROW_WARPS) + warp / ROW_WARPS;
     WarpTopK best;
     best.init(top_k, lane);
     const u64* cands = partial + row * (i64)n_cand;
-    for (int base = 0; base < n_cand; base += 32 * PER_LANE) {
+    for (int base = part * CHUNK; row < n_rows && base < n_cand; base += ROW_WARPS * CHUNK) {
         u64 c[PER_LANE];
         u64 top = 0ull;
         int arg = 0;
@@ -133,5 +141,11 @@ topk_merge_kernel(const u64* __restrict__ partial, int* __restrict__ out, i64 n_
 #pragma unroll
         for (int j = 0; j < PER_LANE; ++j) best.offer(j != arg ? c[j] : 0ull);
     }
-    best.write_sorted(out + row * top_k);
+    if constexpr (ROW_WARPS > 1) {
+        lists[warp][lane] = best.entry;
+        __syncthreads();
+        if (part != 0) return;
+        for (int w = 1; w < ROW_WARPS; ++w) best.merge(lists[warp + w][lane]);  // keys unique: order-free
+    }
+    if (row < n_rows) best.write_sorted(out + row * top_k);
 }

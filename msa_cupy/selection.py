@@ -35,6 +35,7 @@ WGMMA = "wgmma"              # `warps` value of select_sm90.cu: two warpgroups, 
 WGMMA_ROWS = 256
 WGMMA_STAGES = (4, 3)        # key-ring depths, deepest first that fits shared memory (prefetch distance 2 or 1)
 EPI_SCORES, EPI_TOPK = 0, 1
+MERGE_ROW_WARPS = 8          # warps per row of topk_merge_kernel when rows are few and lists long (decode)
 MIN_TILES_PER_SPLIT = 4      # split-K never gives a CTA fewer key tiles than this
 CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs per SM
 
@@ -47,7 +48,7 @@ _jit.declare("select_sm90.cu", "select_sm90_kernel", *[
     (_di, _bs, _st, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES for _st in WGMMA_STAGES
     for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")], arch_specific=True)
 _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
-_jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+_jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS, 1), (TOPK_WARPS, MERGE_ROW_WARPS))
 
 
 def supports_block_scores(*, block_size: int, index_dim: int) -> bool:
@@ -192,10 +193,14 @@ def launch_select(cfg: SelectLaunch, index_q, index_k, cu_q, cu_k, n_seq: int, *
 
 
 def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int):
-    """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids."""
-    merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
-    merge((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,),
-          (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
+    """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids.  Few
+    rows with long lists (decode over a long cache: 4 rows x 4096 keys at batch 1) get a CTA of
+    MERGE_ROW_WARPS warps each, many rows a warp each."""
+    n_cand = splits * top_k
+    row_warps = MERGE_ROW_WARPS if rows < 2 * _sm_count() and n_cand > 2 * 256 else 1
+    merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS, row_warps))
+    per_cta = TOPK_WARPS // row_warps
+    merge((-(-rows // per_cta),), (32 * TOPK_WARPS,), (partial, ids_out, np.int64(rows), _i32(n_cand), _i32(top_k)))
 
 
 def launch_topk(scores, cu_q, cu_k, ids_out, n_seq: int, *, top_k, block_size, local_blocks, sink_blocks,
