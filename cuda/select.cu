@@ -103,10 +103,14 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
 
     for (int t = t_begin; t < t_end; ++t) {
         const int cur = (t - t_begin) & 1;
-        cp_async_wait<0>();
-        __syncthreads();  // tile t landed for all; every warp is done with tile t-1's buffer
-        if (t + 1 < t_end) load_keys(cur ^ 1, t + 1);  // overlaps this tile's math
+        // Tile t+1 is issued before waiting for tile t, so two tiles are in flight while a CTA
+        // waits: decode rows are few and the math per tile short, so the key stream is
+        // latency-bound and the bytes in flight set the bandwidth.
+        __syncthreads();  // every warp is done with tile t-1's buffer
+        if (t + 1 < t_end) load_keys(cur ^ 1, t + 1);
         cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // tile t landed for all
 
         const T* ks = kbuf + cur * KEY_TILE * DI;
         const int key0 = t * KEY_TILE;
