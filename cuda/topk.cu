@@ -135,11 +135,15 @@ topk_merge_kernel(const u64* __restrict__ partial, int* __restrict__ out, i64 n_
 #pragma unroll
         for (int j = 0; j < PER_LANE; ++j)
             if (c[j] > top) { top = c[j]; arg = j; }
-        const unsigned want = __ballot_sync(MSA_FULL_MASK, top > best.thresh);
-        if (__popc(want) > TOPK_MERGE_MIN) best.merge(top);
-        else if (want) best.offer(top);
+        // the lane maxima first (they raise the threshold fastest), then the rest; a batch that
+        // many lanes beat is one sort-merge (early chunks: the list is still empty)
 #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) best.offer(j != arg ? c[j] : 0ull);
+        for (int j = -1; j < PER_LANE; ++j) {
+            const u64 x = j < 0 ? top : (j != arg ? c[j] : 0ull);
+            const unsigned want = __ballot_sync(MSA_FULL_MASK, x > best.thresh);
+            if (__popc(want) > TOPK_MERGE_MIN) best.merge(x);
+            else if (want) best.offer(x);
+        }
     }
     if constexpr (ROW_WARPS > 1) {
         lists[warp][lane] = best.entry;

@@ -197,7 +197,7 @@ def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int):
     rows with long lists (decode over a long cache: 4 rows x 4096 keys at batch 1) get a CTA of
     MERGE_ROW_WARPS warps each, many rows a warp each."""
     n_cand = splits * top_k
-    row_warps = MERGE_ROW_WARPS if rows < 2 * _sm_count() and n_cand > 2 * 256 else 1
+    row_warps = MERGE_ROW_WARPS if rows < 2 * _sm_count() and n_cand >= MERGE_ROW_WARPS * 256 else 1
     merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS, row_warps))
     per_cta = TOPK_WARPS // row_warps
     merge((-(-rows // per_cta),), (32 * TOPK_WARPS,), (partial, ids_out, np.int64(rows), _i32(n_cand), _i32(top_k)))

@@ -122,3 +122,13 @@ def test_warmup_worker_fills_the_cache_that_loads_read(tmp_path, monkeypatch):
     assert cli._warm_one(("group_mean.cu", "sm_90", "group_mean_kernel<bf16>")) == "group_mean_kernel<bf16>"
     _, _, from_disk = _jit._cached_cubin("group_mean.cu", "sm_90", ["group_mean_kernel<bf16>"])
     assert from_disk
+
+
+def test_sanitizer_summaries_are_read_per_tool():
+    from msa_cupy import _sanitize
+
+    assert _sanitize.reports_clean("========= ERROR SUMMARY: 0 errors\n")
+    assert _sanitize.reports_clean("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    assert not _sanitize.reports_clean("========= ERROR SUMMARY: 3 errors\n")
+    assert not _sanitize.reports_clean("========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n")
+    assert not _sanitize.reports_clean("no summary: the tool did not finish\n")
