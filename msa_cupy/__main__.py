@@ -142,14 +142,6 @@ def cmd_check(args):
     return 1 if failures else 0
 
 
-def _warm_one(job):
-    from msa_cupy import _jit
-
-    source, arch, expr = job
-    _jit._cached_cubin(source, arch, [expr])
-    return expr
-
-
 def cmd_warmup(args):
     """Compile every declared kernel variant for this GPU into the kernel cache, in parallel
     processes, so that first calls load instead of compiling."""
@@ -172,7 +164,7 @@ def cmd_warmup(args):
     t0 = time.perf_counter()
     workers = max(1, min(args.jobs or os.cpu_count() or 1, len(jobs)))
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = sum(1 for _ in pool.map(_warm_one, jobs))
+        done = sum(1 for _ in pool.map(_jit.warm_variant, jobs))
     print(f"warmup: {done} kernel variants for {_jit.arch_for(cap)} in {_jit.cache_dir()} "
           f"({time.perf_counter() - t0:.0f} s, {workers} processes)")
     return 0

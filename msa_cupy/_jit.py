@@ -364,6 +364,14 @@ _lock = threading.Lock()
 _modules: dict = {}  # (device id, source, name expression, arch) -> Kernel
 
 
+def warm_variant(job) -> str:
+    """Compile one (source, arch, name expression) into the kernel cache (``warmup``'s worker:
+    a module-level function, so that spawned processes can unpickle it)."""
+    source, arch, expr = job
+    _cached_cubin(source, arch, [expr])
+    return expr
+
+
 def _cached_cubin(source, arch, names, *, rejected=None):
     """(cubin, {name expression: lowered name}, from_disk) for cuda/<source> on arch: a verified
     cache entry, else a fresh compile that is then stored.  ``rejected`` (why the cached image

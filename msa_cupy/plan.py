@@ -181,6 +181,8 @@ class DecodePlan:
             top_k=self.top_k, epilogue=selection.EPI_TOPK)
         self._decode, self._decode_smem = sparse.decode_kernel(self.dtype, self.head_dim, self.group_size,
                                                                self.block_size)
+        self._merge = selection.merge_kernel(self.max_batch * self.queries_per_seq * self.num_kv_heads,
+                                             self._select.splits * self.top_k)
         self._update = _jit.kernel("plan_update.cu", "plan_update_kernel", (UPDATE_THREADS,))
         if self.training_free:
             _jit.kernel("group_mean.cu", "group_mean_kernel", (_jit.dtype_template(self.dtype),))
@@ -387,7 +389,8 @@ class DecodePlan:
                                     local_blocks=self.local_blocks, sink_blocks=self.sink_blocks,
                                     ids_out=ids if partial is None else None, partial=partial, pages=pages)
             if partial is not None:
-                selection.launch_topk_merge(partial, ids, rows * self.num_kv_heads, self._select.splits, self.top_k)
+                selection.launch_topk_merge(partial, ids, rows * self.num_kv_heads, self._select.splits, self.top_k,
+                                            merge=self._merge)
             sparse.launch_decode(self._decode, self._decode_smem, qf, kf, vf, ids, cu_q, cu_k, batch, 0, rows,
                                  ws["part_o"], ws["part_lse"], causal=True,
                                  scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)

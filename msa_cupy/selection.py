@@ -192,15 +192,20 @@ def launch_select(cfg: SelectLaunch, index_q, index_k, cu_q, cu_k, n_seq: int, *
         _i32(sink_blocks), _i32(1 if causal else 0), _i32(cfg.splits), *pages), shared_mem=cfg.smem)
 
 
-def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int):
-    """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids.  Few
-    rows with long lists (decode over a long cache: 4 rows x 4096 keys at batch 1) get a CTA of
-    MERGE_ROW_WARPS warps each, many rows a warp each."""
-    n_cand = splits * top_k
+def merge_kernel(rows: int, n_cand: int):
+    """(topk_merge_kernel, rows per CTA) for ``rows`` lists of ``n_cand`` keys: few rows with long
+    lists (decode over a long cache: 4 rows x 4096 keys at batch 1) get MERGE_ROW_WARPS warps a
+    row, many rows a warp each.  Loaded here, so a plan can hold it before any capture."""
     row_warps = MERGE_ROW_WARPS if rows < 2 * _sm_count() and n_cand >= MERGE_ROW_WARPS * 256 else 1
-    merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS, row_warps))
-    per_cta = TOPK_WARPS // row_warps
-    merge((-(-rows // per_cta),), (32 * TOPK_WARPS,), (partial, ids_out, np.int64(rows), _i32(n_cand), _i32(top_k)))
+    return _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS, row_warps)), TOPK_WARPS // row_warps
+
+
+def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int, merge=None):
+    """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids.
+    ``merge``: a :func:`merge_kernel` result fixed in advance (decode plans), else chosen here."""
+    kernel, per_cta = merge or merge_kernel(rows, splits * top_k)
+    kernel((-(-rows // per_cta),), (32 * TOPK_WARPS,),
+           (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
 
 
 def launch_topk(scores, cu_q, cu_k, ids_out, n_seq: int, *, top_k, block_size, local_blocks, sink_blocks,

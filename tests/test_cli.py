@@ -119,9 +119,23 @@ def test_warmup_worker_fills_the_cache_that_loads_read(tmp_path, monkeypatch):
     """warmup's worker compiles a variant into the cache under the key a later load looks up."""
     monkeypatch.setenv("MSA_CUPY_CACHE_DIR", str(tmp_path / "cache"))
     pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
-    assert cli._warm_one(("group_mean.cu", "sm_90", "group_mean_kernel<bf16>")) == "group_mean_kernel<bf16>"
+    assert _jit.warm_variant(("group_mean.cu", "sm_90", "group_mean_kernel<bf16>")) == "group_mean_kernel<bf16>"
     _, _, from_disk = _jit._cached_cubin("group_mean.cu", "sm_90", ["group_mean_kernel<bf16>"])
     assert from_disk
+
+
+def test_warmup_worker_runs_in_spawned_processes(tmp_path, monkeypatch):
+    """warmup's pool spawns fresh interpreters (python -m msa_cupy is their __main__ too): the
+    worker must be importable by name from the package, not defined in __main__."""
+    import concurrent.futures
+    import multiprocessing
+
+    monkeypatch.setenv("MSA_CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    assert _jit.warm_variant.__module__ == "msa_cupy._jit"
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert list(pool.map(_jit.warm_variant, [("group_mean.cu", "sm_80", "group_mean_kernel<f16>")])) == [
+            "group_mean_kernel<f16>"]
 
 
 def test_sanitizer_summaries_are_read_per_tool():
