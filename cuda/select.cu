@@ -8,19 +8,22 @@
 //
 // Tiles.  Keys stream in KEY_TILE = 128-key tiles (one 128-block or two 64-blocks), double
 // buffered with cp.async into XOR-swizzled shared memory (conflict-free ldmatrix).  Warps form a
-// WM x WN grid; a warp owns 32 rows (two m16 tiles, A fragments kept in registers for the whole
-// run: Di=128 -> 64 registers) x 128/WN keys.  Four 8-key n-tiles at a time: B by ldmatrix,
-// then 2 m-tiles x 4 n-tiles = 8 independent mma.m16n8k16 chains over Di/16 k-steps (one chain
-// stalls on mma latency: 24% -> 36% of the matmul ceiling), and each 16x8 fp32 result folds
-// straight into running block maxima (no accumulator tile).  WM=8, WN=1 (BM=256) for prefill
-// (select_sm90.cu replaces it on sm_90); WM=1, WN=4 (BM=32) for decode, where few rows exist and the key stream sets the time.
+// WM x WN grid; a warp owns 16 * MT rows (MT m16 tiles, A fragments kept in registers for the
+// whole run: Di=128, MT=2 -> 64 registers) x 128/WN keys.  Four 8-key n-tiles at a time: B by
+// ldmatrix, then MT m-tiles x 4 n-tiles independent mma.m16n8k16 chains over Di/16 k-steps (one
+// chain stalls on mma latency: 24% -> 36% of the matmul ceiling), and each 16x8 fp32 result
+// folds straight into running block maxima (no accumulator tile).  WM=8, WN=1 (BM=256) for
+// prefill (select_sm90.cu replaces it on sm_90); for decode, where few rows exist and the key
+// stream sets the time: WM=1, WN=4 (BM=32), or WN=8 with MT=1 (BM=16) for at most 16 rows:
+// half the registers and twice the warps per SM on the key stream (with 2 warps per scheduler
+// the loop stalls on instruction latency, not on memory: 52% of DRAM bandwidth measured).
 // Causal: only tiles crossing the first row's position are masked.  Each row has one owner thread that writes its block score
 // or offers the block to its top-k list (kept in shared memory, ThreadTopK): with WN = 1 the
 // owner is a lane of the warp that computed the row (quad shuffles, one barrier per tile);
 // with WN > 1 the warps' partial maxima meet in shared memory first.
 #include "select_tile.cuh"
 
-template <int DI, int BS, int WM, int WN, int EPI, typename T>
+template <int DI, int BS, int WM, int WN, int MT, int EPI, typename T>
 __global__ void __launch_bounds__(32 * WM * WN)
 select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
               const int* __restrict__ cu_q, const int* __restrict__ cu_k,
@@ -29,7 +32,8 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
               int sink_blocks, int causal, int n_splits,
               const int* __restrict__ block_table, int max_pages, int page_size) {
     constexpr int THREADS = 32 * WM * WN;
-    constexpr int BM = 32 * WM;              // rows per CTA
+    constexpr int WR = 16 * MT;              // rows per warp (MT m16 tiles)
+    constexpr int BM = WR * WM;              // rows per CTA
     constexpr int NW = KEY_TILE / WN;        // keys per warp per tile
     constexpr int NJ = NW / 8;               // n8 tiles per warp
     constexpr int KS = DI / 16;              // k16 steps
@@ -39,6 +43,7 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     static_assert(DI == 64 || DI == 128, "index dim");
     static_assert(BS == 64 || BS == 128, "block size");
     static_assert(NW % 8 == 0 && KS % 2 == 0, "tile shape");
+    static_assert(MT == 2 || (MT == 1 && WN > 1), "one m-tile per warp: rows reach their owners through shared memory");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* kbuf = reinterpret_cast<T*>(smem_raw);                    // [2][KEY_TILE * DI]
@@ -64,14 +69,14 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    unsigned a[2][KS][4];
+    unsigned a[MT][KS][4];
     {
         const T* qs = Q_IN_BUFFER_1 ? kbuf + KEY_TILE * DI : kbuf;
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk)
-                ldmatrix_x4(a[mt][kk], qs + swizzled_panel<DI, BM>(warp_m * 32 + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                ldmatrix_x4(a[mt][kk], qs + swizzled_panel<DI, BM>(warp_m * WR + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
     }
     if (!Q_IN_BUFFER_1) {
         __syncthreads();  // every warp has its A fragments: the buffers are free
@@ -79,13 +84,15 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         cp_async_commit();  // waited for at the top of the first iteration
     }
     // warp-uniform: m-tiles holding real rows (inactive ones only produce -inf, masked below)
-    const bool m_active[2] = {warp_m * 32 < rows_here, warp_m * 32 + 16 < rows_here};
-    int row_vis[2][2];  // visible keys of this thread's accumulator rows (0 for padding rows)
+    bool m_active[MT];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt) m_active[mt] = warp_m * WR + mt * 16 < rows_here;
+    int row_vis[MT][2];  // visible keys of this thread's accumulator rows (0 for padding rows)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int r = warp_m * 32 + mt * 16 + h * 8 + group;
+            const int r = warp_m * WR + mt * 16 + h * 8 + group;
             row_vis[mt][h] = r < rows_here ? rows.n_visible(r) : 0;
         }
 
@@ -115,9 +122,9 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         const T* ks = kbuf + cur * KEY_TILE * DI;
         const int key0 = t * KEY_TILE;
         const bool need_mask = key0 + KEY_TILE > rows.n_vis_min;
-        float mx[2][2][BPW];
+        float mx[MT][2][BPW];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -127,9 +134,9 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         // busy (one chain of Di/16 dependent mma per n-tile would stall on mma latency).
 #pragma unroll
         for (int j0 = 0; j0 < NJ; j0 += NG) {
-            float acc[2][NG][4];
+            float acc[MT][NG][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int g = 0; g < NG; ++g)
 #pragma unroll
@@ -145,15 +152,16 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
 #pragma unroll
                     for (int g = 0; g < NG; ++g) {
                         const unsigned bf[2] = {r4[g][2 * s2], r4[g][2 * s2 + 1]};
-                        if (m_active[0]) mma_16x8x16<T>(acc[0][g], a[0][2 * p + s2], bf);
-                        if (m_active[1]) mma_16x8x16<T>(acc[1][g], a[1][2 * p + s2], bf);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt)
+                            if (m_active[mt]) mma_16x8x16<T>(acc[mt][g], a[mt][2 * p + s2], bf);
                     }
             }
 #pragma unroll
             for (int g = 0; g < NG; ++g) {
                 const int lb = ((j0 + g) * 8) / (NW / BPW);  // constant after unrolling
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
+                for (int mt = 0; mt < MT; ++mt) {
                     float* c = acc[mt][g];
                     if (need_mask) {
                         const int col = key0 + warp_n * NW + (j0 + g) * 8 + 2 * quad;
@@ -176,12 +184,12 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         } else {
             if (quad == 0) {
 #pragma unroll
-                for (int mt = 0; mt < 2; ++mt)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int h = 0; h < 2; ++h)
 #pragma unroll
                         for (int lb = 0; lb < BPW; ++lb)
-                            red[(warp_n * BPW + lb) * BM + warp_m * 32 + mt * 16 + h * 8 + group] = mx[mt][h][lb];
+                            red[(warp_n * BPW + lb) * BM + warp_m * WR + mt * 16 + h * 8 + group] = mx[mt][h][lb];
             }
             __syncthreads();
             if (owner) {

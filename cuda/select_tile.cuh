@@ -90,10 +90,10 @@ struct SelectRows {
 
 // Block maxima mx[mt][h][b] of accumulator rows (m-tile mt, half h) are partial over the 4
 // lanes of a quad (each holds 2 of every 8 columns): reduce them across the quad.
-template <int NB>
-__device__ __forceinline__ void quad_max(float (&mx)[2][2][NB]) {
+template <int MT, int NB>
+__device__ __forceinline__ void quad_max(float (&mx)[MT][2][NB]) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll

@@ -267,7 +267,7 @@ def _decode_plan(rng, page_size, batched_one_call=False):
 def stages(wgmma: bool):
     """(name, check(rng) -> None or what is wrong) for every kernel; the sm_90 kernels where
     `wgmma`."""
-    from .selection import DECODE_WARPS, PREFILL_WARPS, WGMMA
+    from .selection import DECODE_WARPS, DECODE_WARPS_16, PREFILL_WARPS, WGMMA
 
     p = functools.partial
     out = [
@@ -275,6 +275,8 @@ def stages(wgmma: bool):
         ("select.cu top-k epilogue, 256-row CTAs", p(_select_topk, warps=PREFILL_WARPS, splits=1, seqs=PREFILL_SEQS)),
         ("select.cu top-k epilogue, 32-row CTAs, split-K + topk.cu merge",
          p(_select_topk, warps=DECODE_WARPS, splits=2, seqs=DECODE_SEQS)),
+        ("select.cu top-k epilogue, 16-row CTAs (one m-tile a warp), split-K + topk.cu merge",
+         p(_select_topk, warps=DECODE_WARPS_16, splits=3, seqs=DECODE_SEQS)),
         ("topk.cu over scores, 1-wide loads", p(_topk, seqs=PREFILL_SEQS)),
         ("topk.cu over scores, 4-wide loads", p(_topk, seqs=WIDE_SEQS)),
         ("reverse_index.cu + sparse_prefill.cu (mma.sync) + combine.cu",

@@ -31,6 +31,9 @@ PREFILL_WARPS = (8, 1)       # (WM, WN): 256 rows x 128 keys per CTA; 8% faster 
                              # H200 (28.9 vs 31.4 ms at 128K), same ids; both tested
 SMALL_SMEM_WARPS = (4, 1)    # 128 rows: fits 99 KB of shared memory at top_k 32 (sm_86, sm_89)
 DECODE_WARPS = (1, 4)        # 32 rows, each warp a 32-key slice: for few rows per sequence
+DECODE_WARPS_16 = (1, 8, 1)  # 16 rows (one m16 tile a warp), each warp a 16-key slice: at most 16 rows
+                             # (batch-1 decode: Hkv rows), twice the warps on the key stream per SM
+                             # (the key loop is issue-latency bound with 2 warps per scheduler)
 WGMMA = "wgmma"              # `warps` value of select_sm90.cu: two warpgroups, 256 rows (sm_90 prefill)
 WGMMA_ROWS = 256
 WGMMA_STAGES = (4, 3)        # key-ring depths, deepest first that fits shared memory (prefetch distance 2 or 1)
@@ -40,10 +43,16 @@ MIN_TILES_PER_SPLIT = 4      # split-K never gives a CTA fewer key tiles than th
 CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs per SM
 
 
+def _with_mt(warps: tuple) -> tuple:
+    """(WM, WN, MT) of a select.cu warp grid: MT m16 row tiles per warp, 2 unless given."""
+    return tuple(warps) if len(warps) == 3 else (*warps, 2)
+
+
 # every variant this module may launch, for `python -m msa_cupy check`
 _jit.declare("select.cu", "select_kernel", *[
-    (_di, _bs, _wm, _wn, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES
-    for _wm, _wn in (PREFILL_WARPS, SMALL_SMEM_WARPS, DECODE_WARPS) for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
+    (_di, _bs, _wm, _wn, _mt, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES
+    for _wm, _wn, _mt in map(_with_mt, (PREFILL_WARPS, SMALL_SMEM_WARPS, DECODE_WARPS, DECODE_WARPS_16))
+    for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
 _jit.declare("select_sm90.cu", "select_sm90_kernel", *[
     (_di, _bs, _st, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES for _st in WGMMA_STAGES
     for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")], arch_specific=True)
@@ -71,7 +80,7 @@ def supports(*, top_k: int, block_size: int, index_dim: int) -> bool:
 class SelectTuning:
     """Choices the launch heuristics otherwise make, for tests and tuning: ``splits`` key-range
     splits per CTA (None: enough CTAs for CTAS_PER_SM_TARGET per SM), ``warps`` the (WM, WN)
-    warp grid of select.cu or ``WGMMA`` for select_sm90.cu (None: by rows, card and shared
+    warp grid of select.cu (or (WM, WN, MT) with MT m16 row tiles a warp, 2 by default) or ``WGMMA`` for select_sm90.cu (None: by rows, card and shared
     memory)."""
 
     splits: int | None = None
@@ -81,10 +90,11 @@ class SelectTuning:
         if self.splits is not None and (isinstance(self.splits, bool) or not isinstance(self.splits, int)
                                         or self.splits < 1):
             raise ValueError(f"splits must be None or a positive int, got {self.splits!r}")
-        pair = (isinstance(self.warps, tuple) and len(self.warps) == 2
+        grid = (isinstance(self.warps, tuple) and len(self.warps) in (2, 3)
                 and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.warps))
-        if self.warps is not None and self.warps != WGMMA and not pair:
-            raise ValueError(f"warps must be None, {WGMMA!r} or a (WM, WN) pair of positive ints, got {self.warps!r}")
+        if self.warps is not None and self.warps != WGMMA and not grid:
+            raise ValueError(f"warps must be None, {WGMMA!r} or a (WM, WN) / (WM, WN, MT) tuple of positive ints, "
+                             f"got {self.warps!r}")
 
 
 DEFAULT_TUNING = SelectTuning()
@@ -114,8 +124,8 @@ def _smem_bytes(di, block_size, warps, top_k, epilogue, stages=WGMMA_STAGES[-1])
     lists = top_k * 8 if epilogue == EPI_TOPK else 0
     if warps == WGMMA:
         return WGMMA_ROWS * di * 2 + stages * KEY_TILE * di * 2 + lists * WGMMA_ROWS + 1024
-    wm, wn = warps
-    bm = 32 * wm
+    wm, wn, mt = _with_mt(warps)
+    bm = 16 * mt * wm
     bpw = max((KEY_TILE // wn) // block_size, 1)
     return 2 * KEY_TILE * di * 2 + wn * bpw * bm * 4 + lists * bm
 
@@ -148,14 +158,19 @@ def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_
     group_grid = 1 if k_heads == 1 else n_heads
     max_rows = max_q * rows_per_q
     if warps is None:
-        warps = DECODE_WARPS if max_rows <= 32 * DECODE_WARPS[0] else PREFILL_WARPS
+        warps = (DECODE_WARPS_16 if max_rows <= 16 else DECODE_WARPS if max_rows <= 32 * DECODE_WARPS[0]
+                 else PREFILL_WARPS)
         if warps == PREFILL_WARPS and _jit.has_wgmma():
             warps = WGMMA
         if _smem_bytes(index_dim, block_size, warps, top_k, epilogue) > _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN):
             warps = SMALL_SMEM_WARPS  # cards with ~99 KB a block (sm_86, sm_89): 128-row CTAs
     if warps == WGMMA and not _jit.has_wgmma():
         raise ValueError("the wgmma selection kernel needs an sm_90 GPU")
-    bm = WGMMA_ROWS if warps == WGMMA else 32 * warps[0]
+    if warps != WGMMA:
+        warps = _with_mt(warps)
+        if warps[2] not in (1, 2) or (warps[2] == 1 and warps[1] == 1):
+            raise ValueError(f"select.cu runs MT = 2 m-tiles a warp, or MT = 1 with WN > 1; got warps {warps}")
+    bm = WGMMA_ROWS if warps == WGMMA else 16 * warps[2] * warps[0]
     q_tiles = max(-(-max_rows // bm), 1)
     if splits is None:
         tiles = n_seq * q_tiles if q_lens is None else int(np.sum(-(-(q_lens * rows_per_q) // bm)))

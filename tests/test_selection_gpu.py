@@ -96,7 +96,7 @@ def _assert_scores(got, iq, ik, layout, block_size, causal):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(case=selection_case(), warps=st.sampled_from([None, (8, 1), (1, 4)]))
+@given(case=selection_case(), warps=st.sampled_from([None, (8, 1), (1, 4), (1, 8, 1)]))
 def test_block_scores_matches_reference(case, warps):
     import cupy
 
@@ -208,7 +208,7 @@ def test_select_blocks_decode_split(case):
 
 
 @settings(max_examples=30, **SETTINGS)
-@given(case=selection_case(), splits=st.integers(1, 5), warps=st.sampled_from([(4, 1), (8, 1), (2, 2), (1, 4)]))
+@given(case=selection_case(), splits=st.integers(1, 5), warps=st.sampled_from([(4, 1), (8, 1), (2, 2), (1, 4), (1, 8, 1), (2, 4, 1)]))
 def test_select_blocks_splits_and_warp_grids(case, splits, warps):
     """Every warp grid (prefill/decode shapes and the tuning variants) with split-K forced."""
     _check_fused(case, splits=splits, warps=warps)

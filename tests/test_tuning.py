@@ -48,7 +48,8 @@ def test_select_tuning_rejects(options, match):
 
 
 def test_select_tuning_accepts_every_warp_grid_of_the_module():
-    for warps in (None, selection.PREFILL_WARPS, selection.SMALL_SMEM_WARPS, selection.DECODE_WARPS, selection.WGMMA):
+    for warps in (None, selection.PREFILL_WARPS, selection.SMALL_SMEM_WARPS, selection.DECODE_WARPS,
+                  selection.DECODE_WARPS_16, selection.WGMMA):
         assert selection.SelectTuning(splits=3, warps=warps).warps == warps
 
 
