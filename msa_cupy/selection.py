@@ -191,9 +191,14 @@ def launch_select(cfg: SelectLaunch, index_q, index_k, cu_q, cu_k, n_seq: int, *
         _i32(sink_blocks), _i32(1 if causal else 0), _i32(cfg.splits), *pages), shared_mem=cfg.smem)
 
 
+def topk_merge_kernel():
+    """The kernel that merges split-K partial top-k lists (loaded on the current device)."""
+    return _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+
+
 def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int):
     """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids."""
-    merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+    merge = topk_merge_kernel()
     merge((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,),
           (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
 
