@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -311,14 +312,16 @@ class _RawStream:
 
 
 def _xla_stream(ptr: int, device: int):
-    """CuPy's view of XLA's stream (one object per stream, made once)."""
+    """CuPy's view of XLA's stream (one object per stream, made once).  ExternalStream with its
+    device given makes no CUDA call, which matters when XLA is recording a command buffer on
+    that stream; CuPy 14 deprecates it for Stream.from_external, the fallback."""
     stream = _STREAMS.get((ptr, device))
     if stream is None:
         cp = _interop.require_cupy()
-        try:
-            stream = cp.cuda.Stream.from_external(_RawStream(ptr))
-        except Exception:  # a CuPy without the stream protocol
-            stream = cp.cuda.ExternalStream(ptr, device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            external = getattr(cp.cuda, "ExternalStream", None)
+            stream = external(ptr, device) if external else cp.cuda.Stream.from_external(_RawStream(ptr))
         _STREAMS[(ptr, device)] = stream
     return stream
 

@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # XLA must leave CuPy and torch their memory
+if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    # in this process the decode callback runs every step (what the no-sync test watches);
+    # command buffers are tested in child processes with their own flags
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
