@@ -99,7 +99,8 @@ def _scan_fn(p, options, to=jnp.asarray):
 
 
 def test_import_msa_cupy_needs_no_jax():
-    code = "import sys, msa_cupy, msa_cupy._bench; assert 'jax' not in sys.modules and 'msa_cupy.jax' not in sys.modules"
+    code = ("import sys, msa_cupy, msa_cupy._bench\n"
+            "assert 'jax' not in sys.modules and 'msa_cupy.jax' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -326,13 +327,7 @@ def test_gpu_decode_scan_equals_plan_steps_bitwise(rng, paged, learned, nq):
     p = _decode_problem(rng, batch=3, cache=1500, nq=nq, learned=learned, paged=paged, steps=6, hq=32, hkv=4, d=128)
     outs, lses = _scan(p, GPU_OPTS)
     want_out, want_lse = _plan_steps(p, GPU_OPTS)
-    assert _same(outs, want_out) and _same(lses, want_lse)
-    # and the plan is right: the last step against the float64 reference
-    t = p["q"].shape[0] - 1
-    index = dict(index_q=p["iq"][t], index_k_cache=p["ik"]) if learned else {}
-    ref = reference.decode_attention(p["q"][t], p["k"], p["v"], p["lens"] + t, block_table=p["table"], **index,
-                                     **GPU_OPTS)
-    assert testing.rel_error(np.asarray(outs[t]).astype(np.float32), ref) < testing.TOLERANCE["bfloat16"]
+    assert _same(outs, want_out) and _same(lses, want_lse)  # (the plan against the reference: test_plan_gpu)
 
 
 @pytest.mark.gpu
@@ -388,7 +383,7 @@ def test_gpu_decode_steps_never_wait_for_the_gpu(rng, monkeypatch):
         stamps["decode"].append(time.perf_counter())
 
     monkeypatch.setattr(mj, "_decode_callback", stamped)
-    p = _decode_problem(rng, batch=1, cache=1000, learned=False, steps=1, hq=16, hkv=2, d=128)
+    p = _decode_problem(rng, batch=1, cache=1000, learned=False, steps=20, hq=16, hkv=2, d=128)
     k, v = jnp.asarray(p["k"]), jnp.asarray(p["v"])
 
     @jax.jit
