@@ -81,18 +81,20 @@ def _scan(p, options):
     return fn(*args)
 
 
-def _scan_fn(p, options, to=jnp.asarray):
-    """The jitted lax.scan of msa_cupy.jax.decode steps (lengths + 1 a step) and its arguments."""
-    k, v, table = to(p["k"]), to(p["v"]), None if p["table"] is None else to(p["table"])
-    ik = to(p["ik"]) if "ik" in p else None
+def _scan_fn(p, options):
+    """The jitted lax.scan of msa_cupy.jax.decode steps (lengths + 1 a step) and its arguments
+    (the caches passed in, not closed over: XLA would hold them as constants)."""
+    def loop(lens, caches, xs):
+        def step(lens, x):
+            out, lse = mj.decode(x["q"], caches["k"], caches["v"], lens, caches.get("table"), index_q=x.get("iq"),
+                                 index_k_cache=caches.get("ik"), return_lse=True, **options)
+            return lens + 1, (out, lse)
 
-    def step(lens, x):
-        out, lse = mj.decode(x["q"], k, v, lens, table, index_q=x.get("iq"), index_k_cache=ik, return_lse=True,
-                             **options)
-        return lens + 1, (out, lse)
+        return jax.lax.scan(step, lens, xs)[1]
 
-    xs = {"q": to(p["q"]), **({"iq": to(p["iq"])} if "iq" in p else {})}
-    return jax.jit(lambda lens, xs: jax.lax.scan(step, lens, xs)[1]), (to(p["lens"]), xs)
+    caches = {name: jnp.asarray(p[name]) for name in ("k", "v", "table", "ik") if p.get(name) is not None}
+    xs = {name: jnp.asarray(p[name]) for name in ("q", "iq") if name in p}
+    return jax.jit(loop), (jnp.asarray(p["lens"]), caches, xs)
 
 
 # --------------------------------------------------------------------------- CPU: the reference path
@@ -384,18 +386,18 @@ def test_gpu_decode_steps_never_wait_for_the_gpu(rng, monkeypatch):
 
     monkeypatch.setattr(mj, "_decode_callback", stamped)
     p = _decode_problem(rng, batch=1, cache=1000, learned=False, steps=20, hq=16, hkv=2, d=128)
-    k, v = jnp.asarray(p["k"]), jnp.asarray(p["v"])
 
     @jax.jit
-    def steps(q, lens):
+    def steps(q, lens, k, v):
         q = buffer_callback(busy, jax.ShapeDtypeStruct(q.shape, q.dtype))(q)  # the steps read it: queued after
         return jnp.stack([mj.decode(q, k, v, lens + t, top_k=5, block_size=64) for t in range(20)])
 
-    q, lens = jnp.asarray(p["q"][0]), jnp.asarray(p["lens"])
-    jax.block_until_ready(steps(q, lens))  # compile
+    args = [jnp.asarray(p[name]) for name in ("lens", "k", "v")]
+    q = jnp.asarray(p["q"][0])
+    jax.block_until_ready(steps(q, *args))  # compile
     stamps["spin"].clear(), stamps["decode"].clear()
     t0 = time.perf_counter()
-    jax.block_until_ready(steps(q, lens))
+    jax.block_until_ready(steps(q, *args))
     done = time.perf_counter()
     assert len(stamps["decode"]) == 20
     assert done - t0 > 0.5 * seconds, "the spin kernel did not run"
