@@ -361,6 +361,17 @@ def test_caller_workspace_gives_the_plans_own_results_bitwise():
     assert out.data.ptr >= raw.data.ptr and out.data.ptr < raw.data.ptr + raw.size  # a view of the caller's buffer
     assert cp.array_equal(_bits(out), _bits(own_out)) and cp.array_equal(_bits(lse), _bits(own_lse))
     assert other.clamped_entries() == 0
+    # the same memory handed in again (a new view of it, poisoned again) keeps its views; other
+    # memory gets views of its own
+    views = other.workspace["ids"]
+    for start, same in ((256, True), (512, False)):
+        raw.fill(0xA5)
+        other.use_workspace(raw[start:])
+        assert (other.workspace["ids"] is views) == same
+        assert other.workspace["ids"].data.ptr >= raw.data.ptr + start
+        other.update(dev["lens"], dev["table"])
+        out, lse = _run(other, dev)
+        assert cp.array_equal(_bits(out), _bits(own_out)) and cp.array_equal(_bits(lse), _bits(own_lse))
     with pytest.raises(ValueError, match="workspace must be a 1-D uint8 array"):
         other.use_workspace(raw[:plan.workspace_bytes - 1])
     with pytest.raises(ValueError, match="256-byte boundary"):
