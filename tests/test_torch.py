@@ -8,6 +8,7 @@ msa_cupy's own calls bitwise, torch.compile (fullgraph, reduce-overhead, plain) 
 torch.cuda.graph replays against eager, scratch safety, streams.
 """
 import contextlib
+import shutil
 import subprocess
 import sys
 
@@ -196,6 +197,8 @@ def _stand_in(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_decode_ops_keep_update_before_run_under_compile(monkeypatch, backend):
+    if backend == "inductor" and not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("inductor on the CPU needs a C++ compiler")
     plan = _stand_in(monkeypatch)
     torch._dynamo.reset()
 
@@ -289,7 +292,7 @@ def test_out_variant_writes_out_and_leaves_it_on_error():
 class _Prefill(torch.nn.Module):
     def forward(self, q, k, v):
         out, lse = msa_cupy.attention(q * 1.5, k, v, top_k=8, return_lse=True)
-        return out.float().square().sum(-1), lse
+        return out.float() * 2.0, lse - 1.0  # elementwise: the same bits compiled or not
 
 
 @gpu
