@@ -61,6 +61,7 @@ def _numpy_result(result, dtype):
 # --------------------------------------------------------------------------- index branch
 
 
+@_interop.outside_torch_compile()
 def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
     """Block scores: for each query, group and key block, the max over the block's visible keys
     of ``dot(index_q, index_k)``.  float32 ``(..., Nq, Hkv, ceil(Nk / block_size))``, -inf for
@@ -83,6 +84,7 @@ def block_scores(index_q, index_k, *, block_size=128, causal=True, cu_seqlens_q=
         return call.wrap(layout.unflatten(scores))
 
 
+@_interop.outside_torch_compile()
 def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks=1, sink_blocks=0,
                 causal=True, cu_seqlens_q=None, cu_seqlens_k=None):
     """Exp-free Top-k over materialized block scores: int32 ``(..., Nq, Hkv, top_k)``, the forced
@@ -113,6 +115,7 @@ def topk_blocks(scores, *, top_k=16, block_size=128, num_keys=None, local_blocks
         return call.wrap(layout.unflatten(ids))
 
 
+@_interop.outside_torch_compile()
 def select_blocks(index_q, index_k, *, top_k=16, block_size=128, local_blocks=1, sink_blocks=0, causal=True,
                   cu_seqlens_q=None, cu_seqlens_k=None):
     """Fused selection: block scores feeding a running Top-k, so that only int32
@@ -151,6 +154,7 @@ def _sparse(call, q, k, v, block_indices, layout, hq, hkv, d, block_size, causal
                                     causal=causal, scale=scale, return_lse=True)
 
 
+@_interop.outside_torch_compile()
 def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, scale=None, cu_seqlens_q=None,
                      cu_seqlens_k=None, return_lse=False):
     """Exact softmax attention of each query head over the keys of its group's selected blocks.
@@ -180,6 +184,7 @@ def sparse_attention(q, k, v, block_indices, *, block_size=128, causal=True, sca
         return call.wrap(result)
 
 
+@_interop.outside_torch_compile(torch_op="attention")
 def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, local_blocks=1, sink_blocks=0,
               causal=True, scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False,
               return_indices=False):

@@ -9,8 +9,10 @@ and results go back as the caller's own type, on the caller's stream.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
+import sys
 
 import numpy as np
 
@@ -496,11 +498,9 @@ class Call:
             _check_on_cuda(name, a, kinds[name])
         cp = require_cupy()
         if self.framework == "torch":
-            import torch
-
             first = next(a for name, a in present.items() if kinds[name] == "torch")
             self.device = first.device.index
-            self._stream = external_stream(torch.cuda.current_stream(first.device))
+            self._stream = torch_stream(first.device.index)
         devices = set()
         with self.stream():
             for name, a in named_arrays.items():
@@ -545,15 +545,98 @@ def wrap_as(framework: str, result):
     return jax.dlpack.from_dlpack(result)
 
 
-def external_stream(torch_stream):
-    """A CuPy stream object for a PyTorch stream (work queued on it runs in the caller's order)."""
-    cp = require_cupy()
-    if hasattr(cp.cuda.Stream, "from_external"):
+def torch_stream_handle(stream) -> tuple[int, int]:
+    """(raw cudaStream_t, device index) of a PyTorch stream: a ``torch.cuda.Stream``, or the
+    device-generic ``torch.Stream`` that code compiled by torch.compile gets from
+    ``torch.cuda.current_stream()`` (it has no ``cuda_stream``)."""
+    device = getattr(stream, "device_index", None)
+    if device is None:
+        device = stream.device.index
+    ptr = getattr(stream, "cuda_stream", None)
+    if ptr is None:
         try:
-            return cp.cuda.Stream.from_external(torch_stream)
-        except (TypeError, AttributeError, ValueError):
-            pass
-    return cp.cuda.ExternalStream(torch_stream.cuda_stream, torch_stream.device.index)
+            ptr = stream.native_handle
+        except (AttributeError, RuntimeError):
+            import torch
+
+            ptr = torch.cuda.Stream(stream_id=stream.stream_id, device_index=stream.device_index,
+                                    device_type=stream.device_type).cuda_stream
+    return int(ptr), int(device)
+
+
+class _StreamHandle:
+    """The CUDA stream protocol over a raw handle (what ``cupy.cuda.Stream.from_external`` reads)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+_CUPY_STREAMS: dict = {}  # (handle, device) -> CuPy stream: one lookup per call, host cost counts
+
+
+def external_stream(stream):
+    """A CuPy stream object for a PyTorch stream (work queued on it runs in the caller's order)."""
+    key = torch_stream_handle(stream)
+    hit = _CUPY_STREAMS.get(key)
+    if hit is None:
+        cp = require_cupy()
+        ptr, device = key
+        if ptr == 0:  # the legacy default stream
+            hit = cp.cuda.Stream.null
+        elif hasattr(cp.cuda.Stream, "from_external"):
+            hit = cp.cuda.Stream.from_external(_StreamHandle(ptr))
+        else:  # CuPy 13
+            hit = cp.cuda.ExternalStream(ptr, device)
+        if len(_CUPY_STREAMS) > 256:  # streams made and dropped by the caller: keep the table small
+            _CUPY_STREAMS.clear()
+        _CUPY_STREAMS[key] = hit
+    return hit
+
+
+def torch_stream(device_index: int):
+    """The CuPy stream object for PyTorch's current stream on ``device_index``."""
+    import torch
+
+    return external_stream(torch.cuda.current_stream(device_index))
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+_EAGER: dict = {}  # function -> its torch.compiler.disable'd twin
+
+
+def outside_torch_compile(torch_op: str | None = None):
+    """Decorator for the public entry points: when torch.compile traces a call, the call runs
+    eagerly outside the trace (one graph break) instead of being traced through CuPy and
+    NumPy code, which would bake trace-time values such as the stream into the graph.
+
+    ``torch_op``: the name of the ``msa_cupy.torch`` function that takes the same arguments
+    as a custom op; torch tensors are then traced as that op (no graph break, fullgraph
+    and CUDA graphs work).  Outside a trace the cost is one dict lookup."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.compiler.is_compiling():
+                if torch_op is not None and args and isinstance(args[0], torch.Tensor):
+                    from . import torch as msa_torch
+
+                    return getattr(msa_torch, torch_op)(*args, **kwargs)
+                eager = _EAGER.get(fn)
+                if eager is None:
+                    eager = _EAGER[fn] = torch.compiler.disable(fn)
+                return eager(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return decorate
 
 
 def _from_dlpack(name, a):

@@ -24,6 +24,7 @@ tokens (bottom-right causal, so MTP queries see each other causally).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -197,7 +198,6 @@ class DecodePlan:
         self._ws = None
         self._ws_key = None  # (address, size) of the caller's workspace the views were carved from
         self._batch = None
-        self._torch_streams: dict = {}
 
     # ------------------------------------------------------------------ workspace
 
@@ -212,28 +212,36 @@ class DecodePlan:
             self._ws["errors"].fill(0)
         return self
 
-    def use_workspace(self, raw):
+    @_interop.outside_torch_compile()
+    def use_workspace(self, raw, *, carry_over=False):
         """Run on a caller's workspace instead of the plan's own: ``raw`` a contiguous uint8 GPU
         array of at least ``workspace_bytes`` on the plan's device (e.g. a buffer XLA or
         PyTorch's allocator handed out), owned by the caller and live while queued work reads
         it.  Nothing is kept from an earlier workspace: call :meth:`update` next.  Allocates
-        nothing; one launch on the current stream zeroes the clamp counter.  Memory handed in
+        nothing; one launch on the caller's stream zeroes the clamp counter.  Memory handed in
         again (same address and size, as a JAX loop hands it every step) keeps its views, so
-        that a step costs the checks and that launch."""
+        that a step costs the checks and that launch.
+
+        ``carry_over=True``: ``raw`` holds a copy of the current workspace's bytes (a framework
+        moved the buffer); the step set by the last :meth:`update` and the counter carry over,
+        and nothing is launched."""
         cp = _interop.require_cupy()
-        arr = self._device_array("workspace", raw)
-        if np.dtype(arr.dtype) != np.uint8 or arr.ndim != 1 or arr.size < self.workspace_bytes:
-            raise ValueError(f"workspace must be a 1-D uint8 array of at least {self.workspace_bytes} bytes, got "
-                             f"{arr.dtype} of shape {tuple(arr.shape)}")
-        _interop.check_contiguous("workspace", arr)
-        if arr.data.ptr % _ALIGN:
-            raise ValueError(f"workspace must start on a {_ALIGN}-byte boundary")
-        key = (arr.data.ptr, arr.size)
-        with cp.cuda.Device(self.device):
+        if carry_over and self._ws is None:
+            raise RuntimeError("carry_over=True needs a workspace to carry over from")
+        with cp.cuda.Device(self.device), self._stream_of(raw):  # DLPack import on the caller's stream too
+            arr = self._device_array("workspace", raw)
+            if np.dtype(arr.dtype) != np.uint8 or arr.ndim != 1 or arr.size < self.workspace_bytes:
+                raise ValueError(f"workspace must be a 1-D uint8 array of at least {self.workspace_bytes} bytes, "
+                                 f"got {arr.dtype} of shape {tuple(arr.shape)}")
+            _interop.check_contiguous("workspace", arr)
+            if arr.data.ptr % _ALIGN:
+                raise ValueError(f"workspace must start on a {_ALIGN}-byte boundary")
+            key = (arr.data.ptr, arr.size)
             if self._ws is None or self._ws_key != key:
                 self._ws, self._ws_key = self._carve(arr), key
-            self._ws["errors"].fill(0)
-        self._batch = None
+            if not carry_over:
+                self._ws["errors"].fill(0)
+                self._batch = None
         return self
 
     def _carve(self, raw) -> dict:
@@ -252,6 +260,7 @@ class DecodePlan:
 
     # ------------------------------------------------------------------ per step
 
+    @_interop.outside_torch_compile()
     def update(self, seq_lens, block_table=None):
         """Set the step's sequences: ``seq_lens`` (batch,) int32 key counts (the new tokens
         included) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host arrays are
@@ -339,6 +348,7 @@ class DecodePlan:
         """How many lengths and page ids the device-side updates clamped so far (a sync)."""
         return int(self.workspace["errors"].get()[0])
 
+    @_interop.outside_torch_compile()
     def run(self, q, k_cache, v_cache, *, index_q=None, index_k_cache=None, out=None, lse=None, return_lse=False):
         """Attention of the step's queries ``q`` (batch, queries_per_seq, Hq, D) over their
         selected cache blocks, on the caller's stream: kernel launches only (no host sync, no
@@ -437,19 +447,12 @@ class DecodePlan:
             raise TypeError(f"{name} must have dtype {np.dtype(dtype or self.dtype)}, got {arr.dtype}")
         _interop.check_contiguous(name, arr)
 
-    def _stream_of(self, x):
+    @staticmethod
+    def _stream_of(x):
         """The caller's stream: PyTorch's current stream for torch tensors, else CuPy's current."""
-        import contextlib
-
         if x is None or type(x).__module__.split(".")[0] != "torch":
             return contextlib.nullcontext()
-        import torch
-
-        ts = torch.cuda.current_stream(x.device)
-        hit = self._torch_streams.get(ts.cuda_stream)
-        if hit is None:
-            hit = self._torch_streams[ts.cuda_stream] = _interop.external_stream(ts)
-        return hit
+        return _interop.torch_stream(x.device.index)
 
     @staticmethod
     def _wrap(like, result):
