@@ -13,6 +13,7 @@ import numpy as np
 
 OP_MODULES = ("_plain", "selection", "sparse", "plan")  # modules that declare kernel variants
 LOG_LINES = 40  # an NVRTC log printed by `check` is cut to this many lines (errors come first)
+PATTERN_SUITES = ("paper", "sparse")  # bench suites whose prefill runs per selection pattern
 
 
 def cmd_info(_args):
@@ -241,6 +242,12 @@ def bench_suites() -> list[str]:
     return list(_bench.SUITES)
 
 
+def bench_patterns() -> list[str]:
+    from msa_cupy._bench import patterns
+
+    return list(patterns.PATTERNS)
+
+
 def cmd_bench(args):
     from msa_cupy import _interop
     from msa_cupy._bench import SUITES, harness
@@ -261,6 +268,8 @@ def cmd_bench(args):
         kwargs = {"tokens": tuple(args.tokens)} if args.tokens else {}
         if args.dense_max_tokens and suite == "paper":
             kwargs["dense_max_tokens"] = args.dense_max_tokens
+        if args.pattern and suite in PATTERN_SUITES:
+            kwargs["patterns"] = tuple(args.pattern)
         SUITES[suite](report, ceil, **kwargs)
     out = args.out or os.path.join("benchmarks", f"{'-'.join(args.suite)}-{card['name'].replace(' ', '_')}.json")
     report.write(out)
@@ -292,6 +301,8 @@ def main(argv=None):
     bench.add_argument("--tokens", nargs="+", type=int)
     bench.add_argument("--dense-max-tokens", type=int,
                        help="paper suite: run dense prefill up to this length (default 131072; longer is estimated)")
+    bench.add_argument("--pattern", nargs="+", choices=bench_patterns(),
+                       help="paper and sparse suites: selection patterns of the prefill index (default: random coherent)")
     bench.add_argument("--out", help="JSON file (default benchmarks/<suite>-<card>.json)")
     bench.add_argument("--markdown", help="also write the table as Markdown (e.g. docs/perf.md)")
     bench.add_argument("--plot", help="also plot prefill speedup against context length (PNG)")
