@@ -65,6 +65,13 @@ def test_bad_tokens_rejected_before_gpu_work(name, no_gpu, tokens, error, match)
         SUITES[name](_Report(), CEILINGS, tokens=tokens)
 
 
+def test_sparse_suite_takes_schedules(no_gpu):
+    with pytest.raises(_NoGPU):
+        SUITES["sparse"](_Report(), CEILINGS, tokens=[4096], schedules=["kv", "tile", "auto"], caches=())
+    with pytest.raises(ValueError, match="schedules"):
+        SUITES["sparse"](_Report(), CEILINGS, tokens=[4096], schedules=["tiles"])
+
+
 @pytest.mark.parametrize("name", ["paper", "sparse"])
 def test_prefill_suites_take_patterns(name, no_gpu):
     with pytest.raises(_NoGPU):

@@ -11,7 +11,9 @@ attention (torch SDPA, cuDNN) on the same shapes up to ``dense_max_tokens``.  De
 per sequence): bytes of the selected K/V blocks over the time against the copy ceiling, and
 dense decode (best of cuDNN and flash).  ``variants``: ``sparse.SparseTuning`` choices of the
 prefill kernels (e.g. ``SparseTuning(prefill_kernel="mma")``), each timed and compared with the
-default's output.
+default's output.  ``schedules`` (e.g. ("kv", "tile", "auto")): time the prefill under each
+``SparseTuning(schedule=...)`` instead of the default (the first is the reference output of the
+variants); each row names its ``schedule``.
 """
 from __future__ import annotations
 
@@ -61,12 +63,16 @@ def _selection(n, pattern):
 
 
 def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=(),
-            patterns=selection_patterns.DEFAULT_PATTERNS):
+            patterns=selection_patterns.DEFAULT_PATTERNS, schedules=None):
+    from .. import sparse
+
     cp = harness.cupy()
+    tunings = (None,) if not schedules else tuple(sparse.SparseTuning(schedule=s) for s in schedules)
+    tunings += tuple(variants)
     q = testing.device_randn((n, HQ, D), harness.BF16)
     k, v = testing.device_randn((n, HKV, D), harness.BF16), testing.device_randn((n, HKV, D), harness.BF16)
     for pattern in patterns:
-        _prefill_pattern(report, ceilings, n, q, k, v, pattern, variants)
+        _prefill_pattern(report, ceilings, n, q, k, v, pattern, tunings)
     del q, k, v
     cp.get_default_memory_pool().free_all_blocks()
     if n <= dense_max_tokens:
@@ -74,18 +80,22 @@ def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=(),
         report(f"dense prefill {n // 1024}K", kind="dense prefill", tokens=n, dense_cudnn_ms=dense)
 
 
-def _prefill_pattern(report, ceilings, n, q, k, v, pattern, variants):
+def _prefill_pattern(report, ceilings, n, q, k, v, pattern, tunings):
+    from .. import sparse
+
     cp = harness.cupy()
     ids = _selection(n, pattern)
     stats = selection_patterns.selection_stats(ids)
     flops = 4 * (HQ // HKV) * D * harness.selected_visible_keys(ids, n, BLOCK)
     matmul = ceilings["matmul_TFLOPs"]
     default = None
-    for tuning in (None, *variants):
+    for tuning in tunings:
         run = _attention(q, k, v, ids, 1, n, n, tuning)
         ms = harness.time_ms(run, [()], warmup=2, repeat=5)
         split = _stages(run)
-        fields = dict(kind="sparse prefill", tokens=n, pattern=pattern, **stats, ms=ms, TFLOPs=flops / ms / 1e9,
+        schedule = (tuning or sparse.DEFAULT_TUNING).schedule
+        fields = dict(kind="sparse prefill", tokens=n, pattern=pattern, schedule=schedule, **stats, ms=ms,
+                      TFLOPs=flops / ms / 1e9,
                       pct_matmul=100 * flops / ms / 1e9 / matmul, reverse_index_ms=split.get("reverse_index"),
                       attention_ms=split.get("attention"), combine_ms=split.get("combine"),
                       attention_pct_matmul=100 * flops / split["attention"] / 1e9 / matmul
@@ -97,6 +107,7 @@ def _prefill_pattern(report, ceilings, n, q, k, v, pattern, variants):
             fields["rel_diff_vs_default"] = float(cp.linalg.norm(out - default) / cp.linalg.norm(default))
         del out
         changes = {} if tuning is None else tuning.changes()
+        changes.setdefault("schedule", schedule)
         name = f"sparse prefill {n // 1024}K {pattern}" + "".join(f" {key}={value}" for key, value in changes.items())
         report(name, **fields)
     del ids, default
@@ -127,12 +138,19 @@ def decode(report, ceilings, batch, nk):
 
 
 def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES,
-        dense_max_tokens=DENSE_MAX_TOKENS, variants=(), patterns=selection_patterns.DEFAULT_PATTERNS):
+        dense_max_tokens=DENSE_MAX_TOKENS, variants=(), patterns=selection_patterns.DEFAULT_PATTERNS, schedules=None):
     """Sparse attention prefill at each of tokens for each selection pattern (and each
-    variant), decode per cache and batch."""
+    variant, or each of schedules), decode per cache and batch."""
+    from .. import sparse
+
     patterns = selection_patterns.check_patterns(patterns)
+    if schedules is not None:
+        schedules = (schedules,) if isinstance(schedules, str) else tuple(schedules)
+        bad = [s for s in schedules if s not in sparse.SCHEDULES]
+        if bad or not schedules:
+            raise ValueError(f"schedules must name some of {sparse.SCHEDULES}, got {schedules!r}")
     for n in tokens:
-        prefill(report, ceilings, n, dense_max_tokens, variants, patterns)
+        prefill(report, ceilings, n, dense_max_tokens, variants, patterns, schedules)
     for nk in caches:
         for batch in batches:
             decode(report, ceilings, batch, nk)
