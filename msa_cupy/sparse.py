@@ -409,20 +409,21 @@ def tile_prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, ro
     return TilePrefillKernel(kernel, 32 * warps, 16 * warps // group, stages, head_dim)
 
 
-def tile_smem_bytes(tile: TilePrefillKernel, top_k: int) -> int:
+def tile_smem_bytes(head_dim: int, stages: int, tile_tokens: int, top_k: int) -> int:
     """Dynamic shared memory of the tile-outer kernel: the K/V chunk buffers, then per id of
     the tile's picks a union mask (8 bytes), union id, pick and first-occurrence flag."""
-    entries = tile.tile_tokens * top_k
-    return tile.stages * 2 * 64 * tile.head_dim * 2 + -(-entries * 17 // 16) * 16
+    entries = tile_tokens * top_k
+    return stages * 2 * 64 * head_dim * 2 + -(-entries * 17 // 16) * 16
 
 
-def _tile_fits(tile: TilePrefillKernel, top_k: int) -> bool:
+def _tile_fits(head_dim: int, stages: int, tile_tokens: int, top_k: int) -> bool:
     """The tile-outer kernel takes this top_k: its ids deduplicate in bounded time, its shared
     memory fits the device (with 1 KB for static shared memory)."""
     from .selection import _ATTR_SMEM_PER_BLOCK_OPTIN, _device_attr
 
-    return (tile.tile_tokens * top_k <= TILE_MAX_ENTRIES
-            and tile_smem_bytes(tile, top_k) + 1024 <= _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN))
+    return (tile_tokens * top_k <= TILE_MAX_ENTRIES
+            and tile_smem_bytes(head_dim, stages, tile_tokens, top_k) + 1024
+            <= _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN))
 
 
 def launch_tile_prefill(tile: TilePrefillKernel, q, k, v, block_indices, cu_q, cu_k, tile_off, n_seq: int,
@@ -436,7 +437,7 @@ def launch_tile_prefill(tile: TilePrefillKernel, q, k, v, block_indices, cu_q, c
                 (q, k, v, block_indices, cu_q, cu_k, tile_off, np.int32(n_seq), np.int32(q_begin), np.int32(rows),
                  np.int32(n_tiles), _nullable(row_mode), np.int32(top_k), out, lse, np.int32(n_heads_q),
                  np.int32(n_heads_kv), np.int32(bool(causal)), scale_log2, *pages),
-                shared_mem=tile_smem_bytes(tile, top_k))
+                shared_mem=tile_smem_bytes(tile.head_dim, tile.stages, tile.tile_tokens, top_k))
 
 
 def _nullable(array):
@@ -510,14 +511,16 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     schedule = "kv" if decode else tuning.schedule
     tile = None
     if schedule != "kv":
-        tile = tile_prefill_kernel(q.dtype, head_dim, group, block_size, rows=tuning.tile_rows,
-                                   stages=tuning.tile_stages)
-        if not _tile_fits(tile, top_k):
-            if schedule == "tile":
-                raise ValueError(f"schedule='tile': the tile-outer kernel does not take top_k={top_k} with "
-                                 f"{tile.tile_tokens}-token tiles (at most {TILE_MAX_ENTRIES} ids per tile, and its "
-                                 f"shared memory must fit the device)")
-            tile, schedule = None, "kv"
+        tokens = 16 * _tile_warps(tuning.tile_rows, group) // group
+        if _tile_fits(head_dim, tuning.tile_stages, tokens, top_k):
+            tile = tile_prefill_kernel(q.dtype, head_dim, group, block_size, rows=tuning.tile_rows,
+                                       stages=tuning.tile_stages)
+        elif schedule == "tile":
+            raise ValueError(f"schedule='tile': the tile-outer kernel does not take top_k={top_k} with "
+                             f"{tokens}-token tiles (at most {TILE_MAX_ENTRIES} ids per tile, and its shared "
+                             f"memory must fit the device)")
+        else:
+            schedule = "kv"
     kv_outer = schedule != "tile"  # some picks go KV-outer (partials and combine)
     if decode:
         attn, smem = decode_kernel(q.dtype, head_dim, group, block_size)

@@ -103,6 +103,5 @@ def test_tile_kernels_compile_for_sm80_and_sm90():
 
 
 def test_tile_smem_counts_the_union():
-    tile = sparse.TilePrefillKernel(None, 256, 8, 2, 128)
-    assert sparse.tile_smem_bytes(tile, 16) == 2 * 2 * 64 * 128 * 2 + 8 * 16 * (8 + 4 + 4 + 1)
-    assert sparse.tile_smem_bytes(tile, 3) == 2 * 2 * 64 * 128 * 2 + 416  # 24 * 17 = 408, rounded to 16
+    assert sparse.tile_smem_bytes(128, 2, 8, 16) == 2 * 2 * 64 * 128 * 2 + 8 * 16 * (8 + 4 + 4 + 1)
+    assert sparse.tile_smem_bytes(128, 2, 8, 3) == 2 * 2 * 64 * 128 * 2 + 416  # 24 * 17 = 408, rounded to 16
