@@ -97,7 +97,8 @@ def moving_average_noise(rng, n, shape, window, dtype):
         rows = xp.arange(len(tail), len(z))  # this chunk's rows of z: tokens a .. b - 1
         count = xp.minimum(xp.arange(a, b) + 1, window)
         sums = csum[rows + 1] - csum[rows + 1 - count]
-        out[a:b] = (sums / xp.sqrt(count.astype(np.float64)).reshape(-1, *[1] * len(shape))).astype(dtype)
+        scaled = sums / xp.sqrt(count.astype(np.float64)).reshape(-1, *[1] * len(shape))
+        out[a:b] = scaled.astype(np.float32).astype(dtype)  # through float32: the casts CuPy has for bf16
         tail = z[max(0, len(z) - (window - 1)):] if window > 1 else z[:0]
     return out
 
