@@ -1,5 +1,7 @@
-// Shared device helpers of the sparse-attention kernels (reverse index, KV-outer prefill,
-// decode, combine).
+// Shared device helpers of the sparse-attention kernels (reverse index, KV-outer and
+// tile-outer prefill, decode, combine): the visibility rule, the attention math of one key
+// step on mma.sync (S = Q K^T, online softmax, O += P V), the row epilogue, work items and
+// query tiles, and the handling of NaN and Inf in V.
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
@@ -30,6 +32,14 @@ __device__ __forceinline__ int sequence_of(const int* __restrict__ cu_q, int n_s
         if (cu_q[mid] <= token) lo = mid; else hi = mid - 1;
     }
     return lo;
+}
+
+// How many keys query i (0-based in its sequence of n_q queries and n_k keys) sees: it sits at
+// key position n_k - n_q + i (bottom-right alignment) and sees keys 0 .. position when causal,
+// every key otherwise.  <= 0: none (a query before key 0).  The one visibility rule of the
+// prefill kernels.
+__device__ __forceinline__ int visible_keys(int n_q, int n_k, int i, int causal) {
+    return causal ? min(n_k - n_q + i + 1, n_k) : n_k;
 }
 
 // True when slot `slot` of a (query, group) row holds a block id that is not -1 and not a
@@ -76,8 +86,7 @@ struct PrefillItem {
     // the P V product (see zero_nonfinite_v).
     template <int BK>
     __device__ __forceinline__ bool partly_visible(const int* __restrict__ list_q, int causal) const {
-        const int position = n_k - n_q + (list_q[start] - q_start);
-        return causal && position + 1 < min((block + 1) * BK, n_k);
+        return visible_keys(n_q, n_k, list_q[start] - q_start, causal) < min((block + 1) * BK, n_k);
     }
 
     // The K and V block (BK rows; rows past the sequence end are zero-filled and masked).
@@ -112,13 +121,7 @@ struct PrefillItem {
         }
         for (int t = threadIdx.x; t < TQ; t += THREADS) {
             const int tt = tile * TQ + t;
-            int visible_in_block = 0;
-            if (tt < count) {
-                const int position = n_k - n_q + (list_q[start + tt] - q_start);
-                const int visible = causal ? min(position + 1, n_k) : n_k;
-                visible_in_block = visible - block * BK;
-            }
-            lim[t] = visible_in_block;
+            lim[t] = tt < count ? visible_keys(n_q, n_k, list_q[start + tt] - q_start, causal) - block * BK : 0;
         }
     }
 };
@@ -190,3 +193,163 @@ __device__ __forceinline__ void add_back_nonfinite_v(const T* __restrict__ v_row
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The attention math of one key step on mma.sync (m16n8k16, fp32 accumulators), shared by the
+// KV-outer (sparse_prefill.cu) and tile-outer (sparse_prefill_tile.cu) prefill kernels.  A warp
+// holds MT m16 row tiles; lane l holds rows grp = l / 4 and grp + 8 (h = 0, 1) of each, and
+// columns 2 quad, 2 quad + 1 (quad = l % 4) of each n-tile of 8.  A step covers NT * 8 keys at
+// rows key0 .. of swizzled [rows][D] K and V tiles in shared memory.  The softmax runs in the
+// log2 domain (scores times scale * log2 e) with a running maximum m, weight sum l (this lane's
+// share: summed over the lane quad at the end, row_weight) and output o per row.
+
+// S = Q K^T for the step's keys; Q fragments qa held in registers, one K fragment load per
+// pair of n-tiles feeds all MT m-tiles.
+template <typename T, int D, int MT, int NT>
+__device__ __forceinline__ void qk_product(float (&s)[MT][NT][4], const unsigned (&qa)[MT][D / 16][4],
+                                           const T* Ks, int key0) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            unsigned b[4];
+            const int key = key0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+            ldmatrix_x4(b, Ks + swizzled<D>(key, kk * 2 + ((lane >> 3) & 1)));
+            const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16x8x16<T>(s[mt][2 * np], qa[mt][kk], b0);
+                mma_16x8x16<T>(s[mt][2 * np + 1], qa[mt][kk], b1);
+            }
+        }
+    }
+}
+
+// One online-softmax step of one m16 tile: column c of the step (0-based) is seen by row h
+// when c < lim[h].  Seen scores are scaled to log2 units, unseen ones replaced by -inf (a
+// select: a NaN or Inf of an unseen key never enters); the running maximum propagates NaN; l
+// and o are rescaled to the new maximum; s becomes the step's weights.
+template <int NT, int DN>
+__device__ __forceinline__ void softmax_step(float (&s)[NT][4], const int (&lim)[2], float scale_log2,
+                                             float (&m)[2], float (&l)[2], float (&o)[DN][4]) {
+    const int quad = threadIdx.x & 3;
+    float mx[2] = {MSA_NEG_INF, MSA_NEG_INF};
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int col = n * 8 + 2 * quad + (e & 1);
+            s[n][e] = col < lim[e >> 1] ? s[n][e] * scale_log2 : MSA_NEG_INF;
+            mx[e >> 1] = fmax_nan(mx[e >> 1], s[n][e]);
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) mx[h] = fmax_nan(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], off));
+        const float new_m = fmax_nan(m[h], mx[h]);
+        const float base = new_m == MSA_NEG_INF ? 0.f : new_m;
+        const float alpha = exp2f(m[h] - base);
+        m[h] = new_m;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            s[n][2 * h] = exp2f(s[n][2 * h] - base);
+            s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - base);
+            sum += s[n][2 * h] + s[n][2 * h + 1];
+        }
+        l[h] = l[h] * alpha + sum;
+#pragma unroll
+        for (int n = 0; n < DN; ++n) {
+            o[n][2 * h] *= alpha;
+            o[n][2 * h + 1] *= alpha;
+        }
+    }
+}
+
+// O += P V for the step's keys, P from the S registers (the accumulator layout is the A
+// layout), one V fragment load (transposed) per pair of n-tiles of O feeds all MT m-tiles.
+template <typename T, int D, int MT, int NT>
+__device__ __forceinline__ void pv_product(float (&o)[MT][D / 8][4], const float (&p)[MT][NT][4], const T* Vs,
+                                           int key0) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int j = 0; j < NT / 2; ++j) {
+        unsigned pa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            pa[mt][0] = pack2<T>(p[mt][2 * j][0], p[mt][2 * j][1]);
+            pa[mt][1] = pack2<T>(p[mt][2 * j][2], p[mt][2 * j][3]);
+            pa[mt][2] = pack2<T>(p[mt][2 * j + 1][0], p[mt][2 * j + 1][1]);
+            pa[mt][3] = pack2<T>(p[mt][2 * j + 1][2], p[mt][2 * j + 1][3]);
+        }
+        const int key = key0 + j * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+            unsigned b[4];
+            ldmatrix_x4_trans(b, Vs + swizzled<D>(key, dp * 2 + (lane >> 4)));
+            const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16x8x16<T>(o[mt][2 * dp], pa[mt], b0);
+                mma_16x8x16<T>(o[mt][2 * dp + 1], pa[mt], b1);
+            }
+        }
+    }
+}
+
+// A row's weight sum from the lane quad's shares (all lanes call it: shuffles).
+__device__ __forceinline__ float row_weight(float l) {
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) l += __shfl_xor_sync(MSA_FULL_MASK, l, off);
+    return l;
+}
+
+// Row h of this lane's m-tile: o / lt (its dims 8n + 2 quad, + 1) to the row at dst and the
+// natural-log lse to *lse_dst (lane quad 0), from the softmax state (m, lt = row_weight(l)).
+// lt = 0 (no weight: no seen key, or every seen score -inf): lse -inf, and o scaled by 0 for
+// a partial (which keeps the NaN that a seen key's non-finite v gives at weight 0, for the
+// combine), or exactly 0 for a final output (final = true).  NaN lt (a NaN or +inf score):
+// NaN o and lse.
+template <typename T, int DN>
+__device__ __forceinline__ void store_row(T* dst, float* lse_dst, const float (&o)[DN][4], int h, float m, float lt,
+                                          bool final) {
+    const int quad = threadIdx.x & 3;
+    const bool empty = lt == 0.f;
+    const float inv = empty ? 0.f : 1.f / lt;
+    dst += 2 * quad;
+#pragma unroll
+    for (int n = 0; n < DN; ++n) {
+        const float a = final && empty ? 0.f : o[n][2 * h] * inv, b = final && empty ? 0.f : o[n][2 * h + 1] * inv;
+        store2<T>(dst + n * 8, a, b);
+    }
+    if (quad == 0) *lse_dst = empty ? MSA_NEG_INF : (m + __log2f(lt)) * MSA_LN2;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A query tile of the tile-outer prefill (sparse_prefill_tile.cu, tile_schedule.cu): up to tt
+// consecutive tokens of one sequence inside the chunk of query rows [q_begin, q_begin + rows).
+// The tokens of sequence s in the chunk are cut into tiles of tt from the first;
+// tile_off[s] numbers the first of them (query_tile_offsets), tile_off[n_seq] counts all.
+struct QueryTile {
+    int seq, t0, count, q_start, n_q, k_start, n_k;  // t0: first token (global row), count: tokens
+
+    // false for an index past the chunk's tiles (the grid is an upper bound)
+    __device__ __forceinline__ bool init(int x, const int* __restrict__ tile_off, const int* __restrict__ cu_q,
+                                         const int* __restrict__ cu_k, int n_seq, int q_begin, int rows, int tt) {
+        if (x >= tile_off[n_seq]) return false;
+        seq = sequence_of(tile_off, n_seq, x);  // largest s with tile_off[s] <= x: sequences without tiles skipped
+        q_start = cu_q[seq];
+        n_q = cu_q[seq + 1] - q_start;
+        k_start = cu_k[seq];
+        n_k = cu_k[seq + 1] - k_start;
+        t0 = max(q_start, q_begin) + (x - tile_off[seq]) * tt;
+        count = min(tt, min(q_start + n_q, q_begin + rows) - t0);
+        return count > 0;
+    }
+};

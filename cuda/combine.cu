@@ -9,7 +9,9 @@
 // half-warp reduces max and weight sum with shuffles, then the partial rows are accumulated
 // in slot order (deterministic).  Each lane owns D / 16 consecutive dims: a 256-byte bf16 row
 // is one 16-byte load per lane.  This kernel is bound by reading the partials (K rows of G*D
-// values per query and group).  No pick, or only empty ones: out = 0, lse = -inf.
+// values per query and group).  No pick, or only empty ones: out = 0, lse = -inf.  Rows that
+// the tile-outer kernel owns (row_mode, nullable: per (row, g), tile_schedule.cu) are left
+// alone: that kernel writes their out and lse.
 #include "attention.cuh"
 
 template <typename T, int N> struct Partial;  // N consecutive partial values of one lane
@@ -43,8 +45,8 @@ template <typename T, int D, int G, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ part_lse,
                       const int* __restrict__ slot_pos, const int* __restrict__ block_indices,
-                      int slots_from_indices, int q_begin, int rows, int n_heads_q, int top_k,
-                      T* __restrict__ out, float* __restrict__ lse_out) {
+                      int slots_from_indices, const unsigned char* __restrict__ row_mode, int q_begin, int rows,
+                      int n_heads_q, int top_k, T* __restrict__ out, float* __restrict__ lse_out) {
     constexpr int LANES = 16;
     constexpr int PER_LANE = D / LANES;
     static_assert(PER_LANE == 4 || PER_LANE == 8, "D must be 64 or 128");
@@ -54,10 +56,11 @@ sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ pa
     const int row = live ? (int)(pair / n_heads_q) : 0, h = live ? (int)(pair % n_heads_q) : 0;
     const int n_heads_kv = n_heads_q / G, g = h / G, hh = h % G;
     const i64 row_g = ((i64)row * n_heads_kv + g) * top_k;  // first entry of this (query, group)
+    const bool tile_row = live && row_mode != nullptr && row_mode[(i64)row * n_heads_kv + g];  // written by the tile kernel
     // partial row of slot s: slot_pos (prefill: list position) or, for decode, the entry
     // itself when it is the first occurrence of its block id (decode.cu's CTA mapping)
     auto partial_row = [&](int s) -> int {
-        if (!live || s >= top_k) return -1;
+        if (!live || tile_row || s >= top_k) return -1;
         if (slots_from_indices) return first_occurrence(block_indices + row_g, s) ? (int)(row_g + s) : -1;
         return slot_pos[row_g + s];
     };
@@ -97,7 +100,7 @@ sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ pa
     }
 #pragma unroll
     for (int off = LANES / 2; off > 0; off >>= 1) total += __shfl_xor_sync(MSA_FULL_MASK, total, off, LANES);
-    if (!live) return;
+    if (!live || tile_row) return;
     const float inv = empty ? 0.f : 1.f / total;  // total NaN: NaN out
     const i64 dst = ((i64)(q_begin + row) * n_heads_q + h);
     unsigned packed[PER_LANE / 2];

@@ -5,7 +5,8 @@
 // blocks of all sequences one after the other, bucket = g * n_blocks_total + B.
 //
 //   0. block_offsets        block_off[s] = first global key block of sequence s.
-//   1. reverse_index_keys   one thread per entry (row, g, slot): drops -1 and repeated ids,
+//   1. reverse_index_keys   one thread per entry (row, g, slot): drops -1 and repeated ids
+//                           (and the rows that the tile-outer kernel owns: row_mode),
 //                           writes a unique 64-bit sort key  bucket * rows + row  (invalid
 //                           entries: n_buckets * rows + entry, after every valid one) and
 //                           counts the entries of each bucket.
@@ -38,8 +39,8 @@ __global__ void block_offsets(const int* __restrict__ cu_k, int n_seq, int* __re
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
 reverse_index_keys(const int* __restrict__ block_indices, const int* __restrict__ cu_q,
-                   const int* __restrict__ block_off, int n_seq, int q_begin, int rows,
-                   int n_heads_kv, int top_k, int n_blocks_total,
+                   const int* __restrict__ block_off, const unsigned char* __restrict__ row_mode, int n_seq,
+                   int q_begin, int rows, int n_heads_kv, int top_k, int n_blocks_total,
                    i64* __restrict__ keys, int* __restrict__ counts) {
     const i64 n_entries = (i64)rows * n_heads_kv * top_k;
     const i64 e = (i64)blockIdx.x * THREADS + threadIdx.x;
@@ -50,7 +51,8 @@ reverse_index_keys(const int* __restrict__ block_indices, const int* __restrict_
     const int row = (int)(row_g / n_heads_kv);
     const int* picks = block_indices + (e - slot);
     const i64 n_buckets = (i64)n_heads_kv * n_blocks_total;
-    if (first_occurrence(picks, slot)) {
+    // row_mode (nullable, tile_schedule.cu): this (row, g) runs tile-outer, none of its picks here
+    if ((row_mode == nullptr || !row_mode[row_g]) && first_occurrence(picks, slot)) {
         const int seq = sequence_of(cu_q, n_seq, q_begin + row);
         const int bucket = g * n_blocks_total + block_off[seq] + picks[slot];
         keys[e] = (i64)bucket * rows + row;

@@ -9,7 +9,8 @@
 //
 // Per warp: MT m16 row tiles; S = Q K^T over key sub-tiles of KT keys (mma.sync m16n8k16,
 // fp32 accumulators; Q fragments held in registers for the whole tile), online softmax over
-// the BK / KT sub-tiles in the log2 domain, P fed from registers into O += P V.  Keys past the
+// the BK / KT sub-tiles in the log2 domain, P fed from registers into O += P V (the step
+// functions of attention.cuh, shared with the tile-outer kernel).  Keys past the
 // query's position (causal) or past the sequence end are masked by a per-row key limit, and a
 // warp stops at the first sub-tile that none of its rows can see; a row that sees no key of
 // the block gets o = 0, lse = -inf.  Masked keys never reach a row: their scores are replaced
@@ -77,7 +78,7 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
         cp_async_commit();
     }
 
-    const int grp = lane >> 2, quad = lane & 3;
+    const int grp = lane >> 2;
     for (int tile = 0; tile < n_tiles; ++tile) {
         const int buf = tile % STAGES;
         if (tile + STAGES - 1 < n_tiles) load_q_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
@@ -119,86 +120,13 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                 if (__all_sync(MSA_FULL_MASK, kt * KT >= lim_max))
                     break;  // every row of the warp is past its visible keys (warp-uniform exit)
                 float s[MT][NT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int n = 0; n < NT; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < DK; ++kk) {
-#pragma unroll
-                    for (int np = 0; np < NT / 2; ++np) {
-                        unsigned b[4];  // one K fragment load feeds all MT m-tiles
-                        const int key = kt * KT + np * 16 + (lane & 7) + ((lane >> 4) << 3);
-                        ldmatrix_x4(b, Ks + swizzled<D>(key, kk * 2 + ((lane >> 3) & 1)));
-                        const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            mma_16x8x16<T>(s[mt][2 * np], qa[mt][kk], b0);
-                            mma_16x8x16<T>(s[mt][2 * np + 1], qa[mt][kk], b1);
-                        }
-                    }
-                }
+                qk_product<T, D, MT, NT>(s, qa, Ks, kt * KT);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    // scale to log2 units, mask, running max, rescale
-                    float mx[2] = {MSA_NEG_INF, MSA_NEG_INF};
-#pragma unroll
-                    for (int n = 0; n < NT; ++n) {
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int col = kt * KT + n * 8 + 2 * quad + (e & 1);
-                            s[mt][n][e] = col < lim[mt][e >> 1] ? s[mt][n][e] * scale_log2 : MSA_NEG_INF;
-                            mx[e >> 1] = fmax_nan(mx[e >> 1], s[mt][n][e]);
-                        }
-                    }
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-                        for (int off = 1; off < 4; off <<= 1)
-                            mx[h] = fmax_nan(mx[h], __shfl_xor_sync(MSA_FULL_MASK, mx[h], off));
-                        const float new_m = fmax_nan(m[mt][h], mx[h]);
-                        const float base = new_m == MSA_NEG_INF ? 0.f : new_m;
-                        const float alpha = exp2f(m[mt][h] - base);
-                        m[mt][h] = new_m;
-                        float sum = 0.f;
-#pragma unroll
-                        for (int n = 0; n < NT; ++n) {
-                            s[mt][n][2 * h] = exp2f(s[mt][n][2 * h] - base);
-                            s[mt][n][2 * h + 1] = exp2f(s[mt][n][2 * h + 1] - base);
-                            sum += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
-                        }
-                        l[mt][h] = l[mt][h] * alpha + sum;
-#pragma unroll
-                        for (int n = 0; n < DN; ++n) {
-                            o[mt][n][2 * h] *= alpha;
-                            o[mt][n][2 * h + 1] *= alpha;
-                        }
-                    }
+                    const int step_lim[2] = {lim[mt][0] - kt * KT, lim[mt][1] - kt * KT};
+                    softmax_step<NT, DN>(s[mt], step_lim, scale_log2, m[mt], l[mt], o[mt]);
                 }
-                // O += P V, P from registers (the S accumulator layout is the A layout)
-#pragma unroll
-                for (int j = 0; j < KT / 16; ++j) {
-                    unsigned pa[MT][4];
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        pa[mt][0] = pack2<T>(s[mt][2 * j][0], s[mt][2 * j][1]);
-                        pa[mt][1] = pack2<T>(s[mt][2 * j][2], s[mt][2 * j][3]);
-                        pa[mt][2] = pack2<T>(s[mt][2 * j + 1][0], s[mt][2 * j + 1][1]);
-                        pa[mt][3] = pack2<T>(s[mt][2 * j + 1][2], s[mt][2 * j + 1][3]);
-                    }
-                    const int key = kt * KT + j * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-#pragma unroll
-                    for (int dp = 0; dp < D / 16; ++dp) {
-                        unsigned b[4];  // one V fragment load feeds all MT m-tiles
-                        ldmatrix_x4_trans(b, Vs + swizzled<D>(key, dp * 2 + (lane >> 4)));
-                        const unsigned b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            mma_16x8x16<T>(o[mt][2 * dp], pa[mt], b0);
-                            mma_16x8x16<T>(o[mt][2 * dp + 1], pa[mt], b1);
-                        }
-                    }
-                }
+                pv_product<T, D, MT, NT>(o, s, Vs, kt * KT);
                 if (partly_visible) {  // the NaN and Inf of V zeroed above, for the rows that see them
 #pragma unroll
                     for (int w = 0; w < KT / 32; ++w) {
@@ -219,18 +147,10 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
             for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    float lt = l[mt][h];
-#pragma unroll
-                    for (int off = 1; off < 4; off <<= 1) lt += __shfl_xor_sync(MSA_FULL_MASK, lt, off);
+                    const float lt = row_weight(l[mt][h]);
                     const int r = r0 + mt * 16 + grp + 8 * h;
                     if (tile * TQ + r / G >= count) continue;
-                    // lt = 0: no weight (no seen key, or every seen score -inf), lse -inf; NaN lt
-                    // (a NaN or +inf score): NaN o and lse
-                    const float inv = lt == 0.f ? 0.f : 1.f / lt;
-                    T* dst = part_o + (row0 + r) * D + 2 * quad;
-#pragma unroll
-                    for (int n = 0; n < DN; ++n) store2<T>(dst + n * 8, o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
-                    if (quad == 0) part_lse[row0 + r] = lt == 0.f ? MSA_NEG_INF : (m[mt][h] + __log2f(lt)) * MSA_LN2;
+                    store_row<T, DN>(part_o + (row0 + r) * D, part_lse + row0 + r, o[mt], h, m[mt][h], lt, false);
                 }
             }
         }

@@ -13,6 +13,7 @@ import numpy as np
 
 OP_MODULES = ("_plain", "selection", "sparse", "plan")  # modules that declare kernel variants
 LOG_LINES = 40  # an NVRTC log printed by `check` is cut to this many lines (errors come first)
+PATTERN_SUITES = ("paper", "sparse")  # bench suites whose prefill runs per selection pattern
 
 
 def cmd_info(_args):
@@ -233,6 +234,38 @@ def bench_suites() -> list[str]:
     return list(_bench.SUITES)
 
 
+def bench_patterns() -> list[str]:
+    from msa_cupy._bench import patterns
+
+    return list(patterns.PATTERNS)
+
+
+def sparse_variant(text: str):
+    """A SparseTuning from "field=value,field=value" (values read as the field's type)."""
+    import dataclasses
+
+    from msa_cupy import sparse
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(sparse.SparseTuning)}
+    fields = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
+        kind = types[name]
+        fields[name] = None if value == "None" else kind(value) if kind in (int, float) else value
+    try:
+        return sparse.SparseTuning(**fields)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def bench_schedules() -> list[str]:
+    from msa_cupy import sparse
+
+    return list(sparse.SCHEDULES)
+
+
 def cmd_bench(args):
     from msa_cupy import _interop
     from msa_cupy._bench import SUITES, harness
@@ -253,6 +286,14 @@ def cmd_bench(args):
         kwargs = {"tokens": tuple(args.tokens)} if args.tokens else {}
         if args.dense_max_tokens and suite == "paper":
             kwargs["dense_max_tokens"] = args.dense_max_tokens
+        if args.pattern and suite in PATTERN_SUITES:
+            kwargs["patterns"] = tuple(args.pattern)
+        if args.schedule and suite == "sparse":
+            kwargs["schedules"] = tuple(args.schedule)
+        if args.variant and suite == "sparse":
+            kwargs["variants"] = tuple(args.variant)
+        if args.no_decode and suite in PATTERN_SUITES:
+            kwargs["caches"] = ()
         SUITES[suite](report, ceil, **kwargs)
     out = args.out or os.path.join("benchmarks", f"{'-'.join(args.suite)}-{card['name'].replace(' ', '_')}.json")
     report.write(out)
@@ -284,6 +325,13 @@ def main(argv=None):
     bench.add_argument("--tokens", nargs="+", type=int)
     bench.add_argument("--dense-max-tokens", type=int,
                        help="paper suite: run dense prefill up to this length (default 131072; longer is estimated)")
+    bench.add_argument("--pattern", nargs="+", choices=bench_patterns(),
+                       help="paper and sparse suites: selection patterns of the prefill index (default: random coherent)")
+    bench.add_argument("--schedule", nargs="+", choices=bench_schedules(),
+                       help="sparse suite: time the prefill under each of these schedules (default: the default one)")
+    bench.add_argument("--no-decode", action="store_true", help="paper and sparse suites: prefill rows only")
+    bench.add_argument("--variant", action="append", type=sparse_variant, metavar="FIELD=VALUE[,...]",
+                       help="sparse suite: also time this SparseTuning, e.g. schedule=tile,tile_rows=64 (repeatable)")
     bench.add_argument("--out", help="JSON file (default benchmarks/<suite>-<card>.json)")
     bench.add_argument("--markdown", help="also write the table as Markdown (e.g. docs/perf.md)")
     bench.add_argument("--plot", help="also plot prefill speedup against context length (PNG)")

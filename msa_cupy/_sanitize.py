@@ -170,15 +170,16 @@ def _attention_case(rng, seqs):
     return layout, cu_q, cu_k, (q, k, v, ids), scale, ref
 
 
-def _sparse_kernels(rng, seqs, path, prefill_kernel=None):
+def _sparse_kernels(rng, seqs, path, prefill_kernel=None, schedule="kv", min_useful=0.3):
     from . import sparse
 
     layout, cu_q, cu_k, arrays, scale, ref = _attention_case(rng, seqs)
     sparse._poison_outputs = True  # an element no kernel writes stays NaN
     try:
+        tuning = sparse.SparseTuning(path=path, prefill_kernel=prefill_kernel, schedule=schedule,
+                                     tile_min_useful=min_useful)
         out, lse = sparse.sparse_attention(*_device(*arrays), layout, *_device(cu_q, cu_k), block_size=ATTN_BLOCK,
-                                           causal=True, scale=scale,
-                                           tuning=sparse.SparseTuning(path=path, prefill_kernel=prefill_kernel))
+                                           causal=True, scale=scale, tuning=tuning)
     finally:
         sparse._poison_outputs = False
     return _close(out.get(), lse.get(), *ref)
@@ -281,6 +282,11 @@ def stages(wgmma: bool):
         ("topk.cu over scores, 4-wide loads", p(_topk, seqs=WIDE_SEQS)),
         ("reverse_index.cu + sparse_prefill.cu (mma.sync) + combine.cu",
          p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="mma")),
+        ("tile_schedule.cu + sparse_prefill_tile.cu (every tile tile-outer)",
+         p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", schedule="tile")),
+        ("tile_schedule.cu classification + sparse_prefill_tile.cu + reverse_index.cu + sparse_prefill.cu + "
+         "combine.cu (schedule auto: both paths)",
+         p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="mma", schedule="auto", min_useful=0.9)),
         ("decode.cu + combine.cu", p(_sparse_kernels, seqs=DECODE_SEQS, path="decode")),
         ("block_max.cu causal (plain path)", p(_block_max, causal=True)),
         ("block_max.cu non-causal (plain path)", p(_block_max, causal=False)),

@@ -19,7 +19,8 @@ defined (a query that sees no key has no oracle), or with ``per_query=True`` the
 themselves, ``(..., Nq, Hkv)`` with NaN where undefined.  ``block_attention_mass`` computes
 the masses once (the expensive, dense part); the metrics take them as an argument so that
 sweeps over ``top_k`` reuse them, and ``recall_sweep`` runs such a sweep over top_k and block
-size.  ``planted_needles`` builds a synthetic context whose groups each have a needle to find.
+size.  ``planted_needles`` builds a synthetic context whose groups each have a needle to find
+(``planted_needle_index``: its index branch alone, for long contexts).
 
 Choice about forced blocks: the oracle is pure attention mass; it forces nothing
 (``local_blocks=0, sink_blocks=0`` by default), so a selection that spends a slot on a local
@@ -41,7 +42,7 @@ from ._layout import query_positions
 
 __all__ = [
     "block_attention_mass", "oracle_selection", "selection_mask", "block_recall", "score_recall",
-    "attention_mass_captured", "compute_saved", "recall_sweep", "planted_needles",
+    "attention_mass_captured", "compute_saved", "recall_sweep", "planted_needles", "planted_needle_index",
     "plot_selection_map", "plot_group_difference", "plot_recall",
 ]
 
@@ -359,6 +360,36 @@ def planted_needles(n_tokens=2048, *, n_kv_heads=4, heads_per_group=2, head_dim=
     same drifting position signal, as a trained index would learn to.
     """
     rng = np.random.default_rng(seed)
+    needle_blocks = _needle_blocks(needle_blocks, n_tokens, n_kv_heads, head_dim, block_size)
+    d = head_dim
+    hq = n_kv_heads * heads_per_group
+    directions, walk = _drift_walk(rng, n_tokens, d, n_kv_heads, local_length)
+    k = rng.standard_normal((n_tokens, n_kv_heads, d)) + math.sqrt(d) * walk[:, None, :]
+    q = rng.standard_normal((n_tokens, hq, d)) * query_noise + local_strength * walk[:, None, :]
+    v = rng.standard_normal((n_tokens, n_kv_heads, d))
+    needle_positions = _needle_positions(rng, needle_blocks, block_size, n_tokens, needle_tokens)
+    for g, pos in enumerate(needle_positions):
+        k[pos, g, :] += needle_strength * math.sqrt(d) * directions[g]
+        q[:, g * heads_per_group:(g + 1) * heads_per_group, :] += directions[g]
+    return dict(q=q.astype(dtype), k=k.astype(dtype), v=v.astype(dtype), needle_blocks=needle_blocks,
+                needle_positions=needle_positions, directions=directions,
+                learned_index=_planted_index(rng, walk, needle_positions, n_kv_heads, dtype), block_size=block_size)
+
+
+def planted_needle_index(n_tokens=2048, *, n_kv_heads=4, index_dim=128, block_size=128, needle_blocks=None,
+                         needle_tokens=4, local_length=64.0, seed=0, dtype=np.float16):
+    """The index branch of ``planted_needles`` alone, for long contexts (no q, k, v): index_q
+    (N, Hkv, index_dim) and index_k (N, 1, index_dim).  Each group's index queries look for
+    their needle block and for recent keys (the drifting position signal), so neighbouring
+    queries pick nearly the same blocks: a selection pattern for benchmarks."""
+    rng = np.random.default_rng(seed)
+    needle_blocks = _needle_blocks(needle_blocks, n_tokens, n_kv_heads, index_dim, block_size)
+    _, walk = _drift_walk(rng, n_tokens, index_dim, n_kv_heads, local_length)
+    needle_positions = _needle_positions(rng, needle_blocks, block_size, n_tokens, needle_tokens)
+    return _planted_index(rng, walk, needle_positions, n_kv_heads, dtype)
+
+
+def _needle_blocks(needle_blocks, n_tokens, n_kv_heads, head_dim, block_size):
     n_blocks = -(-n_tokens // block_size)
     if needle_blocks is None:
         # spread over the first half of the context, away from block 0 and from each other
@@ -369,47 +400,55 @@ def planted_needles(n_tokens=2048, *, n_kv_heads=4, heads_per_group=2, head_dim=
                          f"one coordinate per needle and the rest for position")
     if needle_blocks.shape != (n_kv_heads,) or needle_blocks.min() < 0 or needle_blocks.max() >= n_blocks:
         raise ValueError(f"needle_blocks must hold {n_kv_heads} block ids in [0, {n_blocks}), got {needle_blocks}")
-    d = head_dim
-    hq = n_kv_heads * heads_per_group
+    return needle_blocks
+
+
+def _drift_walk(rng, n_tokens, d, n_kv_heads, local_length):
+    """Random unit needle directions (Hkv, d) and the drifting position component (N, d): a
+    stationary AR(1) walk on the unit sphere whose correlation between tokens i and j is about
+    exp(-|i - j| / local_length) (nearby keys look alike), orthogonal to the directions."""
     directions = rng.standard_normal((n_kv_heads, d))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    # drifting position component: a stationary AR(1) walk on the unit sphere whose correlation
-    # between tokens i and j is about exp(-|i - j| / local_length): nearby keys look alike
     rho = math.exp(-1.0 / local_length)
-    steps = rng.standard_normal((n_tokens, d))
-    walk = np.empty((n_tokens, d))
-    walk[0] = steps[0]
-    for t in range(1, n_tokens):
-        walk[t] = rho * walk[t - 1] + math.sqrt(1 - rho * rho) * steps[t]
+    walk = rng.standard_normal((n_tokens, d))
+    walk[1:] *= math.sqrt(1 - rho * rho)
+    # walk[t] = rho * walk[t - 1] + step: by doubling, walk[t] = sum_i rho^i step[t - i] over
+    # ever longer spans, until rho^span no longer shows in float64
+    span, decay = 1, rho
+    while span < n_tokens and decay > 1e-20:
+        walk[span:] += decay * walk[:-span]
+        span, decay = 2 * span, decay * decay
     # position and content live in separate subspaces: no query drifts toward a needle by chance
     basis, _ = np.linalg.qr(directions.T)  # (D, Hkv) orthonormal span of the needle directions
     walk -= (walk @ basis) @ basis.T
     walk /= np.linalg.norm(walk, axis=1, keepdims=True)
-    k = rng.standard_normal((n_tokens, n_kv_heads, d)) + math.sqrt(d) * walk[:, None, :]
-    q = rng.standard_normal((n_tokens, hq, d)) * query_noise + local_strength * walk[:, None, :]
-    v = rng.standard_normal((n_tokens, n_kv_heads, d))
-    needle_positions = []
-    for g, b in enumerate(needle_blocks):
+    return directions, walk
+
+
+def _needle_positions(rng, needle_blocks, block_size, n_tokens, needle_tokens):
+    positions = []
+    for b in needle_blocks:
         start = b * block_size
         span = min(block_size, n_tokens - start)
         pos = start + rng.choice(span, size=min(needle_tokens, span), replace=False)
         pos.sort()
-        needle_positions.append(pos)
-        k[pos, g, :] += needle_strength * math.sqrt(d) * directions[g]
-        q[:, g * heads_per_group:(g + 1) * heads_per_group, :] += directions[g]
-    # planted learned-style index: coordinate g marks "holds needle g", the rest carry position
-    di = d
-    index_k = np.zeros((n_tokens, 1, di))
-    index_q = np.zeros((n_tokens, n_kv_heads, di))
+        positions.append(pos)
+    return positions
+
+
+def _planted_index(rng, walk, needle_positions, n_kv_heads, dtype):
+    """Planted learned-style index (index_q, index_k): coordinate g marks "holds needle g",
+    the rest carry the position walk (built in float32: long contexts)."""
+    n_tokens, di = walk.shape
+    index_k = np.zeros((n_tokens, 1, di), np.float32)
+    index_q = np.zeros((n_tokens, n_kv_heads, di), np.float32)
     index_k[:, 0, n_kv_heads:] = walk[:, n_kv_heads:]
     index_q[:, :, n_kv_heads:] = walk[:, None, n_kv_heads:]
     for g, pos in enumerate(needle_positions):
         index_k[pos, 0, g] = 4.0
         index_q[:, g, g] = 1.0
-    index_k += 0.05 * rng.standard_normal(index_k.shape)
-    return dict(q=q.astype(dtype), k=k.astype(dtype), v=v.astype(dtype), needle_blocks=needle_blocks,
-                needle_positions=needle_positions, directions=directions,
-                learned_index=(index_q.astype(dtype), index_k.astype(dtype)), block_size=block_size)
+    index_k += 0.05 * rng.standard_normal(index_k.shape, dtype=np.float32)
+    return index_q.astype(dtype), index_k.astype(dtype)
 
 
 # --------------------------------------------------------------------------- plots

@@ -15,10 +15,20 @@ Two paths, one combine:
   ``cuda/decode.cu`` makes every distinct pick its own CTA straight from block_indices (no
   sort, no reverse index, no schedule kernel: two launches in all), its key block split once
   more across the CTA's 4 warps, merged in shared memory.
+* **prefill (tile-outer)** -- ``cuda/sparse_prefill_tile.cu`` runs one CTA per (query tile,
+  KV head): TILE_ROWS rows = tile tokens x G heads (G = 16: 8 consecutive tokens), walking
+  the sorted union of the tile's picked blocks with online softmax in registers and a per-row
+  mask, and writes out and lse once per row (no partials, no combine).  Where neighbouring
+  queries pick the same blocks (trained indexes do) this is a flash-attention loop with block
+  skipping.  ``SparseTuning.schedule``: "auto" (default) lets ``cuda/tile_schedule.cu``
+  classify each (tile, KV head) by the share of its token x block pairs that its tokens
+  picked (>= ``TILE_MIN_USEFUL``: tile-outer); the other tiles' picks go KV-outer, whose
+  reverse index and combine skip the tile-outer rows.  "kv" and "tile" force one path.
 * ``cuda/combine.cu`` merges the <= K partials of each (query, head) by log-sum-exp.
 
 Launch code: one stage function per kernel file (``decode_kernel``/``launch_decode``,
 ``block_offsets``/``reverse_index``, ``prefill_kernel``/``launch_prefill``,
+``query_tile_offsets``/``classify_query_tiles``, ``tile_prefill_kernel``/``launch_tile_prefill``,
 ``combine_kernel``/``launch_combine``; decode plans call the decode and combine ones
 directly); ``sparse_attention`` chooses the path, cuts the queries into chunks and runs the
 stages on each.  Tuning and test choices travel in one :class:`SparseTuning`.
@@ -51,12 +61,29 @@ WGMMA_STAGES = 2
 DECODE_WARPS = 4  # split-K decode: each warp takes BK / 4 keys of the pick's block
 TILES_PER_ITEM = 8  # query tiles per prefill work item (K/V block reuse vs. load balance)
 DECODE_MAX_QUERIES = 16  # sequences with at most this many queries take the decode path
+SCHEDULES = ("auto", "kv", "tile")  # prefill: per query tile by the cost model, all KV-outer, all tile-outer
+PREFILL_SCHEDULE = "auto"
+TILE_ROWS = 128  # rows of a tile-outer query tile: tokens x G heads (8 warps; at most 64 tokens)
+TILE_STAGES = 2  # K/V chunks of 64 keys buffered by the tile-outer kernel
+# A (query tile, KV head) runs tile-outer when its tokens picked at least this share of the
+# tile's token x block pairs (the tile-outer kernel computes them all, or skips a warp's rows;
+# the KV-outer path computes the picks only, at about 21% of the matmul ceiling, bound by its
+# partial results): an estimate, to be set from measurements of both paths.
+TILE_MIN_USEFUL = 0.3
+TILE_MAX_ENTRIES = 1024  # tile tokens x top_k ids that a tile-outer CTA deduplicates (quadratic)
+CLASSIFY_WARPS = 8  # classify_query_tiles: a warp per (tile, KV head)
 PARTIAL_BUDGET_BYTES = 4 << 30
 SCHEDULE_THREADS = 256
 COMBINE_WARPS = 8
 LOG2E = 1.4426950408889634
 
 _poison_outputs = False  # test hook: fill every buffer with NaN before the kernels run
+
+def _tile_warps(rows: int, group: int) -> int:
+    """Warps (m16 row tiles) of a tile-outer CTA: rows, or fewer where rows / G would pass
+    64 tokens (one mask bit per token)."""
+    return min(rows, 64 * group) // 16
+
 
 # every variant this module may launch, for `python -m msa_cupy check`
 for _t in ("bf16", "f16"):
@@ -70,6 +97,12 @@ for _t in ("bf16", "f16"):
 _jit.declare("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
              *[(_t, 128, _g, 128, WGMMA_WARPGROUPS, WGMMA_STAGES) for _t in ("bf16", "f16")
                for _g in SUPPORTED_GROUP_SIZES], arch_specific=True)
+for _t in ("bf16", "f16"):
+    _jit.declare("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel",
+                 *[(_t, _d, _g, _bk, _tile_warps(TILE_ROWS, _g), TILE_STAGES) for _d in SUPPORTED_HEAD_DIMS
+                   for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
+_jit.declare("tile_schedule.cu", "query_tile_offsets")
+_jit.declare("tile_schedule.cu", "classify_query_tiles", (CLASSIFY_WARPS,))
 for _name in ("reverse_index_keys", "reverse_index_fill", "build_work_items"):
     _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
 _jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_BLOCK_SIZES])
@@ -121,14 +154,21 @@ class SparseTuning:
     """Choices that the shapes otherwise make, for tests and benchmarks: ``path`` None (by
     shape), "prefill" or "decode"; ``prefill_kernel`` None (wgmma on sm_90 at D = BK = 128,
     else mma.sync), "mma" (sparse_prefill.cu with the tile options below) or "wgmma"
-    (sparse_prefill_sm90.cu); ``prefill_warps`` / ``prefill_stages`` / ``prefill_mt`` the
-    mma.sync tiling (warps per CTA, query tiles buffered, m16 row tiles per warp)."""
+    (sparse_prefill_sm90.cu) for the KV-outer prefill; ``prefill_warps`` / ``prefill_stages``
+    / ``prefill_mt`` the mma.sync tiling (warps per CTA, query tiles buffered, m16 row tiles
+    per warp).  ``schedule`` of the prefill: "auto" (per query tile, the cost model with
+    ``tile_min_useful``), "kv" (all KV-outer) or "tile" (all tile-outer); ``tile_rows`` (64
+    or 128) and ``tile_stages`` (>= 2) the tile-outer kernel's query tile and K/V buffers."""
 
     path: str | None = None
     prefill_kernel: str | None = None
     prefill_warps: int = PREFILL_WARPS
     prefill_stages: int = PREFILL_STAGES
     prefill_mt: int = PREFILL_MT
+    schedule: str = PREFILL_SCHEDULE
+    tile_rows: int = TILE_ROWS
+    tile_stages: int = TILE_STAGES
+    tile_min_useful: float = TILE_MIN_USEFUL
 
     def __post_init__(self):
         if self.path not in (None, "prefill", "decode"):
@@ -139,6 +179,15 @@ class SparseTuning:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.tile_rows, bool) or self.tile_rows not in (64, 128):
+            raise ValueError(f"tile_rows must be 64 or 128, got {self.tile_rows!r}")
+        if isinstance(self.tile_stages, bool) or not isinstance(self.tile_stages, int) or self.tile_stages < 2:
+            raise ValueError(f"tile_stages must be an int >= 2, got {self.tile_stages!r}")
+        useful = self.tile_min_useful
+        if isinstance(useful, bool) or not isinstance(useful, (int, float)) or not 0 <= useful <= 1:
+            raise ValueError(f"tile_min_useful must be a number in [0, 1], got {useful!r}")
 
     def changes(self) -> dict:
         """The fields that differ from the defaults (a benchmark variant's name)."""
@@ -208,13 +257,14 @@ def _schedule_grid(n):
 
 
 def reverse_index(block_indices, cu_q, block_off, n_seq: int, q_begin: int, rows: int, *, n_blocks_total: int,
-                  max_queries: int, list_q, slot_pos):
+                  max_queries: int, list_q, slot_pos, row_mode=None):
     """reverse_index.cu for block_indices rows [q_begin, q_begin + rows): per bucket (KV head,
     global key block) the ascending list of the queries that picked it, into list_q, and each
     pick's place in those lists, into slot_pos (for the combine); returns the work items,
     int32 (n_items, 3) (bucket, list start, query count <= max_queries), largest first.
     n_items is an upper bound known on the host (no sync): items past the real count are
-    empty and exit at once."""
+    empty and exit at once.  row_mode (uint8 (rows, Hkv), or None): picks of the rows marked
+    1 (tile-outer) are left out."""
     import cupy
 
     n_heads_kv, top_k = block_indices.shape[1], block_indices.shape[2]
@@ -224,8 +274,8 @@ def reverse_index(block_indices, cu_q, block_off, n_seq: int, q_begin: int, rows
     counts = cupy.zeros(n_buckets, cupy.int32)
     _jit.kernel("reverse_index.cu", "reverse_index_keys", (SCHEDULE_THREADS,))(
         _schedule_grid(n_entries), (SCHEDULE_THREADS,),
-        (block_indices, cu_q, block_off, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(n_heads_kv),
-         np.int32(top_k), np.int32(n_blocks_total), keys, counts))
+        (block_indices, cu_q, block_off, _nullable(row_mode), np.int32(n_seq), np.int32(q_begin), np.int32(rows),
+         np.int32(n_heads_kv), np.int32(top_k), np.int32(n_blocks_total), keys, counts))
     perm = cupy.argsort(keys)  # unique keys: the order is fully determined
     _jit.kernel("reverse_index.cu", "reverse_index_fill", (SCHEDULE_THREADS,))(
         _schedule_grid(n_entries), (SCHEDULE_THREADS,),
@@ -286,22 +336,132 @@ def launch_prefill(prefill: PrefillKernel, q, k, v, items, list_q, cu_q, cu_k, b
                     scale_log2, *pages), shared_mem=prefill.smem)
 
 
+def query_tile_offsets(cu_q, n_seq: int, q_begin: int, rows: int, tile_tokens: int, tile_off):
+    """tile_schedule.cu query_tile_offsets: into tile_off (int32, n_seq + 1) the first query
+    tile of each sequence in the chunk of rows [q_begin, q_begin + rows), tiles of
+    tile_tokens tokens (one thread)."""
+    _jit.kernel("tile_schedule.cu", "query_tile_offsets")(
+        (1,), (1,), (cu_q, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(tile_tokens), tile_off))
+
+
+def chunk_tiles(rows: int, tile_tokens: int, n_seq: int) -> int:
+    """An upper bound of the query tiles of a chunk of rows (each sequence adds at most one
+    partial tile): the grid size of the tile kernels, known on the host."""
+    return -(-rows // tile_tokens) + n_seq
+
+
+def classify_query_tiles(block_indices, cu_q, cu_k, tile_off, n_seq: int, q_begin: int, rows: int, *,
+                         tile_tokens: int, min_useful: float, row_mode):
+    """tile_schedule.cu classify_query_tiles: per (query tile, KV head) of the chunk, a warp
+    decides tile-outer (its tokens picked >= min_useful of its token x block pairs) or
+    KV-outer, into row_mode (uint8, (rows, Hkv)): 1 where the row's tile runs tile-outer.
+    block_indices: the chunk's rows."""
+    n_heads_kv, top_k = block_indices.shape[1], block_indices.shape[2]
+    n_tiles = chunk_tiles(rows, tile_tokens, n_seq)
+    warps = n_tiles * n_heads_kv
+    _jit.kernel("tile_schedule.cu", "classify_query_tiles", (CLASSIFY_WARPS,))(
+        (-(-warps // CLASSIFY_WARPS),), (32 * CLASSIFY_WARPS,),
+        (block_indices, cu_q, cu_k, tile_off, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(n_tiles),
+         np.int32(tile_tokens), np.int32(top_k), np.int32(n_heads_kv), np.float32(min_useful), row_mode),
+        shared_mem=CLASSIFY_WARPS * tile_tokens * top_k * 4)
+
+
+def tile_schedule_model(block_indices, cu_q, *, tile_tokens: int, min_useful: float, q_begin: int = 0,
+                        rows: int | None = None) -> np.ndarray:
+    """NumPy model of query_tile_offsets + classify_query_tiles (the cost model, for tests):
+    uint8 (rows, Hkv) row_mode of the chunk [q_begin, q_begin + rows) of a varlen selection
+    block_indices (total_q, Hkv, K) with host cu_q."""
+    block_indices = np.asarray(block_indices)
+    cu_q = np.asarray(cu_q, np.int64)
+    rows = len(block_indices) - q_begin if rows is None else rows
+    n_heads_kv = block_indices.shape[1]
+    mode = np.zeros((rows, n_heads_kv), np.uint8)
+    for s in range(len(cu_q) - 1):
+        lo, hi = max(int(cu_q[s]), q_begin), min(int(cu_q[s + 1]), q_begin + rows)
+        for t0 in range(lo, hi, tile_tokens):
+            count = min(tile_tokens, hi - t0)
+            for g in range(n_heads_kv):
+                picks = [set(int(b) for b in block_indices[t, g] if b >= 0) for t in range(t0, t0 + count)]
+                u = len(set().union(*picks))
+                p = sum(len(x) for x in picks)
+                mode[t0 - q_begin:t0 - q_begin + count, g] = np.float32(p) >= np.float32(min_useful) * np.float32(count * u)
+    return mode
+
+
+class TilePrefillKernel(NamedTuple):
+    """The tile-outer attention kernel and its launch shape: ``tile_tokens`` tokens per query
+    tile (rows / G), ``stages`` K/V chunk buffers."""
+
+    kernel: object
+    threads: int
+    tile_tokens: int
+    stages: int
+    head_dim: int
+
+
+def tile_prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, rows=TILE_ROWS,
+                        stages=TILE_STAGES) -> TilePrefillKernel:
+    """sparse_prefill_tile.cu with query tiles of ``rows`` rows (at most 64 tokens) and
+    ``stages`` buffers of 64-key K/V chunks."""
+    warps = _tile_warps(rows, group)
+    kernel = _jit.kernel("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel",
+                         (_jit.dtype_template(dtype), head_dim, group, block_size, warps, stages))
+    return TilePrefillKernel(kernel, 32 * warps, 16 * warps // group, stages, head_dim)
+
+
+def tile_smem_bytes(head_dim: int, stages: int, tile_tokens: int, top_k: int) -> int:
+    """Dynamic shared memory of the tile-outer kernel: the K/V chunk buffers, then per id of
+    the tile's picks a union mask (8 bytes), union id, pick and first-occurrence flag."""
+    entries = tile_tokens * top_k
+    return stages * 2 * 64 * head_dim * 2 + -(-entries * 17 // 16) * 16
+
+
+def _tile_fits(head_dim: int, stages: int, tile_tokens: int, top_k: int) -> bool:
+    """The tile-outer kernel takes this top_k: its ids deduplicate in bounded time, its shared
+    memory fits the device (with 1 KB for static shared memory)."""
+    from .selection import _ATTR_SMEM_PER_BLOCK_OPTIN, _device_attr
+
+    return (tile_tokens * top_k <= TILE_MAX_ENTRIES
+            and tile_smem_bytes(head_dim, stages, tile_tokens, top_k) + 1024
+            <= _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN))
+
+
+def launch_tile_prefill(tile: TilePrefillKernel, q, k, v, block_indices, cu_q, cu_k, tile_off, n_seq: int,
+                        q_begin: int, rows: int, row_mode, out, lse, *, causal, scale_log2, pages=CONTIGUOUS_KEYS):
+    """sparse_prefill_tile.cu: one CTA per (query tile, KV head) of the chunk of rows
+    [q_begin, q_begin + rows) (block_indices: the chunk's rows), writing out and lse of its
+    rows; row_mode None (every tile) or the classification (tiles marked 1)."""
+    n_heads_q, n_heads_kv, top_k = q.shape[1], k.shape[-2], block_indices.shape[-1]
+    n_tiles = chunk_tiles(rows, tile.tile_tokens, n_seq)
+    tile.kernel((n_tiles * n_heads_kv,), (tile.threads,),
+                (q, k, v, block_indices, cu_q, cu_k, tile_off, np.int32(n_seq), np.int32(q_begin), np.int32(rows),
+                 np.int32(n_tiles), _nullable(row_mode), np.int32(top_k), out, lse, np.int32(n_heads_q),
+                 np.int32(n_heads_kv), np.int32(bool(causal)), scale_log2, *pages),
+                shared_mem=tile_smem_bytes(tile.head_dim, tile.stages, tile.tile_tokens, top_k))
+
+
+def _nullable(array):
+    """A device array argument, or a null pointer for None."""
+    return np.uint64(0) if array is None else array
+
+
 def combine_kernel(dtype, head_dim: int, group: int):
     tname = _jit.dtype_template(dtype)
     return _jit.kernel("combine.cu", "sparse_combine_kernel", (tname, head_dim, group, COMBINE_WARPS))
 
 
 def launch_combine(part_o, part_lse, slot_pos, block_indices, q_begin, rows, out, lse, *, head_dim, group,
-                   decode):
+                   decode, row_mode=None):
     """combine.cu: the log-sum-exp merge of the <= K partials of each (query, head) of rows
     [q_begin, q_begin + rows) into out/lse.  Decode partials sit at their entry of
-    block_indices; prefill partials at slot_pos."""
+    block_indices; prefill partials at slot_pos.  row_mode (uint8 (rows, Hkv), or None): rows
+    marked 1 belong to the tile-outer kernel and are left alone."""
     combine = combine_kernel(out.dtype, head_dim, group)
     n_heads_q, top_k = out.shape[1], block_indices.shape[-1]
     pairs = rows * n_heads_q
     combine((int(-(-pairs // (2 * COMBINE_WARPS))),), (32 * COMBINE_WARPS,),  # a half-warp per pair
             (part_o, part_lse, block_indices if decode else slot_pos, block_indices, np.int32(decode),
-             np.int32(q_begin), np.int32(rows), np.int32(n_heads_q), np.int32(top_k), out, lse))
+             _nullable(row_mode), np.int32(q_begin), np.int32(rows), np.int32(n_heads_q), np.int32(top_k), out, lse))
 
 
 # --------------------------------------------------------------------------- the operation
@@ -348,9 +508,23 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     cu_q = cu_q.astype(cupy.int32, copy=False)
     cu_k = cu_k.astype(cupy.int32, copy=False)
     decode = tuning.path == "decode" or (tuning.path is None and layout.max_q <= DECODE_MAX_QUERIES)
+    schedule = "kv" if decode else tuning.schedule
+    tile = None
+    if schedule != "kv":
+        tokens = 16 * _tile_warps(tuning.tile_rows, group) // group
+        if _tile_fits(head_dim, tuning.tile_stages, tokens, top_k):
+            tile = tile_prefill_kernel(q.dtype, head_dim, group, block_size, rows=tuning.tile_rows,
+                                       stages=tuning.tile_stages)
+        elif schedule == "tile":
+            raise ValueError(f"schedule='tile': the tile-outer kernel does not take top_k={top_k} with "
+                             f"{tokens}-token tiles (at most {TILE_MAX_ENTRIES} ids per tile, and its shared "
+                             f"memory must fit the device)")
+        else:
+            schedule = "kv"
+    kv_outer = schedule != "tile"  # some picks go KV-outer (partials and combine)
     if decode:
         attn, smem = decode_kernel(q.dtype, head_dim, group, block_size)
-    else:
+    elif kv_outer:
         prefill = prefill_kernel(q.dtype, head_dim, group, block_size, variant=tuning.prefill_kernel,
                                  warps=tuning.prefill_warps, stages=tuning.prefill_stages, mt=tuning.prefill_mt)
     scale_log2 = np.float32(scale * LOG2E)
@@ -358,13 +532,18 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
 
     chunk = _chunk_rows(total_q, n_heads_q, top_k, head_dim, q.dtype.itemsize)
     max_entries = chunk * n_heads_kv * top_k
-    part_o = _empty((max_entries * group * head_dim,), q.dtype)
-    part_lse = _empty((max_entries * group,), np.float32)
-    slot_pos = None
-    if not decode:
+    slot_pos = row_mode = None
+    if kv_outer:
+        part_o = _empty((max_entries * group * head_dim,), q.dtype)
+        part_lse = _empty((max_entries * group,), np.float32)
+    if kv_outer and not decode:
         list_q = cupy.empty(max_entries, cupy.int32)
         slot_pos = cupy.empty(max_entries, cupy.int32)
         block_off = block_offsets(cu_k, layout.n_seq, block_size)
+    if tile is not None:
+        tile_off = cupy.empty(layout.n_seq + 1, cupy.int32)
+        if schedule == "auto":
+            row_mode = cupy.empty((chunk, n_heads_kv), cupy.uint8)
 
     mark = stats.mark if stats is not None else lambda name: None
     for q_begin in range(0, total_q, chunk):
@@ -376,13 +555,26 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
             launch_decode(attn, smem, q, k, v, bi, cu_q, cu_k, layout.n_seq, q_begin, rows, part_o, part_lse,
                           **kernel_args)
         else:
-            items = reverse_index(bi, cu_q, block_off, layout.n_seq, q_begin, rows, n_blocks_total=n_blocks_total,
-                                  max_queries=prefill.tile_tokens * TILES_PER_ITEM, list_q=list_q, slot_pos=slot_pos)
+            if tile is not None:  # the query tiles, and which of them run tile-outer
+                query_tile_offsets(cu_q, layout.n_seq, q_begin, rows, tile.tile_tokens, tile_off)
+                if row_mode is not None:
+                    classify_query_tiles(bi, cu_q, cu_k, tile_off, layout.n_seq, q_begin, rows,
+                                         tile_tokens=tile.tile_tokens, min_useful=tuning.tile_min_useful,
+                                         row_mode=row_mode)
+            if kv_outer:
+                items = reverse_index(bi, cu_q, block_off, layout.n_seq, q_begin, rows, n_blocks_total=n_blocks_total,
+                                      max_queries=prefill.tile_tokens * TILES_PER_ITEM, list_q=list_q,
+                                      slot_pos=slot_pos, row_mode=row_mode)
             mark("reverse_index")
-            launch_prefill(prefill, q, k, v, items, list_q, cu_q, cu_k, block_off, layout.n_seq, n_blocks_total,
-                           part_o, part_lse, **kernel_args)
+            if kv_outer:
+                launch_prefill(prefill, q, k, v, items, list_q, cu_q, cu_k, block_off, layout.n_seq, n_blocks_total,
+                               part_o, part_lse, **kernel_args)
+            if tile is not None:
+                launch_tile_prefill(tile, q, k, v, bi, cu_q, cu_k, tile_off, layout.n_seq, q_begin, rows, row_mode,
+                                    out, lse, **kernel_args)
         mark("attention")
-        launch_combine(part_o, part_lse, slot_pos, bi, q_begin, rows, out, lse, head_dim=head_dim, group=group,
-                       decode=decode)
+        if kv_outer:
+            launch_combine(part_o, part_lse, slot_pos, bi, q_begin, rows, out, lse, head_dim=head_dim, group=group,
+                           decode=decode, row_mode=row_mode)
         mark("combine")
     return out, lse

@@ -65,6 +65,21 @@ def test_bad_tokens_rejected_before_gpu_work(name, no_gpu, tokens, error, match)
         SUITES[name](_Report(), CEILINGS, tokens=tokens)
 
 
+def test_sparse_suite_takes_schedules(no_gpu):
+    with pytest.raises(_NoGPU):
+        SUITES["sparse"](_Report(), CEILINGS, tokens=[4096], schedules=["kv", "tile", "auto"], caches=())
+    with pytest.raises(ValueError, match="schedules"):
+        SUITES["sparse"](_Report(), CEILINGS, tokens=[4096], schedules=["tiles"])
+
+
+@pytest.mark.parametrize("name", ["paper", "sparse"])
+def test_prefill_suites_take_patterns(name, no_gpu):
+    with pytest.raises(_NoGPU):
+        SUITES[name](_Report(), CEILINGS, tokens=[4096], patterns=["coherent", "needle"])
+    with pytest.raises(ValueError, match="patterns"):
+        SUITES[name](_Report(), CEILINGS, tokens=[4096], patterns=["smooth"])
+
+
 def test_check_tokens_normalises():
     assert _bench.check_tokens((4096, 2**20)) == (4096, 1048576)
 
@@ -98,6 +113,9 @@ def _good():
     (lambda r: r.update(suites=[]), "suites"),
     (lambda r: r["results"].append({"tokens": 1}), r"results\[\d+\] must have a name"),
     (lambda r: r["results"].append({"name": "x", "ms": [1.0]}), r"results\[\d+\]\.ms"),
+    (lambda r: r["results"].append({"name": "x", "pattern": "smooth"}), r"results\[\d+\]\.pattern"),
+    (lambda r: r["results"].append({"name": "x", "overlap": 1.5}), r"results\[\d+\]\.overlap"),
+    (lambda r: r["results"].append({"name": "x", "union_t8": -1}), r"results\[\d+\]\.union_t8"),
 ])
 def test_validator_rejects(edit, match):
     record = copy.deepcopy(_good())

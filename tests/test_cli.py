@@ -49,6 +49,26 @@ def test_unknown_bench_suite_is_rejected():
     assert "invalid choice: 'nope'" in res.stderr and "'paper'" in res.stderr
 
 
+def test_unknown_bench_pattern_is_rejected():
+    res = run_cli("bench", "--suite", "paper", "--pattern", "random", "smooth")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "invalid choice: 'smooth'" in res.stderr and "'coherent'" in res.stderr
+
+
+def test_bench_variants_are_sparse_tunings():
+    import argparse
+
+    from msa_cupy import sparse
+
+    assert cli.sparse_variant("schedule=tile,tile_rows=64,tile_min_useful=0.5") == sparse.SparseTuning(
+        schedule="tile", tile_rows=64, tile_min_useful=0.5)
+    for bad in ("tile_rows=96", "rows=64", "schedule="):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.sparse_variant(bad)
+    res = run_cli("bench", "--suite", "sparse", "--variant", "tile_rows=96")
+    assert res.returncode == 2 and "tile_rows" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_check_rejects_archs_below_sm80_in_one_line():
     res = run_cli("check", "--arch", "sm_90", "sm_75", timeout=120)
     assert res.returncode == 2 and res.stdout == ""

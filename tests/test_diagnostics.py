@@ -397,3 +397,16 @@ def test_plots_without_matplotlib_raise_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         dg.plot_selection_map(np.zeros((4, 1, 1), np.int32))
+
+
+def test_planted_needle_index_alone_finds_the_needles():
+    """The index branch of planted_needles without q, k, v (long contexts): each group's
+    selection keeps its needle block once the needle exists, and neighbours agree."""
+    iq, ik = dg.planted_needle_index(1024, n_kv_heads=2, index_dim=32, block_size=32, needle_blocks=[3, 9],
+                                     dtype=np.float32)
+    assert iq.shape == (1024, 2, 32) and ik.shape == (1024, 1, 32) and iq.dtype == np.float32
+    selected = ref.select_blocks(iq, ik, top_k=4, block_size=32)
+    for g, block in enumerate([3, 9]):
+        assert np.all((selected[(block + 1) * 32:, g] == block).any(-1))
+    with pytest.raises(ValueError, match="needle_blocks"):
+        dg.planted_needle_index(64, n_kv_heads=2, index_dim=32, block_size=32, needle_blocks=[1, 5])

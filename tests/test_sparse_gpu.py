@@ -76,7 +76,7 @@ def test_prefill_kernels_at_d128_bk128(case, kernel):
         pytest.skip("the wgmma kernel runs on sm_90 only")
     group, hkv, _, _, dtype_name, causal, lengths, top_k, mode, _, seed = case
     _check_case((group, hkv, 128, 128, dtype_name, causal, lengths, top_k, mode, "prefill", seed),
-                prefill_kernel=kernel)
+                prefill_kernel=kernel, schedule="kv")
 
 
 def _check_case(case, **tuning):
@@ -121,7 +121,7 @@ def test_prefill_tile_variants(rng, warps, stages, mt, group, head_dim):
     (q, k, v, bi, cu_q, cu_k, _), (ref_out, ref_lse) = _varlen_case(
         rng, lengths, group, hkv, head_dim, "float16", top_k, block_size, True, "local")
     out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, 1 / np.sqrt(head_dim), path="prefill",
-                    prefill_warps=warps, prefill_stages=stages, prefill_mt=mt, prefill_kernel="mma")
+                    prefill_warps=warps, prefill_stages=stages, prefill_mt=mt, prefill_kernel="mma", schedule="kv")
     testing.assert_attention_close(out, ref_out, "float16", lse, ref_lse)
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from msa_cupy import selection, sparse
 
-HOOKS = {"tuning", "stats", "force_path", "prefill_kernel", "prefill_warps", "prefill_stages", "prefill_mt"}
+HOOKS = {"tuning", "stats", "force_path", "prefill_kernel", "prefill_warps", "prefill_stages", "prefill_mt", "schedule",
+         "tile_rows", "tile_stages", "tile_min_useful"}
 SELECT_HOOKS = {"splits", "warps"}  # launch_topk_merge takes the split count of a config: data, not a choice
 
 
@@ -17,6 +18,9 @@ def test_sparse_tuning_defaults_are_the_module_constants():
     assert (t.path, t.prefill_kernel) == (None, None)
     assert (t.prefill_warps, t.prefill_stages, t.prefill_mt) == (sparse.PREFILL_WARPS, sparse.PREFILL_STAGES,
                                                                   sparse.PREFILL_MT)
+    assert (t.schedule, t.tile_rows, t.tile_stages, t.tile_min_useful) == (
+        sparse.PREFILL_SCHEDULE, sparse.TILE_ROWS, sparse.TILE_STAGES, sparse.TILE_MIN_USEFUL)
+    assert sparse.SparseTuning(schedule="tile", tile_rows=64).changes() == {"schedule": "tile", "tile_rows": 64}
     assert t == sparse.DEFAULT_TUNING and t.changes() == {}
     assert sparse.SparseTuning(prefill_kernel="mma", prefill_warps=8).changes() == {"prefill_kernel": "mma",
                                                                                     "prefill_warps": 8}
@@ -28,6 +32,13 @@ def test_sparse_tuning_defaults_are_the_module_constants():
     (dict(prefill_warps=0), "prefill_warps"),
     (dict(prefill_stages=2.0), "prefill_stages"),
     (dict(prefill_mt=True), "prefill_mt"),
+    (dict(schedule="tiles"), "schedule"),
+    (dict(schedule=None), "schedule"),
+    (dict(tile_rows=96), "tile_rows"),
+    (dict(tile_rows=True), "tile_rows"),
+    (dict(tile_stages=1), "tile_stages"),
+    (dict(tile_min_useful=1.5), "tile_min_useful"),
+    (dict(tile_min_useful="0.3"), "tile_min_useful"),
 ])
 def test_sparse_tuning_rejects(options, match):
     with pytest.raises(ValueError, match=match):
@@ -55,6 +66,8 @@ def test_select_tuning_accepts_every_warp_grid_of_the_module():
 
 @pytest.mark.parametrize("fn", [sparse.decode_kernel, sparse.launch_decode, sparse.block_offsets, sparse.reverse_index,
                                 sparse.launch_prefill, sparse.combine_kernel, sparse.launch_combine,
+                                sparse.query_tile_offsets, sparse.classify_query_tiles, sparse.tile_prefill_kernel,
+                                sparse.launch_tile_prefill,
                                 selection.launch_select, selection.launch_topk, selection.launch_topk_merge])
 def test_stage_functions_take_no_tuning_or_stats(fn):
     assert HOOKS.isdisjoint(inspect.signature(fn).parameters), fn.__name__

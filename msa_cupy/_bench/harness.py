@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import testing
 from .._interop import external_stream
+from .patterns import PATTERNS
 
 BF16 = testing.DTYPES["bfloat16"]  # the benchmarks' dtype
 SCHEMA = 1  # version of the record layout checked by validate_record
@@ -175,6 +176,8 @@ def validate_record(record) -> dict:
     "commit": git hash (7-40 hex digits), "host": str (optional), "card": {name, sm_count,
     capability, memory_GiB}, "ceilings": {copy_GBps, matmul_TFLOPs, matmul_via}, "results":
     [rows]}; each row has a "name" and fields that are numbers, strings, booleans or null.
+    Selection statistics, where a row has them: "pattern" one of patterns.PATTERNS, "overlap"
+    in [0, 1], "picks" and "union_t<T>" >= 0.
     """
     def need(cond, what):
         if not cond:
@@ -206,6 +209,13 @@ def validate_record(record) -> dict:
         for field, value in row.items():
             need(value is None or isinstance(value, (str, bool, numbers.Real)),
                  f"results[{i}].{field} must be a number, string, boolean or null, got {value!r}")
+        if "pattern" in row:
+            need(row["pattern"] in PATTERNS, f"results[{i}].pattern must be one of {PATTERNS}, got {row['pattern']!r}")
+        for field, value in row.items():
+            if field in ("overlap", "picks") or field.startswith("union_t"):
+                bound = 1.0 if field == "overlap" else float("inf")
+                need(isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= bound,
+                     f"results[{i}].{field} must be a number in [0, {bound:g}], got {value!r}")
     return record
 
 
@@ -270,13 +280,16 @@ def plot_speedup(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    pts = [(r["tokens"], r["speedup_vs_cudnn"], r.get("dense_estimated")) for r in rows
+    pts = [(r["tokens"], r["speedup_vs_cudnn"], r.get("dense_estimated"), r.get("pattern")) for r in rows
            if r.get("kind") == "prefill" and r.get("speedup_vs_cudnn")]
     if not pts:
         return False
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="msa_cupy prefill vs cuDNN dense")
-    for n, s, est in pts:
+    for pattern in dict.fromkeys(p[3] for p in pts):  # one line per selection pattern
+        line = [p for p in pts if p[3] == pattern]
+        label = "msa_cupy prefill vs cuDNN dense" + (f" ({pattern} selection)" if pattern else "")
+        ax.plot([p[0] for p in line], [p[1] for p in line], "o-", label=label)
+    for n, s, est, _ in pts:
         ax.annotate(f"{s:.1f}x" + (" (est.)" if est else ""), (n, s), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")

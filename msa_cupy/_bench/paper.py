@@ -1,9 +1,14 @@
 """The MSA paper's table on the card at hand: Hq=64, Hkv=4, D=Di=128, Bk=128, k=16, bf16.
 
 Prefill (one sequence of N tokens, causal) and decode (batch of one query each against N
-cached tokens), end to end through ``msa_cupy.attention`` with a learned-style index (random
-``index_q`` per group, one shared ``index_k`` head, as in the paper), the time of each stage,
+cached tokens), end to end through ``msa_cupy.attention`` with a learned-style index
+(``index_q`` per group, one shared ``index_k`` head, as in the paper), the time of each stage,
 and dense attention through torch SDPA (cuDNN and flash backends) on the same shapes.
+
+Prefill runs once per selection pattern (``patterns``, default random and coherent; see
+``patterns.py``): the index is drawn for the pattern, and each row reports the selection's
+adjacent-query overlap and mean union per query tile next to the times.  Dense attention is
+measured once per length.
 
 Dense prefill past ``dense_max_tokens`` (default DENSE_MAX_TOKENS; ``--dense-max-tokens`` on
 the command line) is not run, as it takes seconds to a minute a call: its time is extrapolated
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import msa_cupy
 
-from . import harness
+from . import harness, patterns as selection_patterns
 
 HQ, HKV, D, DI, BLOCK, TOP_K = 64, 4, 128, 128, 128, 16
 PREFILL_TOKENS = (32768, 131072, 524288, 1048576)
@@ -24,11 +29,16 @@ DECODE_BATCHES = (1, 8, 32)
 DENSE_MAX_TOKENS = 131072
 
 
-def _inputs(batch, nq, nk):
+def _inputs(batch, nq, nk, pattern="random"):
     bf16 = harness.BF16
     q = harness.random((batch, nq, HQ, D), bf16)
     k, v = harness.random((batch, nk, HKV, D), bf16), harness.random((batch, nk, HKV, D), bf16)
-    iq, ik = harness.random((batch, nq, HKV, DI), bf16), harness.random((batch, nk, 1, DI), bf16)
+    if pattern == "random":
+        iq, ik = harness.random((batch, nq, HKV, DI), bf16), harness.random((batch, nk, 1, DI), bf16)
+    else:  # one sequence (prefill)
+        iq, ik = selection_patterns.index_inputs(harness.cupy().random.default_rng(nk), pattern, nq, nk, HKV, DI, bf16,
+                                                 block_size=BLOCK)
+        iq, ik = iq[None], ik[None]
     return q, k, v, iq, ik
 
 
@@ -44,15 +54,35 @@ def _time_stages(q, k, v, iq, ik, repeat):
     return select_ms, sparse_ms, total_ms, ids
 
 
-def prefill(report, ceilings, n, dense_ref, dense_max_tokens=DENSE_MAX_TOKENS):
+def prefill(report, ceilings, n, dense_ref, dense_max_tokens=DENSE_MAX_TOKENS,
+            patterns=selection_patterns.DEFAULT_PATTERNS):
     cp = harness.cupy()
-    q, k, v, iq, ik = _inputs(1, n, n)
-    select_ms, sparse_ms, total_ms, ids = _time_stages(q, k, v, iq, ik, repeat=3)
     pairs = n * (n + 1) / 2
     index_flops = 2 * HKV * DI * pairs
-    attn_flops = 4 * (HQ // HKV) * D * harness.selected_visible_keys(ids[0], n, BLOCK)
-    del q, k, v, iq, ik, ids
-    cp.get_default_memory_pool().free_all_blocks()
+    matmul = ceilings["matmul_TFLOPs"]
+    measured = []
+    for pattern in patterns:
+        q, k, v, iq, ik = _inputs(1, n, n, pattern)
+        select_ms, sparse_ms, total_ms, ids = _time_stages(q, k, v, iq, ik, repeat=3)
+        attn_flops = 4 * (HQ // HKV) * D * harness.selected_visible_keys(ids[0], n, BLOCK)
+        stats = selection_patterns.selection_stats(ids[0])
+        del q, k, v, iq, ik, ids
+        cp.get_default_memory_pool().free_all_blocks()
+        measured.append((pattern, select_ms, sparse_ms, total_ms, attn_flops, stats))
+    dense = _dense(n, dense_ref, dense_max_tokens)
+    estimated = n > dense_max_tokens
+    for pattern, select_ms, sparse_ms, total_ms, attn_flops, stats in measured:
+        report(f"prefill {n // 1024}K {pattern}", kind="prefill", tokens=n, pattern=pattern, **stats,
+               msa_ms=total_ms, select_ms=select_ms, sparse_ms=sparse_ms,
+               index_TFLOPs=index_flops / select_ms / 1e9, index_pct_matmul=100 * index_flops / select_ms / 1e9 / matmul,
+               attn_TFLOPs=attn_flops / sparse_ms / 1e9, attn_pct_matmul=100 * attn_flops / sparse_ms / 1e9 / matmul,
+               dense_cudnn_ms=dense.get("cudnn"), dense_flash_ms=dense.get("flash"), dense_estimated=estimated,
+               speedup_vs_cudnn=dense["cudnn"] / total_ms if dense.get("cudnn") else None)
+
+
+def _dense(n, dense_ref, dense_max_tokens):
+    """Dense causal prefill ms per SDPA backend: measured up to dense_max_tokens, past it
+    extrapolated from the longest measured length (dense_ref) by the quadratic FLOP count."""
     dense = {}
     for backend in ("cudnn", "flash"):
         if n <= dense_max_tokens:
@@ -63,14 +93,7 @@ def prefill(report, ceilings, n, dense_ref, dense_max_tokens=DENSE_MAX_TOKENS):
         elif backend in dense_ref:
             n0, ms0 = dense_ref[backend]
             dense[backend] = ms0 * (n / n0) ** 2
-    estimated = n > dense_max_tokens
-    matmul = ceilings["matmul_TFLOPs"]
-    report(f"prefill {n // 1024}K", kind="prefill", tokens=n, msa_ms=total_ms, select_ms=select_ms,
-           sparse_ms=sparse_ms, index_TFLOPs=index_flops / select_ms / 1e9,
-           index_pct_matmul=100 * index_flops / select_ms / 1e9 / matmul,
-           attn_TFLOPs=attn_flops / sparse_ms / 1e9, attn_pct_matmul=100 * attn_flops / sparse_ms / 1e9 / matmul,
-           dense_cudnn_ms=dense.get("cudnn"), dense_flash_ms=dense.get("flash"), dense_estimated=estimated,
-           speedup_vs_cudnn=dense["cudnn"] / total_ms if dense.get("cudnn") else None)
+    return dense
 
 
 def decode(report, ceilings, batch, n):
@@ -94,12 +117,13 @@ def decode(report, ceilings, batch, n):
 
 
 def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES,
-        dense_max_tokens=DENSE_MAX_TOKENS):
-    """End-to-end prefill at each of tokens (with each stage and dense attention), decode per
-    cache length and batch."""
+        dense_max_tokens=DENSE_MAX_TOKENS, patterns=selection_patterns.DEFAULT_PATTERNS):
+    """End-to-end prefill at each of tokens for each selection pattern (with each stage, the
+    selection's overlap and tile unions, and dense attention), decode per cache length and batch."""
+    patterns = selection_patterns.check_patterns(patterns)
     dense_ref = {}
     for n in tokens:
-        prefill(report, ceilings, n, dense_ref, dense_max_tokens)
+        prefill(report, ceilings, n, dense_ref, dense_max_tokens, patterns)
     for n in caches:
         for b in batches:
             decode(report, ceilings, b, n)

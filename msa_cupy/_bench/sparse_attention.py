@@ -1,5 +1,8 @@
 """Sparse attention alone (msa_cupy.sparse: reverse index, attention, combine) at the paper's
-shapes: Hq=64, Hkv=4, D=128, Bk=128, k=16, bf16, causal; block indices shaped like a selector's
+shapes: Hq=64, Hkv=4, D=128, Di=128, Bk=128, k=16, bf16, causal.  Prefill block indices come
+from the fused selection over an index drawn for each selection pattern (``patterns``,
+default random and coherent; ``patterns.py``), each row with the selection's adjacent-query
+overlap and mean union per query tile; decode block indices are shaped like a selector's
 (the local block + 15 distinct random earlier blocks per (query, group)).
 
 Prefill: useful TFLOP/s (4 * Hq / Hkv * D * selected visible keys, summed over (query, group))
@@ -8,14 +11,16 @@ attention (torch SDPA, cuDNN) on the same shapes up to ``dense_max_tokens``.  De
 per sequence): bytes of the selected K/V blocks over the time against the copy ceiling, and
 dense decode (best of cuDNN and flash).  ``variants``: ``sparse.SparseTuning`` choices of the
 prefill kernels (e.g. ``SparseTuning(prefill_kernel="mma")``), each timed and compared with the
-default's output.
+default's output.  ``schedules`` (e.g. ("kv", "tile", "auto")): time the prefill under each
+``SparseTuning(schedule=...)`` instead of the default (the first is the reference output of the
+variants); each row names its ``schedule``.
 """
 from __future__ import annotations
 
 from .. import testing
-from . import harness
+from . import harness, patterns as selection_patterns
 
-HQ, HKV, D, BLOCK, TOP_K = 64, 4, 128, 128, 16
+HQ, HKV, D, DI, BLOCK, TOP_K = 64, 4, 128, 128, 128, 16
 PREFILL_TOKENS = (32768, 131072)
 DECODE_CACHES = (131072, 1 << 20)
 DECODE_BATCHES = (1, 8, 32)
@@ -45,20 +50,52 @@ def _stages(run):
     return stats.totals()
 
 
-def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=()):
+def _selection(n, pattern):
+    """int32 (n, Hkv, k) block ids of the fused selection over an index of the pattern."""
+    import msa_cupy
+
     cp = harness.cupy()
-    rng = cp.random.default_rng(n)
+    iq, ik = selection_patterns.index_inputs(cp.random.default_rng(n), pattern, n, n, HKV, DI, harness.BF16,
+                                             block_size=BLOCK)
+    ids = msa_cupy.select_blocks(iq, ik, block_size=BLOCK, top_k=TOP_K)
+    del iq, ik
+    return ids
+
+
+def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=(),
+            patterns=selection_patterns.DEFAULT_PATTERNS, schedules=None):
+    from .. import sparse
+
+    cp = harness.cupy()
+    tunings = (None,) if not schedules else tuple(sparse.SparseTuning(schedule=s) for s in schedules)
+    tunings += tuple(variants)
     q = testing.device_randn((n, HQ, D), harness.BF16)
     k, v = testing.device_randn((n, HKV, D), harness.BF16), testing.device_randn((n, HKV, D), harness.BF16)
-    ids = testing.plausible_block_indices(rng, n, n, HKV, TOP_K, BLOCK)
+    for pattern in patterns:
+        _prefill_pattern(report, ceilings, n, q, k, v, pattern, tunings)
+    del q, k, v
+    cp.get_default_memory_pool().free_all_blocks()
+    if n <= dense_max_tokens:
+        dense = harness.dense_attention_ms(1, n, n, HQ, HKV, D, causal=True, backend="cudnn")
+        report(f"dense prefill {n // 1024}K", kind="dense prefill", tokens=n, dense_cudnn_ms=dense)
+
+
+def _prefill_pattern(report, ceilings, n, q, k, v, pattern, tunings):
+    from .. import sparse
+
+    cp = harness.cupy()
+    ids = _selection(n, pattern)
+    stats = selection_patterns.selection_stats(ids)
     flops = 4 * (HQ // HKV) * D * harness.selected_visible_keys(ids, n, BLOCK)
     matmul = ceilings["matmul_TFLOPs"]
     default = None
-    for tuning in (None, *variants):
+    for tuning in tunings:
         run = _attention(q, k, v, ids, 1, n, n, tuning)
         ms = harness.time_ms(run, [()], warmup=2, repeat=5)
         split = _stages(run)
-        fields = dict(kind="sparse prefill", tokens=n, ms=ms, TFLOPs=flops / ms / 1e9,
+        schedule = (tuning or sparse.DEFAULT_TUNING).schedule
+        fields = dict(kind="sparse prefill", tokens=n, pattern=pattern, schedule=schedule, **stats, ms=ms,
+                      TFLOPs=flops / ms / 1e9,
                       pct_matmul=100 * flops / ms / 1e9 / matmul, reverse_index_ms=split.get("reverse_index"),
                       attention_ms=split.get("attention"), combine_ms=split.get("combine"),
                       attention_pct_matmul=100 * flops / split["attention"] / 1e9 / matmul
@@ -70,13 +107,11 @@ def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=())
             fields["rel_diff_vs_default"] = float(cp.linalg.norm(out - default) / cp.linalg.norm(default))
         del out
         changes = {} if tuning is None else tuning.changes()
-        name = f"sparse prefill {n // 1024}K" + "".join(f" {key}={value}" for key, value in changes.items())
+        changes.setdefault("schedule", schedule)
+        name = f"sparse prefill {n // 1024}K {pattern}" + "".join(f" {key}={value}" for key, value in changes.items())
         report(name, **fields)
-    del q, k, v, ids, default
+    del ids, default
     cp.get_default_memory_pool().free_all_blocks()
-    if n <= dense_max_tokens:
-        dense = harness.dense_attention_ms(1, n, n, HQ, HKV, D, causal=True, backend="cudnn")
-        report(f"dense prefill {n // 1024}K", kind="dense prefill", tokens=n, dense_cudnn_ms=dense)
 
 
 def decode(report, ceilings, batch, nk):
@@ -103,10 +138,19 @@ def decode(report, ceilings, batch, nk):
 
 
 def run(report, ceilings, tokens=PREFILL_TOKENS, caches=DECODE_CACHES, batches=DECODE_BATCHES,
-        dense_max_tokens=DENSE_MAX_TOKENS, variants=()):
-    """Sparse attention prefill at each of tokens (and each variant), decode per cache and batch."""
+        dense_max_tokens=DENSE_MAX_TOKENS, variants=(), patterns=selection_patterns.DEFAULT_PATTERNS, schedules=None):
+    """Sparse attention prefill at each of tokens for each selection pattern (and each
+    variant, or each of schedules), decode per cache and batch."""
+    from .. import sparse
+
+    patterns = selection_patterns.check_patterns(patterns)
+    if schedules is not None:
+        schedules = (schedules,) if isinstance(schedules, str) else tuple(schedules)
+        bad = [s for s in schedules if s not in sparse.SCHEDULES]
+        if bad or not schedules:
+            raise ValueError(f"schedules must name some of {sparse.SCHEDULES}, got {schedules!r}")
     for n in tokens:
-        prefill(report, ceilings, n, dense_max_tokens, variants)
+        prefill(report, ceilings, n, dense_max_tokens, variants, patterns, schedules)
     for nk in caches:
         for batch in batches:
             decode(report, ceilings, batch, nk)

@@ -1,0 +1,230 @@
+"""GPU tests of the prefill schedule: the tile-outer kernel (sparse_prefill_tile.cu), the tile
+classification (tile_schedule.cu) and the hybrid of both paths, against the float64 oracle.
+Random and coherent selections, causal and not, varlen batches with empty and one-token
+sequences, D 64/128, Bk 64/128, G 1..16; schedules "tile", "kv" and "auto" agree with each
+other and with the oracle.  Outputs are poisoned before each run.  (NaN and Inf:
+test_nonfinite_gpu.py, which runs these schedules too.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from msa_cupy import reference, sparse, testing
+from msa_cupy._bench import patterns
+from msa_cupy._layout import query_positions, varlen_layout
+from test_sparse_gpu import _run
+
+pytestmark = pytest.mark.gpu
+
+
+def _selection(rng, lengths, hkv, top_k, block_size, causal, mode):
+    """int32 (total_q, Hkv, top_k) picks: the test kit's random modes, or "coherent" (the
+    oracle's selection over a coherent index: neighbouring queries share most blocks)."""
+    if mode != "coherent":
+        return testing.random_block_indices(rng, lengths, hkv, top_k, block_size, mode=mode, causal=causal)
+    iqs, iks = [], []
+    for nq, nk in lengths:
+        iq, ik = patterns.index_inputs(rng, "coherent", nq, nk, hkv, 16, np.float32, window=64, block_size=block_size)
+        iqs.append(iq)
+        iks.append(ik)
+    cu_q, cu_k = testing.cu_seqlens([nq for nq, _ in lengths]), testing.cu_seqlens([nk for _, nk in lengths])
+    return reference.select_blocks(np.concatenate(iqs), np.concatenate(iks), top_k=top_k, block_size=block_size,
+                                   causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def _case(rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode, scale=None):
+    a = testing.attention_inputs(rng, lengths, n_kv_heads=hkv, group_size=group, head_dim=head_dim, dt=dtype_name)
+    q, k, v, cu_q, cu_k = (a[name] for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"))
+    bi = _selection(rng, lengths, hkv, top_k, block_size, causal, mode)
+    scale = 1 / np.sqrt(head_dim) if scale is None else scale
+    ref = reference.sparse_attention(q, k, v, bi, block_size=block_size, causal=causal, scale=scale,
+                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    return (q, k, v, bi, cu_q, cu_k, scale), ref
+
+
+def _bitwise(a, b):
+    return np.array_equal(a.get().view(np.uint16 if a.dtype.itemsize == 2 else np.uint32),
+                          b.get().view(np.uint16 if b.dtype.itemsize == 2 else np.uint32))
+
+
+@st.composite
+def _cases(draw):
+    group = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    hkv = draw(st.sampled_from([1, 2]))
+    head_dim = draw(st.sampled_from([64, 128]))
+    block_size = draw(st.sampled_from([64, 128]))
+    dtype_name = draw(st.sampled_from(sorted(testing.DTYPES)))
+    causal = draw(st.booleans())
+    lengths = draw(testing.lengths(max_q=400, max_k=700, max_seqs=3))
+    top_k = draw(st.integers(1, 8))
+    mode = draw(st.sampled_from(["random", "local", "all", "coherent"]))
+    schedule = draw(st.sampled_from(["tile", "auto"]))
+    tile_rows = draw(st.sampled_from([64, 128]))
+    min_useful = draw(st.sampled_from([0.0, 0.3, 0.6, 1.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, schedule, tile_rows, \
+        min_useful, seed
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=_cases())
+def test_tile_and_auto_schedules_match_reference(case):
+    group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, schedule, tile_rows, min_useful, seed \
+        = case
+    rng = np.random.default_rng(seed)
+    if mode == "all":
+        top_k = max(top_k, max((-(-nk // block_size) for _, nk in lengths), default=1), 1)
+    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _case(
+        rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode,
+        scale=float(rng.uniform(0.5, 1.5)) / np.sqrt(head_dim))
+    tuning = dict(path="prefill", schedule=schedule, tile_rows=tile_rows, tile_min_useful=min_useful)
+    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, **tuning)
+    testing.assert_attention_close(out, ref_out, dtype_name, lse, ref_lse)
+    out2, lse2 = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, **tuning)
+    assert _bitwise(out, out2) and _bitwise(lse, lse2), "repeat not bitwise identical"
+
+
+@pytest.mark.parametrize("mode", ["coherent", "random"])
+@pytest.mark.parametrize("group,head_dim,block_size", [(16, 128, 128), (4, 64, 64), (1, 128, 64), (8, 64, 128)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_schedules_agree(rng, mode, group, head_dim, block_size, causal):
+    """tile, kv and auto (threshold in the middle: both paths in one call) each match the
+    oracle and each other, on a varlen batch with a chunk of queries at the end of a cache."""
+    hkv, top_k = 2, 6
+    lengths = [(600, 600), (1, 1), (0, 50), (130, 1000), (5, 3)]
+    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _case(
+        rng, lengths, group, hkv, head_dim, "bfloat16", top_k, block_size, causal, mode)
+    outs = {}
+    for schedule in ("tile", "kv", "auto"):
+        out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, path="prefill", schedule=schedule,
+                        tile_min_useful=0.5)
+        testing.assert_attention_close(out, ref_out, "bfloat16", lse, ref_lse)
+        outs[schedule] = out
+    for schedule in ("tile", "auto"):
+        assert testing.rel_error(outs[schedule], outs["kv"]) < testing.TOLERANCE["bfloat16"]
+
+
+def test_auto_mixes_both_paths(rng):
+    """A selection coherent in one half of a sequence and random in the other: auto sends most
+    of the first half's tiles tile-outer and most of the second's KV-outer (the model's
+    choice); rows of both halves match the oracle, and the whole output the kv schedule's."""
+    import cupy
+
+    group, hkv, head_dim, block_size, top_k, n = 16, 1, 64, 64, 4, 4096
+    a = testing.attention_inputs(rng, [(n, n)], n_kv_heads=hkv, group_size=group, head_dim=head_dim, dt="float16")
+    q, k, v, cu_q, cu_k = (a[name] for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"))
+    bi = _selection(rng, [(n, n)], hkv, top_k, block_size, True, "coherent")
+    bi[n // 2:] = testing.plausible_block_indices(rng, n, n, hkv, top_k, block_size)[n // 2:]
+    mode = sparse.tile_schedule_model(bi, cu_q, tile_tokens=8, min_useful=sparse.TILE_MIN_USEFUL)
+    assert mode[: n // 2].mean() > 0.7 and mode[n // 2:].mean() < 0.3, "the case must mix the two paths"
+    scale = 1 / np.sqrt(head_dim)
+    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, scale, path="prefill", schedule="auto")
+    kv, _ = _run(q, k, v, bi, cu_q, cu_k, block_size, True, scale, path="prefill", schedule="kv")
+    assert not bool(cupy.isnan(out).any()) and not bool(cupy.isnan(lse).any()), "unwritten elements"
+    assert testing.rel_error(out, kv) < testing.TOLERANCE["float16"]
+    rows = np.unique(np.concatenate([rng.integers(0, n, 60), [0, n // 2 - 1, n // 2, n - 1]]))
+    ref_out, ref_lse = reference.sequence_sparse_attention(q[rows], k, v, bi[rows], query_positions(n, n)[rows],
+                                                           block_size=block_size, causal=True, scale=scale)
+    testing.assert_attention_close(out[rows], ref_out, "float16", lse[rows], ref_lse)
+
+
+@pytest.mark.parametrize("tile_tokens", [4, 8, 64])
+def test_classifier_matches_its_model(rng, tile_tokens):
+    """query_tile_offsets + classify_query_tiles on a chunk that starts and ends inside
+    sequences (empty ones between) against sparse.tile_schedule_model."""
+    import cupy
+
+    lengths = [(70, 300), (0, 20), (45, 45), (1, 9), (200, 640)]
+    hkv, top_k, block_size = 3, 5, 32
+    bi = np.concatenate([_selection(rng, [ln], hkv, top_k, block_size, True, mode)
+                         for ln, mode in zip(lengths, ["coherent", "random", "local", "random", "coherent"])])
+    cu_q = testing.cu_seqlens([nq for nq, _ in lengths])
+    cu_k = testing.cu_seqlens([nk for _, nk in lengths])
+    n_seq = len(lengths)
+    for q_begin, rows in [(0, int(cu_q[-1])), (33, 150), (100, 1)]:
+        tile_off = cupy.full(n_seq + 1, -7, cupy.int32)
+        row_mode = cupy.full((rows, hkv), 7, cupy.uint8)
+        d_cu_q, d_cu_k = cupy.asarray(cu_q), cupy.asarray(cu_k)
+        sparse.query_tile_offsets(d_cu_q, n_seq, q_begin, rows, tile_tokens, tile_off)
+        chunk = cupy.asarray(bi[q_begin:q_begin + rows])
+        for min_useful in (0.0, 0.3, 0.7):
+            sparse.classify_query_tiles(chunk, d_cu_q, d_cu_k, tile_off, n_seq, q_begin, rows,
+                                        tile_tokens=tile_tokens, min_useful=min_useful, row_mode=row_mode)
+            want = sparse.tile_schedule_model(bi, cu_q, tile_tokens=tile_tokens, min_useful=min_useful,
+                                              q_begin=q_begin, rows=rows)
+            assert np.array_equal(row_mode.get(), want), (q_begin, rows, min_useful)
+        per_seq = [max(0, min(int(cu_q[s + 1]), q_begin + rows) - max(int(cu_q[s]), q_begin)) for s in range(n_seq)]
+        assert tile_off.get().tolist() == np.concatenate([[0], np.cumsum([-(-n // tile_tokens) for n in per_seq])]).tolist()
+
+
+@pytest.mark.parametrize("schedule", ["tile", "auto"])
+def test_chunks_cut_tiles(rng, monkeypatch, schedule):
+    """Query chunks of 37 rows (a small partial budget): tiles end at chunk boundaries too."""
+    group, hkv, head_dim, block_size, top_k = 4, 2, 64, 64, 4
+    lengths = [(150, 400), (90, 90)]
+    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _case(
+        rng, lengths, group, hkv, head_dim, "bfloat16", top_k, block_size, True, "coherent")
+    per_row = group * hkv * top_k * head_dim * 2
+    monkeypatch.setattr(sparse, "PARTIAL_BUDGET_BYTES", 37 * per_row)
+    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, True, scale, path="prefill", schedule=schedule)
+    testing.assert_attention_close(out, ref_out, "bfloat16", lse, ref_lse)
+
+
+@pytest.mark.parametrize("schedule", ["tile", "auto", "kv"])
+def test_long_coherent_context_sampled_rows(rng, schedule):
+    """32K tokens at the paper's group size (G = 16, D = Bk = 128, top_k 16), a coherent
+    selection from the fused selector: full run, rows sampled against the oracle."""
+    import cupy
+
+    import msa_cupy
+
+    n, hq, hkv, head_dim, block_size, top_k = 32768, 32, 2, 128, 128, 16
+    q = testing.device_randn((n, hq, head_dim), "bfloat16")
+    k, v = testing.device_randn((n, hkv, head_dim), "bfloat16"), testing.device_randn((n, hkv, head_dim), "bfloat16")
+    iq, ik = patterns.index_inputs(cupy.random.default_rng(1), "coherent", n, n, hkv, 128, testing.DTYPES["bfloat16"],
+                                   block_size=block_size)
+    bi = msa_cupy.select_blocks(iq, ik, top_k=top_k, block_size=block_size)
+    assert patterns.adjacent_overlap(bi) > 0.8
+    layout = varlen_layout(np.array([0, n]), np.array([0, n]))
+    sparse._poison_outputs = True
+    try:
+        out, lse = sparse.sparse_attention(q, k, v, bi, layout, cupy.array([0, n], cupy.int32),
+                                           cupy.array([0, n], cupy.int32), block_size=block_size, causal=True,
+                                           scale=1 / np.sqrt(head_dim), tuning=sparse.SparseTuning(schedule=schedule))
+        cupy.cuda.runtime.deviceSynchronize()
+    finally:
+        sparse._poison_outputs = False
+    assert not bool(cupy.isnan(lse).any()) and not bool(cupy.isnan(out).any()), "unwritten elements"
+    rows = np.unique(np.concatenate([rng.integers(0, n, 40), [0, 1, 127, 128, n - 1]]))
+    ref_out, ref_lse = reference.sequence_sparse_attention(
+        q[rows].get(), k.get(), v.get(), bi[rows].get(), query_positions(n, n)[rows], block_size=block_size,
+        causal=True, scale=1 / np.sqrt(head_dim))
+    testing.assert_attention_close(out[rows], ref_out, "bfloat16", lse[rows], ref_lse)
+
+
+def test_large_top_k_falls_back_to_kv(rng):
+    """top_k past what a tile deduplicates: auto runs KV-outer (same bits as kv), and a forced
+    tile schedule says why it cannot."""
+    group, hkv, head_dim, block_size, top_k = 16, 1, 64, 64, 200
+    lengths = [(40, 4000)]
+    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _case(
+        rng, lengths, group, hkv, head_dim, "float16", top_k, block_size, True, "random")
+    auto = _run(q, k, v, bi, cu_q, cu_k, block_size, True, scale, path="prefill", schedule="auto")
+    kv = _run(q, k, v, bi, cu_q, cu_k, block_size, True, scale, path="prefill", schedule="kv")
+    testing.assert_attention_close(auto[0], ref_out, "float16", auto[1], ref_lse)
+    assert _bitwise(auto[0], kv[0]) and _bitwise(auto[1], kv[1])
+    with pytest.raises(ValueError, match="schedule='tile'.*top_k=200"):
+        _run(q, k, v, bi, cu_q, cu_k, block_size, True, scale, path="prefill", schedule="tile")
+
+
+def test_decode_shapes_ignore_the_schedule(rng):
+    """Sequences of at most DECODE_MAX_QUERIES queries take the decode path whatever the schedule."""
+    lengths = [(3, 900), (1, 130)]
+    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _case(
+        rng, lengths, 8, 2, 128, "bfloat16", 4, 128, True, "local")
+    tile = _run(q, k, v, bi, cu_q, cu_k, 128, True, scale, schedule="tile")
+    kv = _run(q, k, v, bi, cu_q, cu_k, 128, True, scale, schedule="kv")
+    testing.assert_attention_close(tile[0], ref_out, "bfloat16", tile[1], ref_lse)
+    assert _bitwise(tile[0], kv[0])
