@@ -119,8 +119,7 @@ def _smem_bytes(di, block_size, warps, top_k, epilogue, stages=WGMMA_STAGES[-1])
     return 2 * KEY_TILE * di * 2 + wn * bpw * bm * 4 + lists * bm
 
 
-def _i32(x):
-    return np.int32(x)
+_i32 = _jit.int32  # np.int32, or a _jit.Scalar a prepared launch binds at each launch
 
 
 class SelectLaunch(NamedTuple):
@@ -133,6 +132,7 @@ class SelectLaunch(NamedTuple):
     q_tiles: int
     group_grid: int
     splits: int
+    tile_rows: int = 0  # index rows (query x group) per CTA
 
 
 def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_q, max_k, top_k, epilogue,
@@ -157,9 +157,8 @@ def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_
     bm = WGMMA_ROWS if warps == WGMMA else 32 * warps[0]
     q_tiles = max(-(-max_rows // bm), 1)
     if splits is None:
-        tiles = n_seq * q_tiles if q_lens is None else int(np.sum(-(-(q_lens * rows_per_q) // bm)))
-        want = -(-CTAS_PER_SM_TARGET * _sm_count() // max(tiles * group_grid, 1))
-        splits = int(max(1, min(want, (-(-max_k // KEY_TILE)) // MIN_TILES_PER_SPLIT)))
+        tiles = n_seq * q_tiles if q_lens is None else query_tiles(q_lens, rows_per_q, bm)
+        splits = split_count(tiles, group_grid, max_k)
     dt = _jit.dtype_template(dtype)
     if warps == WGMMA:
         limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN)
@@ -168,10 +167,36 @@ def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_
         kernel = _jit.kernel("select_sm90.cu", "select_sm90_kernel", (index_dim, block_size, stages, epilogue, dt),
                              arch_specific=True)
         return SelectLaunch(kernel, 256, _smem_bytes(index_dim, block_size, warps, top_k, epilogue, stages), q_tiles,
-                            group_grid, splits)
+                            group_grid, splits, bm)
     kernel = _jit.kernel("select.cu", "select_kernel", (index_dim, block_size, *warps, epilogue, dt))
     return SelectLaunch(kernel, 32 * warps[0] * warps[1], _smem_bytes(index_dim, block_size, warps, top_k, epilogue),
-                        q_tiles, group_grid, splits)
+                        q_tiles, group_grid, splits, bm)
+
+
+def query_tiles(q_lens, rows_per_q: int, tile_rows: int) -> int:
+    """CTAs along the query rows: each sequence's q_len * rows_per_q index rows in tiles of
+    tile_rows (host q_lens, one per sequence)."""
+    return int(np.sum(-(-(np.asarray(q_lens, np.int64) * rows_per_q) // tile_rows)))
+
+
+def split_count(tiles: int, group_grid: int, max_k: int, *, sm_count=None) -> int:
+    """Key-range splits per CTA (split-K): enough CTAs for CTAS_PER_SM_TARGET per SM, and no
+    split of fewer than MIN_TILES_PER_SPLIT key tiles."""
+    sms = _sm_count() if sm_count is None else sm_count
+    want = -(-CTAS_PER_SM_TARGET * sms // max(tiles * group_grid, 1))
+    return int(max(1, min(want, (-(-max_k // KEY_TILE)) // MIN_TILES_PER_SPLIT)))
+
+
+def split_rows_bound(rows: int, rows_per_q: int, tile_rows: int, group_grid: int, max_k: int, *,
+                     sm_count=None) -> int:
+    """An upper bound of query rows x split_count over every call of at most ``rows`` query rows
+    and ``max_k`` keys (the partial lists a split-K selection writes, per group and pick):
+    splits <= ceil(T / (tiles * group_grid)) with tiles >= rows * rows_per_q / tile_rows gives
+    rows * splits <= T * tile_rows / (rows_per_q * group_grid) + rows, T the CTA target."""
+    sms = _sm_count() if sm_count is None else sm_count
+    most = split_count(1, group_grid, max_k, sm_count=sms)  # one tile: the most splits any call gets
+    bound = CTAS_PER_SM_TARGET * sms * tile_rows // (rows_per_q * group_grid) + rows
+    return int(min(rows * most, bound))
 
 
 def _ptr(x):
@@ -191,9 +216,14 @@ def launch_select(cfg: SelectLaunch, index_q, index_k, cu_q, cu_k, n_seq: int, *
         _i32(sink_blocks), _i32(1 if causal else 0), _i32(cfg.splits), *pages), shared_mem=cfg.smem)
 
 
-def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int):
-    """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids."""
-    merge = _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+def merge_kernel():
+    return _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS,))
+
+
+def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int, *, kernel=None):
+    """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids.
+    ``kernel``: merge_kernel() unless given (a decode plan passes a recorder)."""
+    merge = kernel if kernel is not None else merge_kernel()
     merge((-(-rows // TOPK_WARPS),), (32 * TOPK_WARPS,),
           (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
 
