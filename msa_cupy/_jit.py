@@ -698,12 +698,11 @@ class Program:
         binds the same names every time: the lookups are made once)."""
         found = self._binders.get(names)
         if found is None:
-            cells = tuple(self.slots.get(name, ()) for name in names)
+            cells = tuple((view, index, i) for i, name in enumerate(names) for view, index in self.slots.get(name, ()))
 
             def found(*values):
-                for targets, value in zip(cells, values):
-                    for view, index in targets:
-                        view[index] = value
+                for view, index, i in cells:
+                    view[index] = values[i]
 
             self._binders[names] = found
         return found

@@ -134,6 +134,10 @@ def test_launch_packs_each_argument_in_its_own_cell():
     assert _cell(launch, 8, np.int64) == 2**40 + 3
     program.bind("n", 9)  # rebinding rewrites the low four bytes only
     assert _cell(launch, 7, np.int32) == 9 and launch.values[7:8].view(np.int32)[1] == 0
+    bind = program.binder(("big", "absent", "q", "n"))  # one call per step, the lookups made once
+    assert program.binder(("big", "absent", "q", "n")) is bind
+    bind(5, 6, 0x1234, -1)
+    assert _cell(launch, 8, np.int64) == 5 and int(launch.values[6]) == 0x1234 and _cell(launch, 7, np.int32) == -1
 
 
 def test_launch_refuses_arguments_without_a_fixed_width():

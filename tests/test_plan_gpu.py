@@ -367,7 +367,7 @@ def test_caller_workspace_gives_the_plans_own_results_bitwise():
     with pytest.raises(ValueError, match="workspace must be a 1-D uint8 array"):
         other.use_workspace(raw[:plan.workspace_bytes - 1])
     with pytest.raises(ValueError, match="256-byte boundary"):
-        other.use_workspace(raw[1:])
+        other.use_workspace(raw[16:])  # 16-byte aligned (what every kernel array needs), not 256
 
 
 # --------------------------------------------------------------------------- host fast path of plans
