@@ -25,6 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 _PACKAGE = Path(__file__).resolve().parent
 # installed wheel: msa_cupy/cuda/; source tree: <repo>/cuda/
 CUDA_DIR = next((p for p in (_PACKAGE / "cuda", _PACKAGE.parent / "cuda") if p.is_dir()), _PACKAGE / "cuda")
@@ -87,8 +89,6 @@ _TEMPLATE_DTYPES = {"float16": "f16", "bfloat16": "bf16"}  # as the .cu files sp
 
 def dtype_template(dtype) -> str:
     """The template argument of the kernels for an element dtype: 'f16' or 'bf16'."""
-    import numpy as np
-
     name = np.dtype(dtype).name
     if name not in _TEMPLATE_DTYPES:
         raise TypeError(f"the kernels take float16 or bfloat16, got {name}")
@@ -543,8 +543,6 @@ class Pointer:
     __slots__ = ("name", "shape", "dtype")
 
     def __init__(self, name: str, shape=(), dtype="uint8"):
-        import numpy as np
-
         self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
 
     @property
@@ -561,8 +559,6 @@ class Scalar:
     __slots__ = ("name", "dtype")
 
     def __init__(self, name: str, dtype):
-        import numpy as np
-
         self.name, self.dtype = name, np.dtype(dtype)
 
     def __repr__(self):
@@ -571,8 +567,6 @@ class Scalar:
 
 def int32(x):
     """np.int32(x) for a launch argument; a Scalar stays (it is bound at each launch)."""
-    import numpy as np
-
     return x if isinstance(x, Scalar) else np.int32(x)
 
 
@@ -588,10 +582,6 @@ class Launch:
     the given stream; a grid with a zero extent launches nothing (as Kernel.__call__)."""
 
     def __init__(self, kernel, grid, block, args, shared_mem=0):
-        import sys
-
-        import numpy as np
-
         if sys.byteorder != "little":  # pragma: no cover - CUDA hosts are little-endian
             raise RuntimeError("prepared launches assume a little-endian host")
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
@@ -618,8 +608,6 @@ class Launch:
         return self._views[dtype]
 
     def _pack(self, i, a):
-        import numpy as np
-
         if isinstance(a, Pointer):
             self.slots.append((a.name, self.values, i))
         elif isinstance(a, Scalar):
