@@ -474,7 +474,7 @@ def _assert_same_bits(a, b):
 @st.composite
 def one_calls(draw):
     hkv = draw(st.sampled_from([1, 2, 4]))
-    return dict(hkv=hkv, g=draw(st.sampled_from([1, 2, 4, 8, 16])), d=draw(st.sampled_from([64, 128])),
+    return dict(hkv=hkv, g=draw(st.sampled_from([1, 4, 16])), d=draw(st.sampled_from([64, 128])),
                 block=draw(st.sampled_from([64, 128])), nq=draw(st.sampled_from([1, 1, 2, 3, 8, 16])),
                 batch=draw(st.integers(1, 5)), nk=draw(st.integers(1, 2500)), top_k=draw(st.integers(1, 12)),
                 local=draw(st.integers(0, 2)), sink=draw(st.integers(0, 1)),
@@ -484,7 +484,7 @@ def one_calls(draw):
                 seed=draw(st.integers(0, 2**31)))
 
 
-@SETTINGS
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(one_calls())
 def test_one_call_decode_through_plans_is_bitwise_the_earlier_path(p):
     import cupy as cp
@@ -574,6 +574,7 @@ def test_one_call_decodes_stay_right_when_plans_are_dropped_while_queued(monkeyp
     calls = [(n, 2 + n % 2) for n in range(500, 900)]  # top_k 2 and 3: two plans
     outs = [msa_cupy.attention(q, k[:, :n], v[:, :n], block_size=64, top_k=top_k) for n, top_k in calls]
     assert len(_plan_cache.cache().plans) == 1
+    assert all(found._raw is None for found in _plan_cache.cache().plans.values())  # no GPU memory of their own
     cp.cuda.Stream.null.synchronize()
     with _EarlierPath():
         for (n, top_k), out in zip(calls, outs):
