@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from . import _interop, _plain, plan, reference, selection, sparse
+from . import _interop, _plain, _plan_cache, plan, reference, selection, sparse
 from ._interop import Call
 from ._layout import Layout
 
@@ -193,8 +193,14 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
 
     Without ``index_q``/``index_k`` the training-free default is used (index_q = mean of each
     group's query heads, index_k = the group's key head): an approximation, not trained MSA.
-    Returns ``out``, then ``lse`` if ``return_lse``, then ``block_indices`` if ``return_indices``.
+    Returns ``out``, then ``lse`` if ``return_lse``, then ``block_indices`` if ``return_indices``:
+    fresh arrays.  Decode shapes (causal, at most 16 queries per sequence) run through decode
+    plans cached per shape (``_plan_cache``): the same kernels, a fraction of the host cost.
     """
+    fast = _plan_cache.fast_attention(q, k, v, index_q, index_k, block_size, top_k, local_blocks, sink_blocks, causal,
+                                      scale, cu_seqlens_q, cu_seqlens_k, return_lse, return_indices)
+    if fast is not None:
+        return fast
     options = _interop.scalar_options(top_k=top_k, block_size=block_size, local_blocks=local_blocks,
                                       sink_blocks=sink_blocks, causal=causal, scale=scale, return_lse=return_lse,
                                       return_indices=return_indices)
@@ -213,13 +219,18 @@ def attention(q, k, v, *, index_q=None, index_k=None, block_size=128, top_k=16, 
         if (index_q is None) != (index_k is None):
             raise ValueError("index_q and index_k must be given together (or neither, for the training-free default)")
         qf, kf, vf = layout.flatten(a["q"]), layout.flatten(a["k"]), layout.flatten(a["v"])
-        if index_q is None:
-            iq = _group_mean(qf, hkv)
-            ik, di = kf, d
-        else:
+        iq = ik = None
+        if index_q is not None:
             _, _, _, di = _interop.check_index(a["index_q"], a["index_k"], a["cu_seqlens_q"], a["cu_seqlens_k"],
                                                gpu=True, n_kv_heads=hkv, layout=layout)
             iq, ik = layout.flatten(a["index_q"]), layout.flatten(a["index_k"])
+        planned = _plan_cache.attention_checked(layout, qf, kf, vf, iq, ik, a["cu_seqlens_q"], a["cu_seqlens_k"],
+                                                hq=hq, hkv=hkv, d=d, scale=scale, return_lse=flags["return_lse"],
+                                                return_indices=flags["return_indices"], **options)
+        if planned is not None:
+            return call.wrap(planned)
+        if iq is None:
+            iq, ik, di = _group_mean(qf, hkv), kf, d
         ids = _select(call, iq, ik, layout, di, options)
         out, lse = _sparse(call, qf, kf, vf, ids, layout, hq, hkv, d, options["block_size"], options["causal"], scale)
         result = (layout.unflatten(out),)

@@ -25,6 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 _PACKAGE = Path(__file__).resolve().parent
 # installed wheel: msa_cupy/cuda/; source tree: <repo>/cuda/
 CUDA_DIR = next((p for p in (_PACKAGE / "cuda", _PACKAGE.parent / "cuda") if p.is_dir()), _PACKAGE / "cuda")
@@ -87,8 +89,6 @@ _TEMPLATE_DTYPES = {"float16": "f16", "bfloat16": "bf16"}  # as the .cu files sp
 
 def dtype_template(dtype) -> str:
     """The template argument of the kernels for an element dtype: 'f16' or 'bf16'."""
-    import numpy as np
-
     name = np.dtype(dtype).name
     if name not in _TEMPLATE_DTYPES:
         raise TypeError(f"the kernels take float16 or bfloat16, got {name}")
@@ -530,3 +530,196 @@ def get_kernel(source: str, name: str, *, template=None, arch_specific=False) ->
             hit._module = module  # keep the module alive with its function
             _modules[memo_key] = hit
         return hit
+
+
+# --------------------------------------------------------------------------- prepared launches
+#
+# A decode step is a handful of launches whose arguments barely change from step to step.
+# Through Kernel.__call__ each launch converts every argument again (CuPy's argument objects,
+# a tuple per launch); a prepared Launch holds the argument block that cuLaunchKernel reads,
+# in host memory of its own, and a step rewrites only the addresses (and the few scalars) that
+# changed, then makes one driver call.  Launch functions build prepared launches unchanged:
+# they receive a Recorder in place of the kernel, and Pointer / Scalar stand-ins in place of
+# the arguments that are bound at each step.
+
+
+class Pointer:
+    """An array argument whose device address is bound at each launch (Program.bind).
+    ``shape`` and ``dtype`` are what launch functions read from their arrays while a launch is
+    prepared (head counts, top_k, the element type)."""
+
+    __slots__ = ("name", "shape", "dtype")
+
+    def __init__(self, name: str, shape=(), dtype="uint8"):
+        self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self):
+        return f"Pointer({self.name!r}, {self.shape}, {self.dtype})"
+
+
+class Scalar:
+    """A by-value argument (int32, int64, float32...) bound at each launch."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype):
+        self.name, self.dtype = name, np.dtype(dtype)
+
+    def __repr__(self):
+        return f"Scalar({self.name!r}, {self.dtype})"
+
+
+def int32(x):
+    """np.int32(x) for a launch argument; a Scalar stays (it is bound at each launch)."""
+    return x if isinstance(x, Scalar) else np.int32(x)
+
+
+_CELL = 8  # bytes per argument in a prepared argument block: every kernel argument here fits
+
+
+class Launch:
+    """A kernel launch prepared once: grid, block, dynamic shared memory, and the argument block
+    that cuLaunchKernel reads (one 8-byte cell per argument, a value in the low bytes of its
+    cell, and the array of cell addresses the driver takes).  Constant arguments are written
+    here; each Pointer or Scalar argument is a slot, ``slots`` lists them as (name, typed view
+    of the cells, index), and is written by ``Program.bind``.  Calling it is one driver call on
+    the given stream; a grid with a zero extent launches nothing (as Kernel.__call__)."""
+
+    def __init__(self, kernel, grid, block, args, shared_mem=0):
+        if sys.byteorder != "little":  # pragma: no cover - CUDA hosts are little-endian
+            raise RuntimeError("prepared launches assume a little-endian host")
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
+        self.empty = min(grid) == 0
+        self.kernel = kernel
+        self.function = kernel.function.ptr
+        self.grid, self.block, self.shared_mem = grid, block, int(shared_mem)
+        if not self.empty:
+            kernel.reserve_shared(self.shared_mem)
+        n = len(args)
+        self.values = np.zeros(max(n, 1), np.uint64)  # the cells
+        self.addresses = self.values.ctypes.data + _CELL * np.arange(max(n, 1), dtype=np.uint64)
+        self.slots = []
+        self._keep = []  # arrays whose addresses are written in: alive as long as the launch
+        self._views = {}
+        for i, a in enumerate(args):
+            self._pack(i, a)
+        self._args = int(self.addresses.ctypes.data)
+
+    def _view(self, dtype):
+        if dtype not in self._views:
+            self._views[dtype] = self.values.view(dtype)
+        return self._views[dtype]
+
+    def _pack(self, i, a):
+        if isinstance(a, Pointer):
+            self.slots.append((a.name, self.values, i))
+        elif isinstance(a, Scalar):
+            if a.dtype.itemsize not in (1, 2, 4, 8):
+                raise TypeError(f"argument {i}: scalar slot {a.name!r} of {a.dtype} does not fit a cell")
+            self.slots.append((a.name, self._view(a.dtype), i * (_CELL // a.dtype.itemsize)))
+        elif a is None:
+            self.values[i] = 0  # a null pointer
+        elif isinstance(a, np.generic):
+            raw = np.frombuffer(a.tobytes(), np.uint8)
+            if raw.size not in (1, 2, 4, 8):
+                raise TypeError(f"argument {i}: {a.dtype} does not fit a cell")
+            self.values[i:i + 1].view(np.uint8)[:raw.size] = raw
+        elif hasattr(getattr(a, "data", None), "ptr"):  # a CuPy array: its address
+            self.values[i] = a.data.ptr
+            self._keep.append(a)
+        else:
+            raise TypeError(f"argument {i}: a prepared launch takes arrays, NumPy scalars, None, Pointer or Scalar, "
+                            f"got {type(a).__name__} (a Python int or float has no fixed width)")
+
+    def __call__(self, stream: int):
+        if not self.empty:
+            g, b = self.grid, self.block
+            (_driver_launch or _load_driver_launch())(self.function, g[0], g[1], g[2], b[0], b[1], b[2],
+                                                      self.shared_mem, stream, self._args, 0)
+
+
+_driver_launch = None  # cupy's binding of cuLaunchKernel, loaded on first use
+
+
+def _load_driver_launch():
+    global _driver_launch
+    from cupy.cuda import driver
+
+    _driver_launch = driver.launchKernel
+    return _driver_launch
+
+
+class Recorder:
+    """Stands in for a Kernel in a launch function: the call prepares a Launch (``launch``)
+    instead of running the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launch = None
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.launch = Launch(self.kernel, grid, block, args, shared_mem)
+
+    def reserve_shared(self, nbytes: int):
+        self.kernel.reserve_shared(nbytes)
+
+
+class Program:
+    """Prepared launches run in order on one stream; the slots of all of them are bound by name
+    (an address, or a scalar's value).  ``tag`` is free for the owner (e.g. the workspace the
+    slots were last bound to)."""
+
+    def __init__(self, launches):
+        self.launches = tuple(launch for launch in launches if not launch.empty)
+        slots: dict = {}
+        for launch in launches:
+            for name, view, index in launch.slots:
+                slots.setdefault(name, []).append((view, index))
+        self.slots = {name: tuple(cells) for name, cells in slots.items()}
+        self.tag = None
+        self._binders: dict = {}
+
+    def bind(self, name: str, value: int):
+        """Write value into every slot called name (no slot of that name: nothing)."""
+        for view, index in self.slots.get(name, ()):
+            view[index] = value
+
+    def binder(self, names: tuple):
+        """A function of len(names) values that binds each to its name, in one call (a step
+        binds the same names every time: the lookups are made once)."""
+        found = self._binders.get(names)
+        if found is None:
+            cells = tuple((view, index, i) for i, name in enumerate(names) for view, index in self.slots.get(name, ()))
+
+            def found(*values):
+                for view, index, i in cells:
+                    view[index] = values[i]
+
+            self._binders[names] = found
+        return found
+
+    def __call__(self, stream: int):
+        for launch in self.launches:
+            launch(stream)
+
+
+_THREAD = threading.local()
+
+
+def launch_ready(device: int) -> None:
+    """Driver launches need the device's context current in this thread: CuPy makes it so
+    before its own launches (a runtime call); prepared launches do it once per thread and
+    device, with the device current."""
+    ready = getattr(_THREAD, "devices", None)
+    if ready is None:
+        ready = _THREAD.devices = set()
+    if device not in ready:
+        import cupy
+
+        cupy.cuda.runtime.memGetInfo()
+        ready.add(device)

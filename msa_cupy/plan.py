@@ -9,9 +9,10 @@ every step with kernel launches only, so that one captured CUDA graph serves eve
 
 A step is: (training-free index) the group mean of q, one launch; the fused selection over the
 cached index keys (split-K, then the merge of the partial lists); the split-K decode attention
-over the picked blocks; the log-sum-exp combine.  Every grid is sized for the plan's maxima;
-the kernels read the step's lengths from ``cu_q``/``cu_k`` on the device, so nothing in
-``run`` depends on host-side lengths.
+over the picked blocks; the log-sum-exp combine.  Grids depend on the batch size that
+``update`` sets and on the plan's maxima, never on lengths: the kernels read the step's
+lengths from ``cu_q``/``cu_k`` on the device, so nothing in ``run`` depends on host-side
+lengths.
 
 Caches.  Contiguous: ``k_cache``/``v_cache`` ``(max_batch, max_cache_len, Hkv, D)``, sequence
 ``s`` in row ``s`` (``index_k_cache`` ``(max_batch, max_cache_len, 1 | Hkv, Di)`` alike).  Paged:
@@ -21,37 +22,65 @@ arbitrary: permuted, shared prefix pages).  Both go through the same kernels (a 
 cache is one page per sequence).  The new tokens' keys must already be in the cache:
 ``seq_lens`` counts them, and the ``queries_per_seq`` queries of a sequence are its last
 tokens (bottom-right causal, so MTP queries see each other causally).
+
+Host cost.  The launches of a step are prepared once per batch size (``_jit.Launch``: grid,
+block and the argument block that cuLaunchKernel reads); a step writes the addresses of its
+arrays into those blocks and makes one driver call per kernel.  An argument is checked when
+first seen and then known by (address, shape, strides, dtype, device) -- CuPy arrays and
+PyTorch tensors -- so a step with the same arrays, or a new array in the same place with the
+same layout (a length buffer rewritten in place, a tensor the allocator hands out again),
+skips the checks and the DLPack import.  Host-array updates are written into a pinned staging
+buffer and copied by one asynchronous copy on the caller's stream.  The one-call
+``msa_cupy.attention`` runs decode shapes through plans too (``_plan_cache.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import weakref
 
 import numpy as np
 
 from . import _interop, _jit, selection, sparse
-from ._layout import key_rows
+from ._layout import CONTIGUOUS_KEYS, key_rows
 
 UPDATE_THREADS = 256
 MAX_QUERIES_PER_SEQ = 16  # multi-token prediction: up to 16 new queries per sequence
+STAGING_BUFFERS = 4  # pinned buffers of host-array updates in flight at once, per plan
+KEPT_PROGRAMS = 64  # prepared steps kept per plan (by batch size, query rows and split count)
 _ALIGN = 256  # bytes: every workspace view starts on a 256-byte boundary (16-byte loads need 16)
+_LENS = "seq_lens"  # the check of a device seq_lens array (the batch size comes from it)
+_RUN = ("q", "k", "v", "out", "lse")  # what a step binds (the rest: the workspace, bound once)
+_RUN_INDEX = _RUN + ("iq", "ik")
+_CALL = ("q", "k", "v", "iq", "ik", "out", "lse", "ids", "cu_q", "cu_k", "k_len", "width")
 
 _jit.declare("plan_update.cu", "plan_update_kernel", (UPDATE_THREADS,))
 _jit.declare("plan_update.cu", "uniform_cu_seqlens")
 _jit.declare("group_mean.cu", "group_mean_kernel", ("bf16",), ("f16",))
 
 
-def group_mean(q, index_q, n_groups: int):
+def group_mean(q, index_q, n_groups: int, *, kernel=None):
     """Training-free index_q (rows, Hkv, D) = the mean of each group's query heads of q
-    (rows, Hq, D), in one launch (group_mean.cu) on the current stream."""
+    (rows, Hq, D), in one launch (group_mean.cu) on the current stream.  ``kernel``: the
+    group_mean.cu kernel for q's dtype unless given (a decode plan passes a recorder)."""
     rows, n_heads, head_dim = q.shape
     n = rows * n_groups * (head_dim // 8)
     if n == 0:
         return index_q
-    kernel = _jit.kernel("group_mean.cu", "group_mean_kernel", (_jit.dtype_template(q.dtype),))
+    if kernel is None:
+        kernel = _jit.kernel("group_mean.cu", "group_mean_kernel", (_jit.dtype_template(q.dtype),))
     kernel((-(-n // 256),), (256,), (q, index_q, np.int64(rows), np.int32(n_groups), np.int32(n_heads // n_groups),
                                      np.int32(head_dim)))
     return index_q
+
+
+def launch_uniform_cu_seqlens(n_seq: int, q_len, k_len, cu_q, cu_k, *, kernel=None):
+    """plan_update.cu uniform_cu_seqlens: cu_q/cu_k of n_seq sequences of q_len queries and
+    k_len keys each, one launch on the current stream (``k_len`` may be a _jit.Scalar)."""
+    kernel = kernel if kernel is not None else _jit.kernel("plan_update.cu", "uniform_cu_seqlens")
+    kernel((max(1, min(-(-(n_seq + 1) // 256), 1024)),), (256,),
+           (np.int32(n_seq), _jit.int32(q_len), _jit.int32(k_len), cu_q, cu_k))
 
 
 def uniform_cu_seqlens(n_seq: int, q_len: int, k_len: int):
@@ -61,9 +90,7 @@ def uniform_cu_seqlens(n_seq: int, q_len: int, k_len: int):
     import cupy
 
     cu = cupy.empty((2, n_seq + 1), cupy.int32)
-    kernel = _jit.kernel("plan_update.cu", "uniform_cu_seqlens")
-    kernel((max(1, min(-(-(n_seq + 1) // 256), 1024)),), (256,),
-           (np.int32(n_seq), np.int32(q_len), np.int32(k_len), cu[0], cu[1]))
+    launch_uniform_cu_seqlens(n_seq, q_len, k_len, cu[0], cu[1])
     return cu[0], cu[1]
 
 
@@ -100,6 +127,15 @@ def workspace_bytes(views) -> int:
     return sum(_aligned(math.prod(shape) * np.dtype(dt).itemsize) for _, shape, dt in views)
 
 
+def workspace_offsets(views) -> dict:
+    """Byte offset of each view in the workspace."""
+    offsets, offset = {}, 0
+    for name, shape, dt in views:
+        offsets[name] = offset
+        offset += _aligned(math.prod(shape) * np.dtype(dt).itemsize)
+    return offsets
+
+
 def _dtype_of(dtype):
     """float16 / bfloat16 from a NumPy, CuPy, PyTorch or JAX dtype or its name."""
     name = str(getattr(dtype, "name", dtype)).split(".")[-1]
@@ -107,6 +143,162 @@ def _dtype_of(dtype):
     if found is None:
         raise TypeError(f"dtype must be float16 or bfloat16, got {dtype}")
     return found
+
+
+def pack_host_update(seq_lens, block_table, cu_q, cu_k, table, *, max_cache_len, queries_per_seq, paged, page_size,
+                     num_pages) -> int:
+    """Check host ``seq_lens`` (and ``block_table``) and write the step into the int32 views
+    ``cu_q``/``cu_k`` (max_batch + 1) and ``table`` (max_batch, max_pages), rows [0, batch):
+    what plan_update.cu computes from device arrays, with a ValueError naming any bad entry
+    instead of a clamp.  Returns the batch size."""
+    lens = np.asarray(seq_lens)
+    if lens.ndim != 1 or lens.dtype.kind not in "iu":
+        raise ValueError(f"seq_lens must be a 1-D integer array, got {lens.dtype} of shape {lens.shape}")
+    max_batch = table.shape[0]
+    batch = int(lens.shape[0])
+    if not 1 <= batch <= max_batch:
+        raise ValueError(f"seq_lens must hold 1 to max_batch ({max_batch}) lengths, got {batch}")
+    lens = lens.astype(np.int64)
+    bad = np.flatnonzero((lens < 0) | (lens > max_cache_len))
+    if bad.size:
+        raise ValueError(f"seq_lens[{bad[0]}] = {lens[bad[0]]} is outside [0, max_cache_len = {max_cache_len}]")
+    if paged:
+        bt = np.asarray(block_table.get() if hasattr(block_table, "get") else block_table)
+        if bt.ndim != 2 or bt.shape[0] != batch or bt.dtype.kind not in "iu":
+            raise ValueError(f"block_table must be an integer array of shape ({batch}, pages), got {bt.dtype} of "
+                             f"shape {bt.shape}")
+        need = -(-lens // page_size)
+        cols = int(need.max(initial=0))
+        if cols > bt.shape[1]:
+            s = int(np.argmax(need > bt.shape[1]))
+            raise ValueError(f"block_table has {bt.shape[1]} pages per sequence but sequence {s} needs "
+                             f"{int(need[s])} for {int(lens[s])} keys")
+        used = np.arange(cols)[None, :] < need[:, None]  # pages past a sequence's keys are never read
+        sub = bt[:, :cols]
+        out_of_range = used & ((sub < 0) | (sub >= num_pages))
+        if out_of_range.any():
+            s, p = map(int, np.argwhere(out_of_range)[0])
+            raise ValueError(f"block_table[{s}, {p}] = {int(bt[s, p])} is not a page id in [0, num_pages = "
+                             f"{num_pages})")
+        table[:batch, :cols] = np.where(used, sub, 0)
+        table[:batch, cols:] = 0
+    else:
+        table[:batch, 0] = np.arange(batch)  # one page per sequence: its row of the cache
+    cu_q[0] = cu_k[0] = 0
+    cu_q[1:batch + 1] = np.arange(1, batch + 1) * queries_per_seq
+    cu_k[1:batch + 1] = np.cumsum(lens)
+    return batch
+
+
+class StagingRing:
+    """Pinned host buffers for host-array updates.  A buffer is written again only after the
+    copy that last read it has completed (an event recorded after that copy on its stream).
+    While every buffer is in flight a new one is added, up to ``limit``; past that the oldest
+    is waited for (a host sync, only when the host runs that far ahead of the GPU).
+    ``new_buffer()`` and ``new_event()`` make the pieces; an event has ``done``,
+    ``record(stream)`` and ``synchronize()``."""
+
+    def __init__(self, new_buffer, new_event, limit=STAGING_BUFFERS):
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self._new_buffer, self._new_event, self.limit = new_buffer, new_event, limit
+        self.buffers, self.events = [], []
+        self._stamps = []  # when each buffer's copy was queued: the oldest goes first
+        self._clock = 0
+        # buffers must outlive the copies that read them: waited for before they are freed
+        weakref.finalize(self, _drain, self.events, self.buffers)
+
+    def acquire(self) -> int:
+        """The index of a buffer no copy reads any more."""
+        oldest_first = sorted(range(len(self.buffers)), key=self._stamps.__getitem__)
+        for i in oldest_first:
+            if self.events[i].done:
+                return i
+        if len(self.buffers) < self.limit:
+            self.buffers.append(self._new_buffer())
+            self.events.append(self._new_event())
+            self._stamps.append(-1)
+            return len(self.buffers) - 1
+        i = oldest_first[0]
+        self.events[i].synchronize()
+        return i
+
+    def release(self, i: int, stream: int):
+        """Buffer i was just read by a copy queued on stream: record its event there."""
+        self.events[i].record(stream)
+        self._clock += 1
+        self._stamps[i] = self._clock
+
+
+def _drain(events, buffers):
+    for event in events:
+        with contextlib.suppress(Exception):  # a CUDA context already torn down at exit
+            event.synchronize()
+    buffers.clear()
+
+
+class _StreamEvent:
+    """A CUDA event recorded on a raw stream handle (PyTorch's streams included)."""
+
+    def __init__(self):
+        import cupy
+
+        self.event = cupy.cuda.Event(block=False, disable_timing=True)
+
+    @property
+    def done(self) -> bool:
+        return self.event.done
+
+    def record(self, stream: int):
+        import cupy
+
+        cupy.cuda.runtime.eventRecord(self.event.ptr, stream)
+
+    def synchronize(self):
+        self.event.synchronize()
+
+
+class _Staged:
+    """A pinned buffer laid out like the head of the workspace (cu_q, cu_k, block_table)."""
+
+    def __init__(self, nbytes, offsets, max_batch, max_pages):
+        from cupy.cuda import pinned_memory
+
+        self.memory = pinned_memory.PinnedMemory(nbytes)  # unpooled: freed only with this object
+        pointer = pinned_memory.PinnedMemoryPointer(self.memory, 0)
+        self.ptr = pointer.ptr
+        raw = np.frombuffer(pointer, np.uint8, nbytes)
+        cells = max_batch + 1
+        self.cu_q = raw[offsets["cu_q"]:offsets["cu_q"] + 4 * cells].view(np.int32)
+        self.cu_k = raw[offsets["cu_k"]:offsets["cu_k"] + 4 * cells].view(np.int32)
+        start = offsets["block_table"]
+        self.table = raw[start:start + 4 * max_batch * max_pages].view(np.int32).reshape(max_batch, max_pages)
+
+
+_ndarray = None  # cupy.ndarray, set when a plan is made
+
+
+def _array_key(x):
+    """What the checks of a CuPy array or PyTorch tensor depend on: address, device, shape,
+    strides, dtype (None for other arrays: they are checked at every call)."""
+    if type(x) is _ndarray:
+        mem = x.data
+        return (mem.ptr, mem.device_id, x.shape, x.strides, x.dtype)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return (x.data_ptr(), x.get_device(), tuple(x.shape), x.stride(), x.dtype, x.requires_grad)
+    return None
+
+
+class _Wants:
+    """The shapes a step of `batch` sequences checks its per-step arrays against."""
+
+    def __init__(self, plan, batch):
+        nq = plan.queries_per_seq
+        self.q = ((batch, nq, plan.num_q_heads, plan.head_dim), plan.dtype)
+        self.index_q = ((batch, nq, plan.num_kv_heads, plan.index_dim), plan.dtype)
+        self.lse = ((batch, nq, plan.num_q_heads), np.dtype(np.float32))
+        self.table = ("block_table", batch)
 
 
 class DecodePlan:
@@ -121,7 +313,7 @@ class DecodePlan:
     ``workspace_bytes`` is known at construction; the workspace (lengths, block table, selected
     blocks, partials, output) is allocated by :meth:`allocate` or the first :meth:`update`, and
     lives as long as the plan.  Kernels are compiled and loaded at construction, so that
-    nothing but launches happens inside a captured graph.
+    nothing but launches happens inside a captured graph.  A plan serves one thread at a time.
     """
 
     def __init__(self, *, max_batch, max_cache_len, num_q_heads, num_kv_heads, head_dim, dtype,
@@ -174,7 +366,9 @@ class DecodePlan:
         if self.max_cache_len > 2**31 - 1 - self.block_size or self.num_pages * self.page_size > 2**31 - 1:
             raise ValueError("max_cache_len and num_pages * page_size must stay below 2^31 rows")
 
-        cp = _interop.require_cupy()
+        global _ndarray
+        cp = self._cp = _interop.require_cupy()
+        _ndarray = cp.ndarray
         self.device = cp.cuda.runtime.getDevice()
         self._select = selection.select_config(
             dtype=self.dtype, index_dim=self.index_dim, block_size=self.block_size, n_heads=self.num_kv_heads,
@@ -182,34 +376,61 @@ class DecodePlan:
             top_k=self.top_k, epilogue=selection.EPI_TOPK)
         self._decode, self._decode_smem = sparse.decode_kernel(self.dtype, self.head_dim, self.group_size,
                                                                self.block_size)
-        self._merge = selection.merge_kernel(self.max_batch * self.queries_per_seq * self.num_kv_heads,
-                                             self._select.splits * self.top_k)
-        self._update = _jit.kernel("plan_update.cu", "plan_update_kernel", (UPDATE_THREADS,))
-        if self.training_free:
-            _jit.kernel("group_mean.cu", "group_mean_kernel", (_jit.dtype_template(self.dtype),))
-        sparse.combine_kernel(self.dtype, self.head_dim, self.group_size)
+        self._kernels = {
+            "update": _jit.kernel("plan_update.cu", "plan_update_kernel", (UPDATE_THREADS,)),
+            "uniform": _jit.kernel("plan_update.cu", "uniform_cu_seqlens"),
+            "mean": (_jit.kernel("group_mean.cu", "group_mean_kernel", (_jit.dtype_template(self.dtype),))
+                     if self.training_free else None),
+            "merge": None,  # below: the variant for the plan's most rows
+            "combine": sparse.combine_kernel(self.dtype, self.head_dim, self.group_size),
+        }
+        self._kernels["merge"], self._merge_per_cta = selection.merge_kernel(
+            self.max_batch * self.queries_per_seq * self.num_kv_heads, self._select.splits * self.top_k)
         for kern, smem in ((self._select.kernel, self._select.smem), (self._decode, self._decode_smem)):
             kern.reserve_shared(smem)
+        cache = (self.num_pages, self.page_size) if self.paged else (self.max_batch, self.max_cache_len)
+        self._want_kv = ((*cache, self.num_kv_heads, self.head_dim), self.dtype)
+        self._want_index_k = ((*cache, self.index_k_heads, self.index_dim), self.dtype)
+        self._size_workspace(self._select.splits)
+        self._sm_count = selection._sm_count()
+        self._raw = self._base = self._ws = None
+        self._batch = None
+        self._programs: dict = {}  # ("update" | "run" | "call", ...) -> _jit.Program
+        self._wants: dict = {}  # batch -> _Wants
+        self._seen: dict = {}  # argument name -> (key, want, checked result)
+        self._results: dict = {}  # (name, batch, type) -> (workspace view in the caller's type, its key)
+        self._staging = None
+
+    def _size_workspace(self, splits: int):
         self._views = workspace_layout(
             max_batch=self.max_batch, queries_per_seq=self.queries_per_seq, num_q_heads=self.num_q_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, top_k=self.top_k, max_pages=self.max_pages,
-            dtype=self.dtype, splits=self._select.splits, training_free=self.training_free)
+            dtype=self.dtype, splits=splits, training_free=self.training_free)
         self.workspace_bytes = workspace_bytes(self._views)
-        self._ws = None
-        self._ws_key = None  # (address, size) of the caller's workspace the views were carved from
-        self._batch = None
+        self._offsets = workspace_offsets(self._views)
+
+    @classmethod
+    def _for_calls(cls, **options):
+        """A plan for one-call decodes (``_plan_cache``): contiguous keys read through the
+        call's cu_seqlens, split-K chosen per call as the one-call path chooses it, so the
+        partial lists are sized for the most any call of at most max_batch sequences gets."""
+        plan = cls(**options)
+        cfg, rows = plan._select, plan.max_batch * plan.queries_per_seq
+        rows_per_q = plan.num_kv_heads if plan.index_k_heads == 1 else 1
+        bound = selection.split_rows_bound(rows, rows_per_q, cfg.tile_rows, cfg.group_grid, plan.max_cache_len)
+        plan._size_workspace(-(-bound // rows))
+        return plan
 
     # ------------------------------------------------------------------ workspace
 
     def allocate(self):
         """Allocate the workspace (``workspace_bytes``) on the plan's device, once."""
-        if self._ws is not None:
+        if self._raw is not None:
             return self
-        cp = _interop.require_cupy()
+        cp = self._cp
         with cp.cuda.Device(self.device):
-            self._ws = self._carve(cp.empty(self.workspace_bytes, cp.uint8))
-            self._ws_key = None
-            self._ws["errors"].fill(0)
+            self._use(cp.empty(self.workspace_bytes, cp.uint8))
+            self._zero_errors()
         return self
 
     @_interop.outside_torch_compile()
@@ -218,17 +439,15 @@ class DecodePlan:
         array of at least ``workspace_bytes`` on the plan's device (e.g. a buffer XLA or
         PyTorch's allocator handed out), owned by the caller and live while queued work reads
         it.  Nothing is kept from an earlier workspace: call :meth:`update` next.  Allocates
-        nothing; one launch on the caller's stream zeroes the clamp counter.  Memory handed in
-        again (same address and size, as a JAX loop hands it every step) keeps its views, so
-        that a step costs the checks and that launch.
+        nothing; one memset on the caller's stream zeroes the clamp counter.
 
         ``carry_over=True``: ``raw`` holds a copy of the current workspace's bytes (a framework
         moved the buffer); the step set by the last :meth:`update` and the counter carry over,
         and nothing is launched."""
-        cp = _interop.require_cupy()
-        if carry_over and self._ws is None:
+        cp = self._cp
+        if carry_over and self._raw is None:
             raise RuntimeError("carry_over=True needs a workspace to carry over from")
-        with cp.cuda.Device(self.device), self._stream_of(raw):  # DLPack import on the caller's stream too
+        with cp.cuda.Device(self.device), self._stream_context(raw):  # DLPack import on the caller's stream too
             arr = self._device_array("workspace", raw)
             if np.dtype(arr.dtype) != np.uint8 or arr.ndim != 1 or arr.size < self.workspace_bytes:
                 raise ValueError(f"workspace must be a 1-D uint8 array of at least {self.workspace_bytes} bytes, "
@@ -236,27 +455,38 @@ class DecodePlan:
             _interop.check_contiguous("workspace", arr)
             if arr.data.ptr % _ALIGN:
                 raise ValueError(f"workspace must start on a {_ALIGN}-byte boundary")
-            key = (arr.data.ptr, arr.size)
-            if self._ws is None or self._ws_key != key:
-                self._ws, self._ws_key = self._carve(arr), key
+            if self._raw is not None and (arr.data.ptr, arr.size) == (self._base, self._raw.size):
+                self._raw = arr  # the same memory handed in again (a JAX loop, every step): views kept
+            else:
+                self._use(arr)
             if not carry_over:
-                self._ws["errors"].fill(0)
+                self._zero_errors()
                 self._batch = None
         return self
 
+    def _use(self, raw):
+        self._raw, self._base, self._ws = raw, raw.data.ptr, None
+        self._results.clear()
+
+    def _zero_errors(self):
+        cp = self._cp
+        cp.cuda.runtime.memsetAsync(self._base + self._offsets["errors"], 0, 4, cp.cuda.get_current_stream().ptr)
+
     def _carve(self, raw) -> dict:
-        ws, offset = {}, 0
+        ws = {}
         for name, shape, dt in self._views:
-            nbytes = math.prod(shape) * np.dtype(dt).itemsize
+            offset, nbytes = self._offsets[name], math.prod(shape) * np.dtype(dt).itemsize
             ws[name] = raw[offset:offset + nbytes].view(dt).reshape(shape)
-            offset += _aligned(nbytes)
         ws["raw"] = raw
         return ws
 
     @property
     def workspace(self) -> dict:
         """The workspace views (CuPy arrays), e.g. ``out``, ``lse``, ``ids``, ``cu_k``, ``block_table``."""
-        return self.allocate()._ws
+        self.allocate()
+        if self._ws is None:
+            self._ws = self._carve(self._raw)
+        return self._ws
 
     # ------------------------------------------------------------------ per step
 
@@ -264,38 +494,52 @@ class DecodePlan:
     def update(self, seq_lens, block_table=None):
         """Set the step's sequences: ``seq_lens`` (batch,) int32 key counts (the new tokens
         included) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host arrays are
-        checked here (a ValueError names the bad entry) and copied synchronously; device arrays
-        (CuPy, PyTorch, JAX) are read by one kernel on the current stream, without a host sync:
-        out-of-range lengths and page ids are clamped there (no read outside the cache) and
-        counted (:meth:`clamped_entries`).  Call it outside captured graphs, before ``run``."""
-        cp = _interop.require_cupy()
-        ws = self.workspace
-        on_host = isinstance(seq_lens, (list, tuple, np.ndarray)) or np.isscalar(seq_lens)
+        checked here (a ValueError names the bad entry) and copied through a pinned buffer by
+        one asynchronous copy on the current stream; device arrays (CuPy, PyTorch, JAX) are
+        read by one kernel on the current stream, without a host sync: out-of-range lengths
+        and page ids are clamped there (no read outside the cache) and counted
+        (:meth:`clamped_entries`).  Call it outside captured graphs, before ``run``."""
         if self.paged and block_table is None:
             raise ValueError("block_table is required for a paged plan")
         if not self.paged and block_table is not None:
             raise ValueError("block_table is given but the plan has no page_size (contiguous cache)")
-        with cp.cuda.Device(self.device), self._stream_of(seq_lens if not on_host else block_table):
-            if on_host:
-                self._update_from_host(np.asarray(seq_lens), block_table, ws)
-                return self
-            lens = self._device_array("seq_lens", seq_lens)
-            batch = self._check_batch(lens.shape, lens.ndim, lens.dtype)
-            table, cols = np.uint64(0), 0
-            if self.paged:
-                table = self._device_array("block_table", block_table)
-                if table.ndim != 2 or table.shape[0] != batch or np.dtype(table.dtype) != np.int32:
-                    raise ValueError(f"block_table must be int32 of shape ({batch}, pages), got "
-                                     f"{table.dtype} {tuple(table.shape)}")
-                _interop.check_contiguous("block_table", table)
-                cols = table.shape[1]
-            grid = 1 + min(-(-batch * self.max_pages // UPDATE_THREADS), 1023)
-            self._update((grid,), (UPDATE_THREADS,),
-                         (lens, table, np.int32(cols), np.int32(batch), np.int32(self.queries_per_seq),
-                          np.int32(self.max_cache_len), np.int32(self.page_size), np.int32(self.max_pages),
-                          np.int32(self.num_pages), ws["cu_q"], ws["cu_k"], ws["block_table"], ws["errors"]))
+        cp = self._cp
+        if cp.cuda.runtime.getDevice() != self.device:
+            with cp.cuda.Device(self.device):
+                return self.update(seq_lens, block_table)
+        if self._raw is None:
+            self.allocate()
+        if isinstance(seq_lens, (list, tuple, np.ndarray)) or np.isscalar(seq_lens):
+            self._update_from_host(seq_lens, block_table, self._stream(block_table))
+            return self
+        lens, batch = self._arg("seq_lens", seq_lens, _LENS)
+        table, cols = self._arg("block_table", block_table, self._wants_of(batch).table) if self.paged else (0, 0)
+        program = self._program(("update", batch, cols))
+        self._bind_workspace(program)
+        program.bind("seq_lens", lens)
+        program.bind("table_in", table)
+        _jit.launch_ready(self.device)
+        program(self._stream(seq_lens))
         self._batch = batch
         return self
+
+    def _update_from_host(self, seq_lens, block_table, stream):
+        staging = self._staging
+        if staging is None:
+            nbytes = self._offsets["block_table"] + 4 * self.max_batch * self.max_pages
+            staging = self._staging = StagingRing(
+                lambda: _Staged(nbytes, self._offsets, self.max_batch, self.max_pages), _StreamEvent)
+        i = staging.acquire()
+        buf = staging.buffers[i]
+        batch = pack_host_update(seq_lens, block_table, buf.cu_q, buf.cu_k, buf.table,
+                                 max_cache_len=self.max_cache_len, queries_per_seq=self.queries_per_seq,
+                                 paged=self.paged, page_size=self.page_size, num_pages=self.num_pages)
+        # cu_q, cu_k and the step's rows of the table in one copy: the buffer mirrors the workspace
+        nbytes = self._offsets["block_table"] + 4 * batch * self.max_pages
+        runtime = self._cp.cuda.runtime
+        runtime.memcpyAsync(self._base, buf.ptr, nbytes, runtime.memcpyHostToDevice, stream)
+        staging.release(i, stream)
+        self._batch = batch
 
     def _check_batch(self, shape, ndim, dtype) -> int:
         if ndim != 1 or np.dtype(dtype) != np.int32:
@@ -304,45 +548,6 @@ class DecodePlan:
         if not 1 <= batch <= self.max_batch:
             raise ValueError(f"seq_lens must hold 1 to max_batch ({self.max_batch}) lengths, got {batch}")
         return batch
-
-    def _update_from_host(self, lens, block_table, ws):
-        if lens.ndim != 1 or lens.dtype.kind not in "iu":
-            raise ValueError(f"seq_lens must be a 1-D integer array, got {lens.dtype} of shape {lens.shape}")
-        batch = self._check_batch(lens.shape, 1, np.int32)
-        lens = lens.astype(np.int64)
-        bad = np.flatnonzero((lens < 0) | (lens > self.max_cache_len))
-        if bad.size:
-            raise ValueError(f"seq_lens[{bad[0]}] = {lens[bad[0]]} is outside [0, max_cache_len = "
-                             f"{self.max_cache_len}]")
-        table = np.zeros((batch, self.max_pages), np.int32)
-        if self.paged:
-            bt = np.asarray(block_table.get() if hasattr(block_table, "get") else block_table)
-            if bt.ndim != 2 or bt.shape[0] != batch or bt.dtype.kind not in "iu":
-                raise ValueError(f"block_table must be an integer array of shape ({batch}, pages), got {bt.dtype} "
-                                 f"of shape {bt.shape}")
-            need = -(-lens // self.page_size)
-            if int(need.max(initial=0)) > bt.shape[1]:
-                s = int(np.argmax(need > bt.shape[1]))
-                raise ValueError(f"block_table has {bt.shape[1]} pages per sequence but sequence {s} needs "
-                                 f"{int(need[s])} for {int(lens[s])} keys")
-            used = np.arange(bt.shape[1])[None, :] < need[:, None]
-            out_of_range = used & ((bt < 0) | (bt >= self.num_pages))
-            if out_of_range.any():
-                s, p = map(int, np.argwhere(out_of_range)[0])
-                raise ValueError(f"block_table[{s}, {p}] = {int(bt[s, p])} is not a page id in [0, num_pages = "
-                                 f"{self.num_pages})")
-            cols = min(bt.shape[1], self.max_pages)
-            table[:, :cols] = np.where(used[:, :cols], bt[:, :cols], 0)
-        else:
-            table[:, 0] = np.arange(batch)
-        cu = np.zeros((2, batch + 1), np.int32)
-        cu[0, 1:] = np.arange(1, batch + 1) * self.queries_per_seq
-        cu[1, 1:] = np.cumsum(lens)
-        stream = _interop.require_cupy().cuda.get_current_stream()  # ordered after queued runs
-        ws["cu_q"][:batch + 1].set(cu[0], stream)
-        ws["cu_k"][:batch + 1].set(cu[1], stream)
-        ws["block_table"][:batch].set(table, stream)
-        self._batch = batch
 
     def clamped_entries(self) -> int:
         """How many lengths and page ids the device-side updates clamped so far (a sync)."""
@@ -358,64 +563,42 @@ class DecodePlan:
         ``out`` if given, else a view of the plan's workspace (overwritten by the next run);
         with ``return_lse`` also ``lse`` (batch, queries_per_seq, Hq) float32.
         """
-        if self._batch is None:
+        batch = self._batch
+        if batch is None:
             raise RuntimeError("DecodePlan.run needs update(seq_lens, ...) first")
-        cp = _interop.require_cupy()
-        ws = self._ws
-        batch, nq = self._batch, self.queries_per_seq
-        rows = batch * nq
-        with cp.cuda.Device(self.device), self._stream_of(q):
-            qc = self._device_array("q", q)
-            self._check_array("q", qc, (batch, nq, self.num_q_heads, self.head_dim))
-            cache_shape = ((self.num_pages, self.page_size) if self.paged else (self.max_batch, self.max_cache_len))
-            kc = self._device_array("k_cache", k_cache)
-            vc = self._device_array("v_cache", v_cache)
-            self._check_array("k_cache", kc, (*cache_shape, self.num_kv_heads, self.head_dim))
-            self._check_array("v_cache", vc, (*cache_shape, self.num_kv_heads, self.head_dim))
-            qf = qc.reshape(rows, self.num_q_heads, self.head_dim)
-            kf = kc.reshape(-1, self.num_kv_heads, self.head_dim)
-            vf = vc.reshape(-1, self.num_kv_heads, self.head_dim)
-            if self.training_free:
-                if index_q is not None or index_k_cache is not None:
-                    raise ValueError("this plan uses the training-free index (no index_dim): pass no index_q / "
-                                     "index_k_cache")
-                iq = group_mean(qf, ws["index_q"][:rows], self.num_kv_heads)
-                ik = kf
-            else:
-                if index_q is None or index_k_cache is None:
-                    raise ValueError("this plan has a learned index (index_dim): run needs index_q and index_k_cache")
-                iqc = self._device_array("index_q", index_q)
-                ikc = self._device_array("index_k_cache", index_k_cache)
-                self._check_array("index_q", iqc, (batch, nq, self.num_kv_heads, self.index_dim))
-                self._check_array("index_k_cache", ikc, (*cache_shape, self.index_k_heads, self.index_dim))
-                iq = iqc.reshape(rows, self.num_kv_heads, self.index_dim)
-                ik = ikc.reshape(-1, self.index_k_heads, self.index_dim)
-            out_c = ws["out"][:rows] if out is None else self._device_array("out", out)
-            lse_c = ws["lse"][:rows] if lse is None else self._device_array("lse", lse)
-            if out is not None:
-                self._check_array("out", out_c, (batch, nq, self.num_q_heads, self.head_dim))
-                out_c = out_c.reshape(rows, self.num_q_heads, self.head_dim)
-            if lse is not None:
-                self._check_array("lse", lse_c, (batch, nq, self.num_q_heads), np.float32)
-                lse_c = lse_c.reshape(rows, self.num_q_heads)
-            pages = key_rows(ws["block_table"], self.max_pages, self.page_size)
-            cu_q, cu_k, ids = ws["cu_q"], ws["cu_k"], ws["ids"][:rows]
-            partial = ws["partial"][:rows] if self._select.splits > 1 else None
-            selection.launch_select(self._select, iq, ik, cu_q, cu_k, batch, causal=True, top_k=self.top_k,
-                                    local_blocks=self.local_blocks, sink_blocks=self.sink_blocks,
-                                    ids_out=ids if partial is None else None, partial=partial, pages=pages)
-            if partial is not None:
-                selection.launch_topk_merge(partial, ids, rows * self.num_kv_heads, self._select.splits, self.top_k,
-                                            merge=self._merge)
-            sparse.launch_decode(self._decode, self._decode_smem, qf, kf, vf, ids, cu_q, cu_k, batch, 0, rows,
-                                 ws["part_o"], ws["part_lse"], causal=True,
-                                 scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
-            sparse.launch_combine(ws["part_o"], ws["part_lse"], None, ids, 0, rows, out_c, lse_c,
-                                  head_dim=self.head_dim, group=self.group_size, decode=True)
-            result = out_c.reshape(batch, nq, self.num_q_heads, self.head_dim)
-            if return_lse:
-                return self._wrap(q, result), self._wrap(q, lse_c.reshape(batch, nq, self.num_q_heads))
-            return self._wrap(q, result)
+        cp = self._cp
+        if cp.cuda.runtime.getDevice() != self.device:
+            with cp.cuda.Device(self.device):
+                return self.run(q, k_cache, v_cache, index_q=index_q, index_k_cache=index_k_cache, out=out, lse=lse,
+                                return_lse=return_lse)
+        wants = self._wants_of(batch)
+        arg = self._arg
+        ptr_q = arg("q", q, wants.q)
+        ptr_k = arg("k_cache", k_cache, self._want_kv)
+        ptr_v = arg("v_cache", v_cache, self._want_kv)
+        if self.training_free:
+            if index_q is not None or index_k_cache is not None:
+                raise ValueError("this plan uses the training-free index (no index_dim): pass no index_q / "
+                                 "index_k_cache")
+        else:
+            if index_q is None or index_k_cache is None:
+                raise ValueError("this plan has a learned index (index_dim): run needs index_q and index_k_cache")
+            ptr_iq = arg("index_q", index_q, wants.index_q)
+            ptr_ik = arg("index_k_cache", index_k_cache, self._want_index_k)
+        ptr_out = self._base + self._offsets["out"] if out is None else arg("out", out, wants.q)
+        ptr_lse = self._base + self._offsets["lse"] if lse is None else arg("lse", lse, wants.lse)
+        program = self._program(("run", batch))
+        self._bind_workspace(program)
+        if self.training_free:
+            program.binder(_RUN)(ptr_q, ptr_k, ptr_v, ptr_out, ptr_lse)
+        else:
+            program.binder(_RUN_INDEX)(ptr_q, ptr_k, ptr_v, ptr_out, ptr_lse, ptr_iq, ptr_ik)
+        _jit.launch_ready(self.device)
+        program(self._stream(q))
+        result = self._result("out", out, q, batch)
+        if return_lse:
+            return result, self._result("lse", lse, q, batch)
+        return result
 
     @property
     def block_indices(self):
@@ -424,10 +607,150 @@ class DecodePlan:
         return self.workspace["ids"][:rows].reshape(self._batch or 0, self.queries_per_seq, self.num_kv_heads,
                                                      self.top_k)
 
-    # ------------------------------------------------------------------ interop (lean: host cost counts)
+    # ------------------------------------------------------------------ one-call decodes (_plan_cache)
+
+    def _launch_call(self, stream, base, *, n_seq, rows, splits, max_k, k_len, q, k, v, index_q, index_k, out, lse,
+                     ids, cu_q, cu_k):
+        """The launches of one one-call decode on stream, every array an address: the scratch
+        workspace at base (a fresh allocation of workspace_bytes), q/k/v (and index_q/index_k)
+        of the call, its out (and lse, ids: 0 for the scratch's own).  ``k_len`` for batched
+        calls (cu_seqlens written by a launch), else the call's cu_q/cu_k addresses; max_k the
+        longest sequence (the selection's block-score width, as the earlier path passes it)."""
+        program = self._program(("call", n_seq, rows, splits, k_len is not None))
+        self._bind_workspace(program, base)
+        offsets = self._offsets
+        if k_len is not None:  # batched: the uniform launch writes the scratch's cu_seqlens
+            cu_q, cu_k = base + offsets["cu_q"], base + offsets["cu_k"]
+        program.binder(_CALL)(q, k, v, index_q, index_k, out, lse or base + offsets["lse"],
+                              ids or base + offsets["ids"], cu_q, cu_k, k_len or 0, -(-max_k // self.block_size))
+        _jit.launch_ready(self.device)
+        program(stream)
+
+    def _call_splits(self, tiles: int, max_k: int) -> int:
+        """Split-K of a one-call decode with `tiles` query tiles: the earlier path's choice."""
+        return selection.split_count(tiles, self._select.group_grid, max_k, sm_count=self._sm_count)
+
+    # ------------------------------------------------------------------ prepared launches
+
+    def _wants_of(self, batch) -> _Wants:
+        wants = self._wants.get(batch)
+        if wants is None:
+            wants = self._wants[batch] = _Wants(self, batch)
+        return wants
+
+    def _program(self, key) -> _jit.Program:
+        program = self._programs.get(key)
+        if program is None:
+            if len(self._programs) >= KEPT_PROGRAMS:
+                self._programs.clear()
+            if key[0] == "update":
+                launches = [self._update_launch(*key[1:])]
+            elif key[0] == "run":
+                launches = self._step_launches(key[1], key[1] * self.queries_per_seq, self._select.splits,
+                                               paged_keys=True, uniform=False)
+            else:
+                launches = self._step_launches(*key[1:4], paged_keys=False, uniform=key[4])
+            program = self._programs[key] = _jit.Program(launches)
+        return program
+
+    def _bind_workspace(self, program, base=None):
+        """Bind the workspace views' addresses (once per program and workspace)."""
+        base = self._base if base is None else base
+        if program.tag != base:
+            for name, offset in self._offsets.items():
+                program.bind(name, base + offset)
+            program.tag = base
+
+    def _update_launch(self, batch, cols):
+        P = _jit.Pointer
+        grid = 1 + min(-(-batch * self.max_pages // UPDATE_THREADS), 1023)
+        i32 = np.int32
+        return _jit.Launch(self._kernels["update"], (grid,), (UPDATE_THREADS,), (
+            P("seq_lens"), P("table_in") if self.paged else np.uint64(0), i32(cols), i32(batch),
+            i32(self.queries_per_seq), i32(self.max_cache_len), i32(self.page_size), i32(self.max_pages),
+            i32(self.num_pages), P("cu_q"), P("cu_k"), P("block_table"), P("errors")))
+
+    def _step_launches(self, n_seq, rows, splits, *, paged_keys, uniform) -> list:
+        """The launches of one step through the stage functions, with Pointer stand-ins for
+        every array: [cu_seqlens (uniform one-call)], [group mean], select, [merge], decode,
+        combine.  Keys through the plan's block table (paged_keys), or contiguous by cu_k."""
+        P, dt = _jit.Pointer, self.dtype
+        hq, hkv, d, top_k = self.num_q_heads, self.num_kv_heads, self.head_dim, self.top_k
+        q, k, v = P("q", (rows, hq, d), dt), P("k", (0, hkv, d), dt), P("v", (0, hkv, d), dt)
+        ids = P("ids", (rows, hkv, top_k), np.int32)
+        cu_q, cu_k = P("cu_q", (n_seq + 1,), np.int32), P("cu_k", (n_seq + 1,), np.int32)
+        pages = key_rows(P("block_table"), self.max_pages, self.page_size) if paged_keys else CONTIGUOUS_KEYS
+        launches = []
+
+        def record(kernel, launch, *args, **kwargs):
+            recorder = _jit.Recorder(kernel)
+            launch(*args, kernel=recorder, **kwargs)
+            launches.append(recorder.launch)
+
+        if uniform:
+            record(self._kernels["uniform"], launch_uniform_cu_seqlens, n_seq, self.queries_per_seq,
+                   _jit.Scalar("k_len", np.int32), cu_q, cu_k)
+        if self.training_free:
+            index_q, index_k = P("index_q", (rows, hkv, d), dt), k
+            record(self._kernels["mean"], group_mean, q, index_q, hkv)
+        else:
+            index_q = P("iq", (rows, hkv, self.index_dim), dt)
+            index_k = P("ik", (0, self.index_k_heads, self.index_dim), dt)
+        partial = P("partial", (rows, hkv, splits, top_k), np.uint64) if splits > 1 else None
+        select = _jit.Recorder(self._select.kernel)
+        width = 0 if paged_keys else _jit.Scalar("width", np.int32)  # one-call: as the earlier path passes it
+        selection.launch_select(self._select._replace(kernel=select, splits=splits), index_q, index_k, cu_q, cu_k,
+                                n_seq, causal=True, width=width, top_k=top_k, local_blocks=self.local_blocks,
+                                sink_blocks=self.sink_blocks, ids_out=ids if partial is None else None,
+                                partial=partial, pages=pages)
+        launches.append(select.launch)
+        if partial is not None:
+            record(self._kernels["merge"], selection.launch_topk_merge, partial, ids, rows * hkv, splits, top_k,
+                   per_cta=self._merge_per_cta)
+        part_o, part_lse = P("part_o", (0,), dt), P("part_lse", (0,), np.float32)
+        decode = _jit.Recorder(self._decode)
+        sparse.launch_decode(decode, self._decode_smem, q, k, v, ids, cu_q, cu_k, n_seq, 0, rows, part_o, part_lse,
+                             causal=True, scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
+        launches.append(decode.launch)
+        record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, None, ids, 0, rows,
+               P("out", (rows, hq, d), dt), P("lse", (rows, hq), np.float32), head_dim=d, group=self.group_size,
+               decode=True)
+        return launches
+
+    # ------------------------------------------------------------------ arguments (host cost counts)
+
+    def _arg(self, name, x, want):
+        """The checked device address of argument x (for seq_lens and block_table: (address,
+        batch) and (address, columns)), from what an earlier call checked when x has the same
+        key (address, shape, strides, dtype, device)."""
+        key = _array_key(x)
+        seen = self._seen.get(name)
+        if key is not None and seen is not None and seen[0] == key and seen[1] == want:
+            return seen[2]
+        with self._stream_context(x):  # a DLPack import ordered on the caller's stream
+            arr = self._device_array(name, x)
+        if want is _LENS:
+            batch = self._check_batch(arr.shape, arr.ndim, arr.dtype)
+            if not arr.flags.c_contiguous:  # read as int32 one by one: any int32 offset will do
+                raise ValueError(f"seq_lens must be C-contiguous, got strides {tuple(arr.strides)} for shape "
+                                 f"{tuple(arr.shape)}: make a contiguous copy first")
+            found = (arr.data.ptr, batch)
+        elif isinstance(want[0], str):  # the block table of `batch` sequences
+            batch = want[1]
+            if arr.ndim != 2 or arr.shape[0] != batch or np.dtype(arr.dtype) != np.int32:
+                raise ValueError(f"block_table must be int32 of shape ({batch}, pages), got {arr.dtype} "
+                                 f"{tuple(arr.shape)}")
+            _interop.check_contiguous(name, arr)
+            found = (arr.data.ptr, int(arr.shape[1]))
+        else:
+            self._check_array(name, arr, *want)
+            found = arr.data.ptr
+        if key is not None:
+            self._seen[name] = (key, want, found)
+        return found
 
     def _device_array(self, name, x):
-        cp = _interop.require_cupy()
+        cp = self._cp
         if isinstance(x, cp.ndarray):
             arr = x
         else:
@@ -448,11 +771,45 @@ class DecodePlan:
         _interop.check_contiguous(name, arr)
 
     @staticmethod
-    def _stream_of(x):
+    def _torch_tensor(x) -> bool:
+        if type(x) is _ndarray or x is None:
+            return False
+        torch = sys.modules.get("torch")
+        return torch is not None and isinstance(x, torch.Tensor)
+
+    def _stream(self, x) -> int:
         """The caller's stream: PyTorch's current stream for torch tensors, else CuPy's current."""
-        if x is None or type(x).__module__.split(".")[0] != "torch":
+        if self._torch_tensor(x):
+            import torch
+
+            return _interop.torch_stream_handle(torch.cuda.current_stream(self.device))[0]
+        return self._cp.cuda.get_current_stream().ptr
+
+    def _stream_context(self, x):
+        """PyTorch's current stream as CuPy's for torch tensors (DLPack in and out), else nothing."""
+        if not self._torch_tensor(x):
             return contextlib.nullcontext()
-        return _interop.torch_stream(x.device.index)
+        return _interop.torch_stream(self.device)
+
+    def _result(self, name, given, like, batch):
+        """out / lse for the caller: the caller's own array if given (in like's framework), else
+        the workspace view as like's array type (made once per batch size and workspace)."""
+        if given is not None:
+            if type(given) is type(like):
+                return given
+            with self._stream_context(like):
+                return self._wrap(like, self._device_array(name, given))
+        key = (name, batch, type(like))
+        hit = self._results.get(key)
+        if hit is not None and _array_key(hit[0]) == hit[1]:  # not reshaped or resized since
+            return hit[0]
+        rows, nq = batch * self.queries_per_seq, self.queries_per_seq
+        view = self.workspace[name][:rows]
+        view = view.reshape(batch, nq, *view.shape[1:])
+        with self._stream_context(like):
+            result = self._wrap(like, view)
+        self._results[key] = (result, _array_key(result))
+        return result
 
     @staticmethod
     def _wrap(like, result):

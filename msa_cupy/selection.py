@@ -131,7 +131,8 @@ def _smem_bytes(di, block_size, warps, top_k, epilogue, stages=WGMMA_STAGES[-1])
 
 
 def _i32(x):
-    return np.int32(x)
+    """np.int32(x), or a _jit.Scalar that a prepared launch binds at each launch."""
+    return x if type(x) is _jit.Scalar else np.int32(x)
 
 
 class SelectLaunch(NamedTuple):
@@ -144,6 +145,7 @@ class SelectLaunch(NamedTuple):
     q_tiles: int
     group_grid: int
     splits: int
+    tile_rows: int = 0  # index rows (query x group) per CTA
 
 
 def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_q, max_k, top_k, epilogue,
@@ -173,9 +175,8 @@ def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_
     bm = WGMMA_ROWS if warps == WGMMA else 16 * warps[2] * warps[0]
     q_tiles = max(-(-max_rows // bm), 1)
     if splits is None:
-        tiles = n_seq * q_tiles if q_lens is None else int(np.sum(-(-(q_lens * rows_per_q) // bm)))
-        want = -(-CTAS_PER_SM_TARGET * _sm_count() // max(tiles * group_grid, 1))
-        splits = int(max(1, min(want, (-(-max_k // KEY_TILE)) // MIN_TILES_PER_SPLIT)))
+        tiles = n_seq * q_tiles if q_lens is None else query_tiles(q_lens, rows_per_q, bm)
+        splits = split_count(tiles, group_grid, max_k)
     dt = _jit.dtype_template(dtype)
     if warps == WGMMA:
         limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN)
@@ -184,10 +185,36 @@ def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_
         kernel = _jit.kernel("select_sm90.cu", "select_sm90_kernel", (index_dim, block_size, stages, epilogue, dt),
                              arch_specific=True)
         return SelectLaunch(kernel, 256, _smem_bytes(index_dim, block_size, warps, top_k, epilogue, stages), q_tiles,
-                            group_grid, splits)
+                            group_grid, splits, bm)
     kernel = _jit.kernel("select.cu", "select_kernel", (index_dim, block_size, *warps, epilogue, dt))
     return SelectLaunch(kernel, 32 * warps[0] * warps[1], _smem_bytes(index_dim, block_size, warps, top_k, epilogue),
-                        q_tiles, group_grid, splits)
+                        q_tiles, group_grid, splits, bm)
+
+
+def query_tiles(q_lens, rows_per_q: int, tile_rows: int) -> int:
+    """CTAs along the query rows: each sequence's q_len * rows_per_q index rows in tiles of
+    tile_rows (host q_lens, one per sequence)."""
+    return int(np.sum(-(-(np.asarray(q_lens, np.int64) * rows_per_q) // tile_rows)))
+
+
+def split_count(tiles: int, group_grid: int, max_k: int, *, sm_count=None) -> int:
+    """Key-range splits per CTA (split-K): enough CTAs for CTAS_PER_SM_TARGET per SM, and no
+    split of fewer than MIN_TILES_PER_SPLIT key tiles."""
+    sms = _sm_count() if sm_count is None else sm_count
+    want = -(-CTAS_PER_SM_TARGET * sms // max(tiles * group_grid, 1))
+    return int(max(1, min(want, (-(-max_k // KEY_TILE)) // MIN_TILES_PER_SPLIT)))
+
+
+def split_rows_bound(rows: int, rows_per_q: int, tile_rows: int, group_grid: int, max_k: int, *,
+                     sm_count=None) -> int:
+    """An upper bound of query rows x split_count over every call of at most ``rows`` query rows
+    and ``max_k`` keys (the partial lists a split-K selection writes, per group and pick):
+    splits <= ceil(T / (tiles * group_grid)) with tiles >= rows * rows_per_q / tile_rows gives
+    rows * splits <= T * tile_rows / (rows_per_q * group_grid) + rows, T the CTA target."""
+    sms = _sm_count() if sm_count is None else sm_count
+    most = split_count(1, group_grid, max_k, sm_count=sms)  # one tile: the most splits any call gets
+    bound = CTAS_PER_SM_TARGET * sms * tile_rows // (rows_per_q * group_grid) + rows
+    return int(min(rows * most, bound))
 
 
 def _ptr(x):
@@ -215,10 +242,12 @@ def merge_kernel(rows: int, n_cand: int):
     return _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS, row_warps)), TOPK_WARPS // row_warps
 
 
-def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int, merge=None):
+def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int, *, kernel=None, per_cta=None):
     """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids.
-    ``merge``: a :func:`merge_kernel` result fixed in advance (decode plans), else chosen here."""
-    kernel, per_cta = merge or merge_kernel(rows, splits * top_k)
+    ``kernel``/``per_cta``: a :func:`merge_kernel` result fixed in advance (a decode plan, which
+    may pass a recorder), else chosen here."""
+    if kernel is None:
+        kernel, per_cta = merge_kernel(rows, splits * top_k)
     kernel((-(-rows // per_cta),), (32 * TOPK_WARPS,),
            (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
 

@@ -451,12 +451,13 @@ def combine_kernel(dtype, head_dim: int, group: int):
 
 
 def launch_combine(part_o, part_lse, slot_pos, block_indices, q_begin, rows, out, lse, *, head_dim, group,
-                   decode, row_mode=None):
+                   decode, row_mode=None, kernel=None):
     """combine.cu: the log-sum-exp merge of the <= K partials of each (query, head) of rows
     [q_begin, q_begin + rows) into out/lse.  Decode partials sit at their entry of
     block_indices; prefill partials at slot_pos.  row_mode (uint8 (rows, Hkv), or None): rows
-    marked 1 belong to the tile-outer kernel and are left alone."""
-    combine = combine_kernel(out.dtype, head_dim, group)
+    marked 1 belong to the tile-outer kernel and are left alone.  ``kernel``:
+    combine_kernel(...) unless given (a decode plan passes a recorder)."""
+    combine = kernel if kernel is not None else combine_kernel(out.dtype, head_dim, group)
     n_heads_q, top_k = out.shape[1], block_indices.shape[-1]
     pairs = rows * n_heads_q
     combine((int(-(-pairs // (2 * COMBINE_WARPS))),), (32 * COMBINE_WARPS,),  # a half-warp per pair

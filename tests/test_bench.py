@@ -132,3 +132,14 @@ def test_report_writes_a_valid_record(tmp_path, monkeypatch):
     report("plain attention 32K", tokens=32768, total_ms=1.5, speedup_vs_dense=None)
     report.write(tmp_path / "plain-card.json")
     harness.validate_record(json.loads((tmp_path / "plain-card.json").read_text()))
+
+
+def test_host_pieces_are_timed_without_a_gpu():
+    """python -m msa_cupy._bench.host_cpu: the one-call program it binds is the stage functions'."""
+    from msa_cupy._bench import host_cpu
+
+    program = host_cpu._one_call_program()
+    assert [launch.block for launch in program.launches][0] == (256, 1, 1)
+    assert {"q", "k", "v", "iq", "ik", "out", "lse", "ids", "cu_q", "cu_k", "k_len", "width", "partial", "part_o",
+            "part_lse"} == set(program.slots)
+    assert host_cpu._us(lambda: None, number=10, repeat=2) >= 0

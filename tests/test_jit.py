@@ -1,4 +1,5 @@
-"""The JIT layer: header inlining, cache keys that see headers, unwritable caches."""
+"""The JIT layer: header inlining, cache keys that see headers, unwritable caches; prepared
+launches (argument blocks, slots, launch functions recorded with stand-ins)."""
 import warnings
 
 import pytest
@@ -80,3 +81,117 @@ def test_arch_choice():
     assert _jit.arch_for((9, 0)) == "sm_90"
     assert _jit.arch_for((9, 0), arch_specific=True) == "sm_90a"
     assert _jit.arch_for((8, 6), arch_specific=True) == "sm_86"
+
+
+# --------------------------------------------------------------------------- prepared launches
+
+
+class _Function:
+    ptr = 0xF00D
+
+
+class _Kernel:
+    """What a prepared launch takes from a Kernel: the function handle and reserve_shared."""
+
+    function = _Function()
+
+    def __init__(self):
+        self.reserved = 0
+
+    def reserve_shared(self, nbytes):
+        self.reserved = max(self.reserved, nbytes)
+
+
+def _cell(launch, i, dtype):
+    import numpy as np
+
+    return launch.values[i:i + 1].view(np.uint8)[:np.dtype(dtype).itemsize].view(dtype)[0]
+
+
+def test_launch_packs_each_argument_in_its_own_cell():
+    import numpy as np
+
+    kernel = _Kernel()
+    args = (np.int32(-5), np.int64(-2**40), np.float32(1.5), np.uint64(2**63 + 7), None, np.int16(-2),
+            _jit.Pointer("q", (3, 4), np.float16), _jit.Scalar("n", np.int32), _jit.Scalar("big", np.int64))
+    launch = _jit.Launch(kernel, (2, 3), (64,), args, shared_mem=4096)
+    assert (launch.grid, launch.block, launch.shared_mem, launch.empty) == ((2, 3, 1), (64, 1, 1), 4096, False)
+    assert kernel.reserved == 4096 and launch.function == 0xF00D
+    assert _cell(launch, 0, np.int32) == -5 and _cell(launch, 1, np.int64) == -2**40
+    assert _cell(launch, 2, np.float32) == np.float32(1.5) and int(launch.values[3]) == 2**63 + 7
+    assert int(launch.values[4]) == 0 and _cell(launch, 5, np.int16) == -2
+    # the driver reads the argument block through an array of cell addresses
+    base = launch.values.ctypes.data
+    assert [int(a) for a in launch.addresses] == [base + 8 * i for i in range(len(args))]
+    assert launch._args == launch.addresses.ctypes.data
+    assert [(name, index) for name, _, index in launch.slots] == [("q", 6), ("n", 14), ("big", 8)]
+    program = _jit.Program([launch])
+    program.bind("q", 0xDEAD0000BEEF)
+    program.bind("n", -7)
+    program.bind("big", 2**40 + 3)
+    program.bind("absent", 1)  # a name no launch has: nothing
+    assert int(launch.values[6]) == 0xDEAD0000BEEF and _cell(launch, 7, np.int32) == -7
+    assert _cell(launch, 8, np.int64) == 2**40 + 3
+    program.bind("n", 9)  # rebinding rewrites the low four bytes only
+    assert _cell(launch, 7, np.int32) == 9 and launch.values[7:8].view(np.int32)[1] == 0
+    bind = program.binder(("big", "absent", "q", "n"))  # one call per step, the lookups made once
+    assert program.binder(("big", "absent", "q", "n")) is bind
+    bind(5, 6, 0x1234, -1)
+    assert _cell(launch, 8, np.int64) == 5 and int(launch.values[6]) == 0x1234 and _cell(launch, 7, np.int32) == -1
+
+
+def test_launch_refuses_arguments_without_a_fixed_width():
+    for bad in (5, 1.5, "x", [1]):
+        with pytest.raises(TypeError, match="argument 0"):
+            _jit.Launch(_Kernel(), (1,), (32,), (bad,))
+
+
+def test_empty_grids_launch_nothing():
+    import numpy as np
+
+    kernel = _Kernel()
+    launch = _jit.Launch(kernel, (0, 4), (32,), (np.int32(1), _jit.Pointer("x")), shared_mem=1 << 20)
+    assert launch.empty and kernel.reserved == 0
+    launch(0)  # no driver call (none is there to make without a GPU)
+    program = _jit.Program([launch])
+    assert program.launches == () and "x" in program.slots
+    program(0)
+
+
+def test_recorded_stage_functions_keep_their_argument_order():
+    """A launch function given a Recorder prepares the launch it would make; Pointer stand-ins
+    become slots at their places, everything else is written once."""
+    import numpy as np
+
+    from msa_cupy import _layout, selection, sparse
+
+    P = _jit.Pointer
+    rows, hq, hkv, d, top_k = 6, 16, 2, 128, 4
+    q, k, v = P("q", (rows, hq, d), np.float16), P("k", (0, hkv, d), np.float16), P("v", (0, hkv, d), np.float16)
+    ids = P("ids", (rows, hkv, top_k), np.int32)
+    pages = _layout.key_rows(P("block_table"), 7, 64)
+    recorder = _jit.Recorder(_Kernel())
+    sparse.launch_decode(recorder, 1000, q, k, v, ids, P("cu_q"), P("cu_k"), 3, 0, rows, P("part_o"), P("part_lse"),
+                         causal=True, scale_log2=np.float32(0.125), pages=pages)
+    launch = recorder.launch
+    assert launch.grid == (rows * hkv * top_k, 1, 1) and launch.shared_mem == 1000
+    assert [name for name, _, _ in launch.slots] == ["q", "k", "v", "ids", "cu_q", "cu_k", "part_o", "part_lse",
+                                                      "block_table"]
+    ints = [_cell(launch, i, np.int32) for i in (6, 7, 8, 9, 10, 13, 16, 17)]
+    assert ints == [3, 0, hq, hkv, top_k, 1, 7, 64] and _cell(launch, 14, np.float32) == np.float32(0.125)
+
+    recorder = _jit.Recorder(_Kernel())
+    cfg = selection.SelectLaunch(None, 128, 2048, 1, 1, 5, 32)
+    selection.launch_select(cfg._replace(kernel=recorder), P("iq", (rows, hkv, d)), P("ik", (0, 1, d)), P("cu_q"),
+                            P("cu_k"), 3, causal=True, top_k=top_k, local_blocks=1, sink_blocks=0,
+                            partial=P("partial"), pages=_layout.CONTIGUOUS_KEYS)
+    launch = recorder.launch
+    assert launch.grid == (3, 1, 5) and [name for name, _, _ in launch.slots] == ["iq", "ik", "cu_q", "cu_k",
+                                                                                  "partial"]
+    assert int(launch.values[4]) == 0 and int(launch.values[5]) == 0 and int(launch.values[16]) == 0  # null pointers
+    assert [_cell(launch, i, np.int32) for i in range(7, 16)] == [hkv, 1, 0, 1, top_k, 1, 0, 1, 5]
+
+    recorder = _jit.Recorder(_Kernel())
+    sparse.launch_combine(P("part_o"), P("part_lse"), None, ids, 0, rows, P("out", (rows, hq, d), np.float16),
+                          P("lse", (rows, hq), np.float32), head_dim=d, group=hq // hkv, decode=True, kernel=recorder)
+    assert [name for name, _, _ in recorder.launch.slots] == ["part_o", "part_lse", "ids", "ids", "out", "lse"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import msa_cupy
-from msa_cupy import plan, reference
+from msa_cupy import plan, reference, selection
 from msa_cupy.testing import randn
 
 PAPER = dict(max_batch=8, max_cache_len=1 << 20, num_q_heads=64, num_kv_heads=4, head_dim=128, dtype="bfloat16")
@@ -79,3 +79,119 @@ def test_reference_paged_equals_contiguous(rng):
     for si, n in enumerate(lens):
         dense = reference.dense_attention(q[si:si + 1], k[si:si + 1, :n], v[si:si + 1, :n], causal=True)
         assert np.allclose(every[si:si + 1], dense, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- host-array updates
+
+
+def _views(max_batch, max_pages):
+    return (np.full(max_batch + 1, -9, np.int32), np.full(max_batch + 1, -9, np.int32),
+            np.full((max_batch, max_pages), -9, np.int32))
+
+
+def test_host_update_packs_what_the_device_update_computes():
+    cu_q, cu_k, table = _views(4, 5)
+    opts = dict(max_cache_len=600, queries_per_seq=2, page_size=128, num_pages=40)
+    bt = np.array([[7, 3, 9, -1, -1], [1, -1, -1, -1, -1], [30, 31, 32, 33, 39]], np.int32)
+    assert plan.pack_host_update([300, 0, 600], bt, cu_q, cu_k, table, paged=True, **opts) == 3
+    assert cu_q[:4].tolist() == [0, 2, 4, 6] and cu_k[:4].tolist() == [0, 300, 300, 900]
+    # pages past a sequence's keys are zero (never read); rows past the batch untouched
+    assert table[:3].tolist() == [[7, 3, 9, 0, 0], [0, 0, 0, 0, 0], [30, 31, 32, 33, 39]]
+    assert (table[3] == -9).all()
+    cu_q, cu_k, table = _views(4, 1)
+    assert plan.pack_host_update(np.array([5, 6], np.int64), None, cu_q, cu_k, table, paged=False, **opts) == 2
+    assert table[:2, 0].tolist() == [0, 1] and cu_k[:3].tolist() == [0, 5, 11]
+
+
+@pytest.mark.parametrize("lens, bt, match", [
+    ([[1, 2]], None, "1-D integer"),
+    ([1.5], None, "1-D integer"),
+    (np.array([], np.int32), None, "1 to max_batch"),
+    ([1] * 5, None, "1 to max_batch"),
+    ([601], None, r"seq_lens\[0\] = 601"),
+    ([10, -1], None, r"seq_lens\[1\] = -1"),
+    ([300], np.zeros((2, 3), np.int32), r"shape \(1, pages\)"),
+    ([300], np.zeros((1, 2), np.float32), r"shape \(1, pages\)"),
+    ([300], np.zeros((1, 2), np.int32), "needs 3 for 300 keys"),
+    ([300, 10], np.array([[0, 1, 40], [2, 2, 2]]), r"block_table\[0, 2\] = 40"),
+    ([300, 10], np.array([[0, 1, 2], [-3, 0, 0]]), r"block_table\[1, 0\] = -3"),
+])
+def test_host_update_names_the_bad_entry_and_writes_nothing_on_error(lens, bt, match):
+    cu_q, cu_k, table = _views(4, 5)
+    with pytest.raises(ValueError, match=match):
+        plan.pack_host_update(lens, bt if bt is not None else np.zeros((len(lens), 5), np.int32), cu_q, cu_k, table,
+                              max_cache_len=600, queries_per_seq=1, paged=True, page_size=128, num_pages=40)
+    assert (cu_q == -9).all() and (cu_k == -9).all() and (table == -9).all()
+
+
+class _FakeEvent:
+    """done / record / synchronize as CUDA events have them; the test says when copies finish."""
+
+    def __init__(self, log):
+        self.done, self.log = True, log
+
+    def record(self, stream):
+        self.done = False
+        self.log.append(("record", stream))
+
+    def synchronize(self):
+        self.done = True
+        self.log.append(("wait",))
+
+
+def test_staging_buffers_are_reused_only_after_their_copy_is_done():
+    log, made = [], []
+    ring = plan.StagingRing(lambda: made.append(object()) or made[-1], lambda: _FakeEvent(log), limit=3)
+    first = ring.acquire()
+    assert first == 0 and len(made) == 1
+    ring.release(first, stream=11)
+    assert ring.acquire() == 1  # buffer 0's copy is in flight: a second buffer
+    ring.release(1, stream=11)
+    ring.events[0].done = True  # the first copy finished
+    assert ring.acquire() == 0 and len(made) == 2
+    ring.release(0, stream=12)
+    assert ring.acquire() == 2  # 0 and 1 in flight
+    ring.release(2, stream=12)
+    assert not any(entry == ("wait",) for entry in log)
+    # every buffer in flight and none may be added: the oldest (1) is waited for, then reused
+    assert ring.acquire() == 1 and log[-1] == ("wait",) and len(made) == 3
+    ring.release(1, stream=13)
+    assert [e for e in log if e[0] == "record"] == [("record", 11), ("record", 11), ("record", 12), ("record", 12),
+                                                     ("record", 13)]
+
+
+def test_staging_ring_waits_for_copies_before_its_buffers_go():
+    import gc
+
+    log = []
+    ring = plan.StagingRing(object, lambda: _FakeEvent(log), limit=2)
+    ring.release(ring.acquire(), stream=1)
+    events = list(ring.events)
+    del ring
+    gc.collect()
+    assert events[0].done and log[-1] == ("wait",)
+
+
+# --------------------------------------------------------------------------- split-K sizing
+
+
+def test_split_count_is_the_select_config_rule():
+    for tiles, groups, max_k in [(1, 1, 1 << 20), (8, 1, 1 << 17), (3, 4, 4096), (1, 1, 100), (64, 4, 1 << 20)]:
+        want = -(-2 * 132 // (tiles * groups))
+        expected = max(1, min(want, (-(-max_k // 128)) // 4))
+        assert selection.split_count(tiles, groups, max_k, sm_count=132) == expected
+
+
+@pytest.mark.parametrize("rows_per_q, tile_rows, groups", [(4, 32, 1), (1, 32, 4), (4, 256, 1), (16, 128, 1)])
+def test_partial_lists_of_a_call_plan_hold_every_call(rows_per_q, tile_rows, groups):
+    """A one-call plan sizes its split-K lists for rows x splits <= split_rows_bound: every
+    batch up to the bucket, uniform and uneven query counts, fits."""
+    rng = np.random.default_rng(0)
+    for max_batch, nq, max_k in [(1, 1, 1 << 20), (8, 1, 1 << 17), (16, 4, 4096), (64, 16, 1 << 20), (4, 3, 300)]:
+        bound = selection.split_rows_bound(max_batch * nq, rows_per_q, tile_rows, groups, max_k, sm_count=132)
+        assert bound <= max_batch * nq * selection.split_count(1, groups, max_k, sm_count=132)
+        for n_seq in range(1, max_batch + 1):
+            for q_lens in (np.full(n_seq, nq), rng.integers(0, nq + 1, n_seq)):
+                rows = int(q_lens.sum())
+                tiles = selection.query_tiles(q_lens, rows_per_q, tile_rows)
+                assert rows * selection.split_count(tiles, groups, max_k, sm_count=132) <= bound

@@ -2,7 +2,10 @@
 caches, learned and training-free index), paged == contiguous bitwise, CUDA-graph capture
 (PyTorch and CuPy) replaying bitwise what eager runs give, after updates too, scratch safety,
 a growing-cache loop with no host sync and no memory growth, and queued one-call decodes with
-distinct lengths (cu_seqlens lifetime)."""
+distinct lengths (cu_seqlens lifetime).  The host fast path: host-array updates through pinned
+staging, arguments checked again when their layout changes; the one-call decode through cached
+plans bitwise equal to the earlier path (shapes drawn by hypothesis, growing caches, PyTorch),
+plans dropped while their work is queued, and 200 queued steps with no host sync."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -375,4 +378,256 @@ def test_caller_workspace_gives_the_plans_own_results_bitwise():
     with pytest.raises(ValueError, match="workspace must be a 1-D uint8 array"):
         other.use_workspace(raw[:plan.workspace_bytes - 1])
     with pytest.raises(ValueError, match="256-byte boundary"):
-        other.use_workspace(raw[16:])
+        other.use_workspace(raw[16:])  # 16-byte aligned (what every kernel array needs), not 256
+
+
+# --------------------------------------------------------------------------- host fast path of plans
+
+
+def test_host_array_updates_through_pinned_staging_match_device_updates():
+    """Many host-array updates in a row (staging buffers reused while copies are queued) give
+    the bits of device-array updates."""
+    import cupy as cp
+
+    rng = np.random.default_rng(22)
+    p = _graph_problem(rng)
+    plan, host, dev = _setup(p)
+    table = host["table"]
+    steps = [np.array([2999 - 7 * i, 1500 + i, 200 + 20 * (i % 3), 2000], np.int32) for i in range(24)]
+    by_host, by_device = [], []
+    for lens in steps:
+        plan.update(lens, table)
+        by_host.append([x.copy() for x in _run(plan, dev)])
+    for lens in steps:
+        plan.update(cp.asarray(lens), cp.asarray(table))
+        by_device.append([x.copy() for x in _run(plan, dev)])
+    for (ho, hl), (do, dl) in zip(by_host, by_device):
+        assert cp.array_equal(_bits(ho), _bits(do)) and cp.array_equal(_bits(hl), _bits(dl))
+    assert plan.clamped_entries() == 0
+
+
+def test_known_arguments_are_checked_again_when_their_layout_changes():
+    import cupy as cp
+
+    rng = np.random.default_rng(23)
+    plan, host, dev = _setup(_graph_problem(rng, paged=False))
+    plan.update(dev["lens"])
+    _run(plan, dev)  # every argument known now
+    q = dev["q"]
+    with pytest.raises(ValueError, match="q must have shape"):
+        plan.run(q[:, :, :8], dev["k"], dev["v"])
+    with pytest.raises(ValueError, match="q must be C-contiguous"):
+        plan.run(cp.asfortranarray(q), dev["k"], dev["v"])
+    moved = q.copy()
+    plan.run(moved, dev["k"], dev["v"])
+    moved.shape = (q.shape[0], q.shape[1], q.shape[2] * 2, q.shape[3] // 2)  # the same array reshaped in place
+    with pytest.raises(ValueError, match="q must have shape"):
+        plan.run(moved, dev["k"], dev["v"])
+    with pytest.raises(ValueError, match="seq_lens must be a 1-D int32"):
+        plan.update(dev["lens"].astype(cp.int64))
+    with pytest.raises(ValueError, match="seq_lens must be C-contiguous"):
+        plan.update(cp.zeros(8, cp.int32)[::2])
+    plan.update(cp.asarray(np.array([7, 2999, 1500, 200, 2000], np.int32))[1:])  # any int32 offset will do
+    # distinct length arrays each step (rows of one buffer): each is read, none is stale
+    lens_rows = cp.asarray(np.array([[2999 - s, 1 + s, 3000, 129 + s] for s in range(5)], np.int32))
+    for s in range(5):
+        plan.update(lens_rows[s])
+        out = _run(plan, dev)[0].copy()
+        plan.update(cp.asarray(np.array([2999 - s, 1 + s, 3000, 129 + s], np.int32)))
+        again = _run(plan, dev)[0]
+        assert cp.array_equal(_bits(out), _bits(again))
+
+
+# --------------------------------------------------------------------------- one-call decode through plans
+
+
+class _EarlierPath:
+    """Context: the one-call attention through the earlier path (no plans)."""
+
+    def __enter__(self):
+        from msa_cupy import _plan_cache
+
+        self.was, _plan_cache.enabled = _plan_cache.enabled, False
+
+    def __exit__(self, *exc):
+        from msa_cupy import _plan_cache
+
+        _plan_cache.enabled = self.was
+
+
+def _both_paths(*args, **kwargs):
+    """(through a plan, through the earlier path) of msa_cupy.attention; the first must have
+    run a plan step (cached plans are reused across calls, as in use)."""
+    from msa_cupy import _plan_cache
+
+    steps, step = [], _plan_cache._run
+    _plan_cache._run = lambda *a, **k: steps.append(1) or step(*a, **k)
+    try:
+        planned = msa_cupy.attention(*args, **kwargs)
+    finally:
+        _plan_cache._run = step
+    assert steps, "the call did not go through a decode plan"
+    with _EarlierPath():
+        earlier = msa_cupy.attention(*args, **kwargs)
+    return planned, earlier
+
+
+def _assert_same_bits(a, b):
+    import cupy as cp
+
+    a, b = (a,) if not isinstance(a, tuple) else a, (b,) if not isinstance(b, tuple) else b
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert cp.array_equal(_bits(x), _bits(y))
+
+
+@st.composite
+def one_calls(draw):
+    hkv = draw(st.sampled_from([1, 2, 4]))
+    return dict(hkv=hkv, g=draw(st.sampled_from([1, 4, 16])), d=draw(st.sampled_from([64, 128])),
+                block=draw(st.sampled_from([64, 128])), nq=draw(st.sampled_from([1, 1, 2, 3, 8, 16])),
+                batch=draw(st.integers(1, 5)), nk=draw(st.integers(1, 2500)), top_k=draw(st.integers(1, 12)),
+                local=draw(st.integers(0, 2)), sink=draw(st.integers(0, 1)),
+                index=draw(st.sampled_from(["free", "shared", "per_group"])),
+                layout=draw(st.sampled_from(["batched", "single", "varlen"])),
+                dtype=draw(st.sampled_from(sorted(DTYPES))), lse=draw(st.booleans()), ids=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**31)))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(one_calls())
+def test_one_call_decode_through_plans_is_bitwise_the_earlier_path(p):
+    import cupy as cp
+
+    if p["local"] + p["sink"] > p["top_k"]:
+        p["local"] = 0
+    rng = np.random.default_rng(p["seed"])
+    dt = DTYPES[p["dtype"]]
+    hq, hkv, d, nq, b, nk = p["hkv"] * p["g"], p["hkv"], p["d"], p["nq"], p["batch"], p["nk"]
+    kw = dict(block_size=p["block"], top_k=p["top_k"], local_blocks=p["local"], sink_blocks=p["sink"],
+              return_lse=p["lse"], return_indices=p["ids"])
+    ik_heads = {"free": 0, "shared": 1, "per_group": hkv}[p["index"]]
+    if p["layout"] == "varlen":  # uneven queries (some sequences with none) and keys
+        q_lens = rng.integers(0, nq + 1, b)
+        q_lens[0] = max(q_lens[0], 1)
+        k_lens = np.maximum(rng.integers(0, nk + 1, b), q_lens)
+        cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        cu_k = np.concatenate([[0], np.cumsum(k_lens)]).astype(np.int32)
+        qs, ks = (int(cu_q[-1]),), (int(cu_k[-1]),)
+        kw.update(cu_seqlens_q=cp.asarray(cu_q), cu_seqlens_k=cp.asarray(cu_k))
+    else:
+        qs, ks = ((b, nq), (b, nk)) if p["layout"] == "batched" else ((nq,), (nk,))
+    q = cp.asarray(randn(rng, (*qs, hq, d), dt))
+    k, v = cp.asarray(randn(rng, (*ks, hkv, d), dt)), cp.asarray(randn(rng, (*ks, hkv, d), dt))
+    if ik_heads:
+        kw.update(index_q=cp.asarray(randn(rng, (*qs, hkv, d), dt)), index_k=cp.asarray(randn(rng, (*ks, ik_heads, d), dt)))
+    planned, earlier = _both_paths(q, k, v, **kw)
+    _assert_same_bits(planned, earlier)
+
+
+def test_one_call_decode_in_a_growing_cache_is_bitwise_the_earlier_path():
+    import cupy as cp
+
+    rng = np.random.default_rng(24)
+    dt = DTYPES["bfloat16"]
+    hq, hkv, d = 64, 4, 128
+    k = cp.asarray(randn(rng, (1, 1500, hkv, d), dt))
+    v = cp.asarray(randn(rng, (1, 1500, hkv, d), dt))
+    ik = cp.asarray(randn(rng, (1, 1500, 1, d), dt))
+    q = cp.asarray(randn(rng, (1, 1, hq, d), dt))
+    iq = cp.asarray(randn(rng, (1, 1, hkv, d), dt))
+    lengths = list(range(1, 40)) + list(range(120, 1500, 7))
+    for n in lengths:  # one sequence: slices of the cache are contiguous
+        learned = dict(index_q=iq, index_k=ik[:, :n])
+        for index in ({}, learned):
+            planned, earlier = _both_paths(q, k[:, :n], v[:, :n], top_k=8, return_lse=True, **index)
+            _assert_same_bits(planned, earlier)
+    kb, vb = (cp.asarray(randn(rng, (3, 1100, hkv, d), dt)) for _ in range(2))
+    qb = cp.asarray(randn(rng, (3, 2, hq, d), dt))
+    for n in range(2, 1100, 53):  # a batch: contiguous copies per length, as a caller would pass
+        planned, earlier = _both_paths(qb, cp.ascontiguousarray(kb[:, :n]), cp.ascontiguousarray(vb[:, :n]),
+                                       top_k=4, return_indices=True)
+        _assert_same_bits(planned, earlier)
+
+
+def test_one_call_decode_of_torch_tensors_is_bitwise_the_earlier_path():
+    torch = pytest.importorskip("torch")
+    import cupy as cp
+
+    rng = np.random.default_rng(25)
+    dt = DTYPES["float16"]
+    q, k, v = (torch.from_dlpack(cp.asarray(randn(rng, shape, dt))) for shape in
+               ((2, 3, 32, 64), (2, 900, 4, 64), (2, 900, 4, 64)))
+    cp.cuda.Stream.null.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        planned, earlier = _both_paths(q, k, v, top_k=5, return_lse=True)
+    stream.synchronize()
+    assert isinstance(planned[0], torch.Tensor)
+    _assert_same_bits(tuple(cp.from_dlpack(x) for x in planned), tuple(cp.from_dlpack(x) for x in earlier))
+
+
+def test_one_call_decodes_stay_right_when_plans_are_dropped_while_queued(monkeypatch):
+    """A cache of one plan, calls alternating between two shapes: every call drops the other
+    plan while its kernels may still be queued.  Plans hold no GPU memory, so every result
+    is the one a lone call gives."""
+    import cupy as cp
+
+    from msa_cupy import _plan_cache
+
+    monkeypatch.setattr(_plan_cache._local, "plans", _plan_cache.PlanCache(capacity=1), raising=False)
+    rng = np.random.default_rng(26)
+    dt = DTYPES["bfloat16"]
+    k = cp.asarray(randn(rng, (1, 900, 2, 64), dt))
+    v = cp.asarray(randn(rng, (1, 900, 2, 64), dt))
+    q = cp.asarray(randn(rng, (1, 1, 8, 64), dt))
+    calls = [(n, 2 + n % 2) for n in range(500, 900)]  # top_k 2 and 3: two plans
+    outs = [msa_cupy.attention(q, k[:, :n], v[:, :n], block_size=64, top_k=top_k) for n, top_k in calls]
+    assert len(_plan_cache.cache().plans) == 1
+    assert all(found._raw is None for found in _plan_cache.cache().plans.values())  # no GPU memory of their own
+    cp.cuda.Stream.null.synchronize()
+    with _EarlierPath():
+        for (n, top_k), out in zip(calls, outs):
+            alone = msa_cupy.attention(q, k[:, :n], v[:, :n], block_size=64, top_k=top_k)
+            assert cp.array_equal(_bits(out), _bits(alone)), f"length {n}"
+
+
+def test_one_call_decode_loop_makes_no_host_sync_and_keeps_only_its_outputs():
+    """200 one-call decode steps in a growing cache, queued while the GPU is busy: none waits
+    for the GPU (0 host syncs), and the pool grows by the outputs the caller keeps, nothing else."""
+    import cupy as cp
+
+    rng = np.random.default_rng(27)
+    dt = DTYPES["bfloat16"]
+    hq, hkv, d = 64, 4, 128
+    k = cp.asarray(randn(rng, (1, 4096, hkv, d), dt))
+    v = cp.asarray(randn(rng, (1, 4096, hkv, d), dt))
+    ik = cp.asarray(randn(rng, (1, 4096, 1, d), dt))
+    q = cp.asarray(randn(rng, (1, 1, hq, d), dt))
+    iq = cp.asarray(randn(rng, (1, 1, hkv, d), dt))
+
+    def step(n):
+        return msa_cupy.attention(q, k[:, :n], v[:, :n], index_q=iq, index_k=ik[:, :n], top_k=16)
+
+    warm = [step(n) for n in range(3000, 3200)]  # plans made, pool blocks for the outputs there
+    cp.cuda.Stream.null.synchronize()
+    del warm
+    pool = cp.get_default_memory_pool()
+    used = pool.used_bytes()
+    spin = cp.RawKernel(_SPIN, "spin")
+    outs, syncs = [], 0
+    for start in (3000, 3100):  # two rounds of 100 steps, each queued behind ~0.5 s of GPU work
+        spin((1,), (1,), (np.int64(int(1.8e9 * 0.5)),))
+        busy = cp.cuda.Event()
+        busy.record()
+        outs += [step(n) for n in range(start, start + 100)]
+        syncs += int(busy.done)  # the spin ended while queuing: some step waited for the GPU
+        busy.synchronize()
+    assert syncs == 0, "a one-call decode step waited for the GPU (host sync)"
+    out_bytes = -(-outs[0].nbytes // 512) * 512  # the pool's allocation unit
+    assert pool.used_bytes() - used == len(outs) * out_bytes
+    with _EarlierPath():
+        for n, out in zip(list(range(3000, 3200)), outs):
+            if n % 25 == 0:
+                assert cp.array_equal(_bits(out), _bits(step(n)))

@@ -5,12 +5,10 @@ host time per step in a growing cache, the share of the bandwidth floor, and den
 
 Floor: the bytes a step must read, over the card's copy rate: every cached index key once per
 sequence, plus the K and V rows of every selected block (counted from the plan's selection).
-Host time per step: ``update`` (device lengths, one launch) + ``run`` queued back to back while
-the cache grows by one token a step, wall clock over the steps.
+Host time per step: ``update`` (a new device length array each step, one launch) + ``run``
+queued back to back while the cache grows by one token a step (``harness.host_us``).
 """
 from __future__ import annotations
-
-import time
 
 import numpy as np
 
@@ -74,24 +72,19 @@ def _graph_ms(plan, args, kwargs):
 
 
 def _growing_host_us(plan, args, kwargs, lens, table, n):
-    """Host microseconds per decode step (update + run) while the cache grows a token a step."""
+    """Host microseconds per decode step (update from a new device length array + run) while the
+    cache grows a token a step, and per run alone (harness.host_us: windows drained first)."""
     cp = harness.cupy()
-    step_lens = cp.maximum(lens - GROWING_STEPS - 1, 0)
-    plan.update(step_lens, table)
+    first = cp.maximum(lens - GROWING_STEPS - 1, 0)
+    step_lens = [first + i for i in range(GROWING_STEPS)]  # made before timing: the caller's arrays
+    plan.update(step_lens[0], table)
     plan.run(*args, **kwargs)
-    cp.cuda.get_current_stream().synchronize()
-    t0 = time.perf_counter()
-    for _ in range(GROWING_STEPS):
-        step_lens += 1
-        plan.update(step_lens, table)
-        plan.run(*args, **kwargs)
-    host_us = (time.perf_counter() - t0) / GROWING_STEPS * 1e6
-    cp.cuda.get_current_stream().synchronize()
-    t0 = time.perf_counter()
-    for _ in range(GROWING_STEPS):
-        plan.run(*args, **kwargs)
-    run_us = (time.perf_counter() - t0) / GROWING_STEPS * 1e6
-    cp.cuda.get_current_stream().synchronize()
+
+    def step(lens_i):
+        return lambda: (plan.update(lens_i, table), plan.run(*args, **kwargs))
+
+    host_us = harness.host_us([step(x) for x in step_lens])
+    run_us = harness.host_us([lambda: plan.run(*args, **kwargs)] * GROWING_STEPS)
     plan.update(lens, table)
     return host_us, run_us
 

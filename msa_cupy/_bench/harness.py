@@ -50,6 +50,29 @@ def time_ms(fn, arg_sets, *, warmup=2, repeat=10):
     return float(np.median(times))
 
 
+HOST_WINDOW = 40  # steps per window of host_us
+
+
+def host_us(steps, window=HOST_WINDOW) -> float:
+    """Median host microseconds per step over windows of ``window`` consecutive steps (zero-
+    argument callables, e.g. a decode step at a growing length each) queued back to back.  The
+    stream is drained before each window, so that the launch queue never fills: a full queue
+    makes the host wait for the GPU, which is not host cost."""
+    import time
+
+    cp = cupy()
+    times = []
+    for start in range(0, max(len(steps) - window, 0) + 1, window):
+        batch = steps[start:start + window]
+        cp.cuda.get_current_stream().synchronize()
+        t0 = time.perf_counter()
+        for step in batch:
+            step()
+        times.append((time.perf_counter() - t0) / len(batch) * 1e6)
+    cp.cuda.get_current_stream().synchronize()
+    return float(np.median(times))
+
+
 def rotations(nbytes_per_set: int, limit=4) -> int:
     """How many input sets it takes to exceed twice the L2 (at least 1, at most limit)."""
     cp = cupy()
