@@ -95,7 +95,7 @@ def scalar_options(**options) -> dict:
             out[name] = _check_scale_value(value)
         else:
             raise TypeError(f"unexpected option {name!r}")
-    if {"top_k", "local_blocks", "sink_blocks"} <= out.keys():
+    if all(name in out for name in ("top_k", "local_blocks", "sink_blocks")):  # (no set <= keys: torch.compile traces this)
         if out["local_blocks"] + out["sink_blocks"] > out["top_k"]:
             raise ValueError(
                 f"local_blocks + sink_blocks ({out['local_blocks']} + {out['sink_blocks']}) must not exceed "

@@ -245,9 +245,10 @@ def merge_kernel(rows: int, n_cand: int):
 def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int, *, kernel=None, per_cta=None):
     """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids.
     ``kernel``/``per_cta``: a :func:`merge_kernel` result fixed in advance (a decode plan, which
-    may pass a recorder), else chosen here."""
+    may pass a recorder; rows per CTA default to a warp a row), else chosen here."""
     if kernel is None:
         kernel, per_cta = merge_kernel(rows, splits * top_k)
+    per_cta = per_cta or TOPK_WARPS  # a kernel given alone: a warp a row
     kernel((-(-rows // per_cta),), (32 * TOPK_WARPS,),
            (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
 
