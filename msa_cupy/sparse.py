@@ -62,7 +62,8 @@ DECODE_WARPS = 4  # split-K decode: each warp takes BK / 4 keys of the pick's bl
 TILES_PER_ITEM = 8  # query tiles per prefill work item (K/V block reuse vs. load balance)
 DECODE_MAX_QUERIES = 16  # sequences with at most this many queries take the decode path
 SCHEDULES = ("auto", "kv", "tile")  # prefill: per query tile by the cost model, all KV-outer, all tile-outer
-PREFILL_SCHEDULE = "auto"
+PREFILL_SCHEDULE = "kv"  # measured (H100, 128K, f02938c): KV-outer 55.7 / 55.6 ms (random / coherent),
+                         # auto 58.4 / 61.7, tile 210.7 / 55.9: the tile-outer kernel is not yet faster
 TILE_ROWS = 128  # rows of a tile-outer query tile: tokens x G heads (8 warps; at most 64 tokens)
 TILE_STAGES = 2  # K/V chunks of 64 keys buffered by the tile-outer kernel
 # A (query tile, KV head) runs tile-outer when its tokens picked at least this share of the
