@@ -529,17 +529,25 @@ def test_one_call_decode_through_plans_is_bitwise_the_earlier_path(p):
     _assert_same_bits(planned, earlier)
 
 
+def _one_sequence_cache(rng, n, hq=64, hkv=4, d=128):
+    """q (1, 1, Hq, D), K/V caches (1, n, Hkv, D), index_q (1, 1, Hkv, D), one shared index-key
+    head (1, n, 1, D): bf16 CuPy arrays at the paper's head counts."""
+    import cupy as cp
+
+    dt = DTYPES["bfloat16"]
+    k, v = cp.asarray(randn(rng, (1, n, hkv, d), dt)), cp.asarray(randn(rng, (1, n, hkv, d), dt))
+    ik = cp.asarray(randn(rng, (1, n, 1, d), dt))
+    q, iq = cp.asarray(randn(rng, (1, 1, hq, d), dt)), cp.asarray(randn(rng, (1, 1, hkv, d), dt))
+    return q, k, v, iq, ik
+
+
 def test_one_call_decode_in_a_growing_cache_is_bitwise_the_earlier_path():
     import cupy as cp
 
     rng = np.random.default_rng(24)
     dt = DTYPES["bfloat16"]
     hq, hkv, d = 64, 4, 128
-    k = cp.asarray(randn(rng, (1, 1500, hkv, d), dt))
-    v = cp.asarray(randn(rng, (1, 1500, hkv, d), dt))
-    ik = cp.asarray(randn(rng, (1, 1500, 1, d), dt))
-    q = cp.asarray(randn(rng, (1, 1, hq, d), dt))
-    iq = cp.asarray(randn(rng, (1, 1, hkv, d), dt))
+    q, k, v, iq, ik = _one_sequence_cache(rng, 1500)
     lengths = list(range(1, 40)) + list(range(120, 1500, 7))
     for n in lengths:  # one sequence: slices of the cache are contiguous
         learned = dict(index_q=iq, index_k=ik[:, :n])
@@ -601,14 +609,7 @@ def test_one_call_decode_loop_makes_no_host_sync_and_keeps_only_its_outputs():
     for the GPU (0 host syncs), and the pool grows by the outputs the caller keeps, nothing else."""
     import cupy as cp
 
-    rng = np.random.default_rng(27)
-    dt = DTYPES["bfloat16"]
-    hq, hkv, d = 64, 4, 128
-    k = cp.asarray(randn(rng, (1, 4096, hkv, d), dt))
-    v = cp.asarray(randn(rng, (1, 4096, hkv, d), dt))
-    ik = cp.asarray(randn(rng, (1, 4096, 1, d), dt))
-    q = cp.asarray(randn(rng, (1, 1, hq, d), dt))
-    iq = cp.asarray(randn(rng, (1, 1, hkv, d), dt))
+    q, k, v, iq, ik = _one_sequence_cache(np.random.default_rng(27), 4096)
 
     def step(n):
         return msa_cupy.attention(q, k[:, :n], v[:, :n], index_q=iq, index_k=ik[:, :n], top_k=16)

@@ -31,31 +31,35 @@ def _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, **tuning):
     return out, lse
 
 
-def _varlen_case(rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode, scale=None):
-    """Random varlen q/k/v and picks for `lengths` [(nq, nk), ...], with the oracle's answer."""
+def _random_picks(rng, lengths, hkv, top_k, block_size, causal, mode):
+    return testing.random_block_indices(rng, lengths, hkv, top_k, block_size, mode=mode, causal=causal)
+
+
+def _varlen_case(rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode, scale=None,
+                 select=_random_picks):
+    """Random varlen q/k/v and picks for `lengths` [(nq, nk), ...] (``select``: the test kit's
+    random modes unless given), with the oracle's answer."""
     a = testing.attention_inputs(rng, lengths, n_kv_heads=hkv, group_size=group, head_dim=head_dim, dt=dtype_name)
     q, k, v, cu_q, cu_k = (a[name] for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"))
-    bi = testing.random_block_indices(rng, lengths, hkv, top_k, block_size, mode=mode, causal=causal)
+    bi = select(rng, lengths, hkv, top_k, block_size, causal, mode)
     scale = 1 / np.sqrt(head_dim) if scale is None else scale
     ref_out, ref_lse = reference.sparse_attention(q, k, v, bi, block_size=block_size, causal=causal, scale=scale,
                                                   cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
     return (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse)
 
 
+def _draw_problem(draw, *, max_q, modes):
+    """(group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode) of a varlen case."""
+    return (draw(st.sampled_from([1, 2, 4, 8, 16])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([64, 128])),
+            draw(st.sampled_from([64, 128])), draw(st.sampled_from(sorted(testing.DTYPES))), draw(st.booleans()),
+            draw(testing.lengths(max_q=max_q, max_k=700, max_seqs=3)), draw(st.integers(1, 8)),
+            draw(st.sampled_from(modes)))
+
+
 @st.composite
 def _cases(draw):
-    group = draw(st.sampled_from([1, 2, 4, 8, 16]))
-    hkv = draw(st.sampled_from([1, 2]))
-    head_dim = draw(st.sampled_from([64, 128]))
-    block_size = draw(st.sampled_from([64, 128]))
-    dtype_name = draw(st.sampled_from(sorted(testing.DTYPES)))
-    causal = draw(st.booleans())
-    lengths = draw(testing.lengths(max_q=700, max_k=700, max_seqs=3))  # 700 rows: several work items per block
-    top_k = draw(st.integers(1, 8))
-    mode = draw(st.sampled_from(["random", "local", "all"]))
-    path = draw(st.sampled_from([None, "prefill", "decode"]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, path, seed
+    problem = _draw_problem(draw, max_q=700, modes=["random", "local", "all"])  # 700 rows: several items per block
+    return (*problem, draw(st.sampled_from([None, "prefill", "decode"])), draw(st.integers(0, 2**31 - 1)))
 
 
 @pytest.mark.gpu

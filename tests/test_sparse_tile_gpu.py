@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from msa_cupy import reference, sparse, testing
 from msa_cupy._bench import patterns
 from msa_cupy._layout import query_positions, varlen_layout
-from test_sparse_gpu import _run
+from test_sparse_gpu import _draw_problem, _run, _varlen_case
 
 pytestmark = pytest.mark.gpu
 
@@ -34,14 +34,9 @@ def _selection(rng, lengths, hkv, top_k, block_size, causal, mode):
                                    causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
-def _case(rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode, scale=None):
-    a = testing.attention_inputs(rng, lengths, n_kv_heads=hkv, group_size=group, head_dim=head_dim, dt=dtype_name)
-    q, k, v, cu_q, cu_k = (a[name] for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k"))
-    bi = _selection(rng, lengths, hkv, top_k, block_size, causal, mode)
-    scale = 1 / np.sqrt(head_dim) if scale is None else scale
-    ref = reference.sparse_attention(q, k, v, bi, block_size=block_size, causal=causal, scale=scale,
-                                     cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
-    return (q, k, v, bi, cu_q, cu_k, scale), ref
+def _case(*args, **kwargs):
+    """test_sparse_gpu's varlen case with this file's selections (coherent included)."""
+    return _varlen_case(*args, select=_selection, **kwargs)
 
 
 def _bitwise(a, b):
@@ -51,21 +46,9 @@ def _bitwise(a, b):
 
 @st.composite
 def _cases(draw):
-    group = draw(st.sampled_from([1, 2, 4, 8, 16]))
-    hkv = draw(st.sampled_from([1, 2]))
-    head_dim = draw(st.sampled_from([64, 128]))
-    block_size = draw(st.sampled_from([64, 128]))
-    dtype_name = draw(st.sampled_from(sorted(testing.DTYPES)))
-    causal = draw(st.booleans())
-    lengths = draw(testing.lengths(max_q=400, max_k=700, max_seqs=3))
-    top_k = draw(st.integers(1, 8))
-    mode = draw(st.sampled_from(["random", "local", "all", "coherent"]))
-    schedule = draw(st.sampled_from(["tile", "auto"]))
-    tile_rows = draw(st.sampled_from([64, 128]))
-    min_useful = draw(st.sampled_from([0.0, 0.3, 0.6, 1.0]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, schedule, tile_rows, \
-        min_useful, seed
+    problem = _draw_problem(draw, max_q=400, modes=["random", "local", "all", "coherent"])
+    return (*problem, draw(st.sampled_from(["tile", "auto"])), draw(st.sampled_from([64, 128])),
+            draw(st.sampled_from([0.0, 0.3, 0.6, 1.0])), draw(st.integers(0, 2**31 - 1)))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
