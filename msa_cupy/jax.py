@@ -11,8 +11,9 @@ the inputs and writing the outputs in place (no copies, no host sync).  ``decode
 nothing: the decode plan (kernels, grids) is built once per static configuration when the
 function is traced, its workspace is one more output that XLA allocates, and each step is
 ``DecodePlan.update`` + ``DecodePlan.run`` into XLA's output buffers.  That makes it
-command-buffer compatible: with ``--xla_gpu_enable_command_buffer`` including ``CUSTOM_CALL``,
-XLA records the launches into a CUDA graph once and replays them.  ``attention`` (prefill, any
+command-buffer compatible (declared so to XLA); measured on an H100, XLA with
+``--xla_gpu_enable_command_buffer`` including ``CUSTOM_CALL`` still ran the callback at every
+step of a scan (results exact), rather than replaying a recording.  ``attention`` (prefill, any
 shape) allocates its scratch through CuPy inside the callback and copies its results into
 XLA's buffers: it is not command-buffer compatible, and needs GPU memory that XLA has not
 taken (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` or a lower ``XLA_PYTHON_CLIENT_MEM_FRACTION``).
