@@ -496,7 +496,7 @@ class Call:
             return
         for name, a in present.items():
             _check_on_cuda(name, a, kinds[name])
-        cp = require_cupy()
+        require_cupy()
         if self.framework == "torch":
             first = next(a for name, a in present.items() if kinds[name] == "torch")
             self.device = first.device.index

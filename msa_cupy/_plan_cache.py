@@ -99,7 +99,8 @@ def _plan_for(key):
     def make():
         (device, dtype, hq, hkv, d, di, ikh, block_size, top_k, local_blocks, sink_blocks, scale, nq, batch,
          max_len) = key
-        if max_len > 2**31 - 1 - block_size or not fits(batch=batch, queries=nq, hq=hq, top_k=top_k, d=d,
+        # a contiguous plan is max_batch pages of max_len rows: its row ids must stay below 2^31
+        if max_len > 2**31 - 1 - block_size or batch * max_len > 2**31 - 1 or not fits(batch=batch, queries=nq, hq=hq, top_k=top_k, d=d,
                                                          itemsize=dtype.itemsize):
             return _UNFIT
         return plan.DecodePlan._for_calls(

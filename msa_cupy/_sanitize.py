@@ -32,6 +32,8 @@ def reports_clean(output: str) -> bool:
     """compute-sanitizer's summary says 0 errors (racecheck words it as 0 hazards)."""
     clean = CLEAN in output or CLEAN_RACECHECK in output
     return clean and not re.search(r"(ERROR SUMMARY: [1-9]|RACECHECK SUMMARY: [1-9])", output)
+
+
 PREFILL_SEQS = ((150, 200), (60, 333))  # (queries, keys) per sequence: queries at the end of the keys
 DECODE_SEQS = ((1, 400), (3, 700))
 WIDE_SEQS = ((70, 512), (20, 260))     # 8 blocks of 64: the 4-wide loads of topk.cu

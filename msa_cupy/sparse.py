@@ -20,10 +20,11 @@ Two paths, one combine:
   the sorted union of the tile's picked blocks with online softmax in registers and a per-row
   mask, and writes out and lse once per row (no partials, no combine).  Where neighbouring
   queries pick the same blocks (trained indexes do) this is a flash-attention loop with block
-  skipping.  ``SparseTuning.schedule``: "auto" (default) lets ``cuda/tile_schedule.cu``
+  skipping.  ``SparseTuning.schedule``: "kv" (default: the tile-outer kernel is exact but not yet faster,
+  docs/perf.md), "auto" lets ``cuda/tile_schedule.cu``
   classify each (tile, KV head) by the share of its token x block pairs that its tokens
   picked (>= ``TILE_MIN_USEFUL``: tile-outer); the other tiles' picks go KV-outer, whose
-  reverse index and combine skip the tile-outer rows.  "kv" and "tile" force one path.
+  reverse index and combine skip the tile-outer rows; "tile" forces the tile-outer path.
 * ``cuda/combine.cu`` merges the <= K partials of each (query, head) by log-sum-exp.
 
 Launch code: one stage function per kernel file (``decode_kernel``/``launch_decode``,

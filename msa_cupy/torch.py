@@ -288,7 +288,7 @@ class DecodePlan:
     A step: ``update(seq_lens, block_table)`` then ``run(q, k_cache, v_cache)``.  With CUDA
     tensors ``update`` is one launch that reads the lengths on the device, so a captured
     graph may hold both and serve every step; with CPU tensors it checks every entry and
-    copies synchronously (eager only)."""
+    copies them through a pinned buffer (eager only)."""
 
     def __init__(self, *, device=None, **options):
         import cupy

@@ -6,8 +6,8 @@ for bad arrays, at trace time, naming the argument; `import msa_cupy` without JA
 GPU (marked gpu): jitted attention == eager msa_cupy.attention bitwise; a jitted lax.scan of
 decode steps over growing lengths == per-step DecodePlan runs bitwise (contiguous, paged,
 learned and training-free index, multi-token prediction); no allocation and no host sync in
-the decode steps; XLA command buffers (a child process: the flag is per process) record the
-steps once and replay them with the same results.
+the decode steps; XLA command buffers on (a child process: the flag is per process) keep the
+results exact; that XLA replays recorded steps is a strict xfail (measured: it does not yet).
 """
 import functools
 import json
@@ -455,7 +455,7 @@ def test_gpu_command_buffer_flags_keep_the_steps_exact():
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="measured on an H100 (JAX GPU build of the test machine, 2026-12-07): with "
+@pytest.mark.xfail(strict=True, reason="measured on an H100 (jax GPU build of 2026-12, torch 2.11 stack): with "
                    "CUSTOM_CALL command buffers on, XLA still ran the decode callback at each of 16 scan steps; "
                    "the step is allocation-free and declared command-buffer compatible, but XLA did not record it")
 def test_gpu_command_buffers_record_the_steps_once_and_replay_them():

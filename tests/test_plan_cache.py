@@ -93,3 +93,10 @@ def test_numpy_calls_never_take_the_short_path(rng):
 def test_limits_are_positive_ints(name):
     value = getattr(_plan_cache, name)
     assert isinstance(value, int) and value > 0
+
+
+def test_shapes_past_32_bit_row_ids_take_the_earlier_path():
+    """64 sequences x 2^25 keys (a bucketed 33 x 20M call) would overflow a contiguous plan's
+    int32 row ids: the cache answers "no plan" (the call takes the earlier path) without making one."""
+    key = (0, np.dtype(np.float16), 64, 4, 128, None, None, 128, 16, 1, 0, None, 1, 64, 1 << 25)
+    assert _plan_cache._plan_for(key) is None

@@ -5,14 +5,16 @@ index with one shared index-key head, contiguous cache): milliseconds per step o
 - ``plan graph``: ``update`` + one CUDA-graph replay of ``run`` per step;
 - ``jax scan``: ``msa_cupy.jax.decode`` in a jitted ``lax.scan`` over the steps, XLA command
   buffers off (the Python callback runs every step);
-- ``jax scan, command buffers``: the same with XLA recording the loop into CUDA graphs
-  (``--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL``).
+- ``jax scan, command buffers``: the same with XLA command buffers on for custom calls
+  (``--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL``), where XLA may
+  record the loop into CUDA graphs.
 
 Every step reads a new length (the cache grows by one key a step).  Wall clock over STEPS steps
 queued back to back, one sync at the end, median of REPEATS runs: the cost a decode loop pays
 per step, host time included.  XLA flags hold for a whole process, so each JAX mode runs in a
 child process (``child_main``) that prints one JSON line; the rows
-say how many times the Python callback ran per step (1 without command buffers, ~0 with).
+say how many times the Python callback ran per step (1 without command buffers; below 1 only
+where XLA replays recorded steps, which it did not on an H100 in 2026-12).
 """
 from __future__ import annotations
 
