@@ -83,14 +83,15 @@ def test_prefill_kernels_at_d128_bk128(case, kernel):
                 prefill_kernel=kernel, schedule="kv")
 
 
-def _check_case(case, **tuning):
+def _check_case(case, select=_random_picks, **tuning):
+    """One drawn case against the oracle, then repeated bitwise (``select``: how picks are made)."""
     group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, path, seed = case
     rng = np.random.default_rng(seed)
     if mode == "all":
         top_k = max(top_k, max((-(-nk // block_size) for _, nk in lengths), default=1), 1)
     (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _varlen_case(
         rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode,
-        scale=float(rng.uniform(0.5, 1.5)) / np.sqrt(head_dim))
+        scale=float(rng.uniform(0.5, 1.5)) / np.sqrt(head_dim), select=select)
     out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, path=path, **tuning)
     testing.assert_attention_close(out, ref_out, dtype_name, lse, ref_lse)
     out2, lse2 = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, path=path, **tuning)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from msa_cupy import reference, sparse, testing
 from msa_cupy._bench import patterns
 from msa_cupy._layout import query_positions, varlen_layout
-from test_sparse_gpu import _draw_problem, _run, _varlen_case
+from test_sparse_gpu import _check_case, _draw_problem, _run, _varlen_case
 
 pytestmark = pytest.mark.gpu
 
@@ -54,19 +54,9 @@ def _cases(draw):
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=_cases())
 def test_tile_and_auto_schedules_match_reference(case):
-    group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, schedule, tile_rows, min_useful, seed \
-        = case
-    rng = np.random.default_rng(seed)
-    if mode == "all":
-        top_k = max(top_k, max((-(-nk // block_size) for _, nk in lengths), default=1), 1)
-    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _case(
-        rng, lengths, group, hkv, head_dim, dtype_name, top_k, block_size, causal, mode,
-        scale=float(rng.uniform(0.5, 1.5)) / np.sqrt(head_dim))
-    tuning = dict(path="prefill", schedule=schedule, tile_rows=tile_rows, tile_min_useful=min_useful)
-    out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, **tuning)
-    testing.assert_attention_close(out, ref_out, dtype_name, lse, ref_lse)
-    out2, lse2 = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, **tuning)
-    assert _bitwise(out, out2) and _bitwise(lse, lse2), "repeat not bitwise identical"
+    *problem, schedule, tile_rows, min_useful, seed = case
+    _check_case((*problem, "prefill", seed), select=_selection, schedule=schedule, tile_rows=tile_rows,
+                tile_min_useful=min_useful)
 
 
 @pytest.mark.parametrize("mode", ["coherent", "random"])
