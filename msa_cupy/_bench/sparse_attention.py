@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from .. import testing
 from . import harness, patterns as selection_patterns
+from .paper import BLOCK, D, DI, HKV, HQ, TOP_K  # the paper's shapes, one home
 
-HQ, HKV, D, DI, BLOCK, TOP_K = 64, 4, 128, 128, 128, 16
 PREFILL_TOKENS = (32768, 131072)
 DECODE_CACHES = (131072, 1 << 20)
 DECODE_BATCHES = (1, 8, 32)
@@ -69,8 +69,8 @@ def prefill(report, ceilings, n, dense_max_tokens=DENSE_MAX_TOKENS, variants=(),
     cp = harness.cupy()
     tunings = (None,) if not schedules else tuple(sparse.SparseTuning(schedule=s) for s in schedules)
     tunings += tuple(variants)
-    q = testing.device_randn((n, HQ, D), harness.BF16)
-    k, v = testing.device_randn((n, HKV, D), harness.BF16), testing.device_randn((n, HKV, D), harness.BF16)
+    q = harness.random((n, HQ, D), harness.BF16)
+    k, v = harness.random((n, HKV, D), harness.BF16), harness.random((n, HKV, D), harness.BF16)
     for pattern in patterns:
         _prefill_pattern(report, ceilings, n, q, k, v, pattern, tunings)
     del q, k, v
@@ -120,8 +120,8 @@ def decode(report, ceilings, batch, nk):
     if harness.skip_if_too_big(report, name, batch * nk * 2 * HKV * D * 2 * 1.3, kind="sparse decode", batch=batch,
                                tokens=nk):
         return
-    q = testing.device_randn((batch, HQ, D), harness.BF16)
-    k, v = testing.device_randn((batch * nk, HKV, D), harness.BF16), testing.device_randn((batch * nk, HKV, D), harness.BF16)
+    q = harness.random((batch, HQ, D), harness.BF16)
+    k, v = harness.random((batch * nk, HKV, D), harness.BF16), harness.random((batch * nk, HKV, D), harness.BF16)
     ids = testing.plausible_block_indices(cp.random.default_rng(nk + batch), 1, nk, HKV, TOP_K, BLOCK, n_seq=batch)
     nbytes = float((ids >= 0).sum()) * BLOCK * D * 2 * 2 + 2 * q.nbytes  # selected K and V blocks, q in, out
     run = _attention(q, k, v, ids, batch, 1, nk)
