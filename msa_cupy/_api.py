@@ -33,15 +33,20 @@ def _route(op: str, **shape):
 def _device_cu(call: Call, layout: Layout):
     """Device cu_seqlens for the kernels: the caller's (varlen), or for batched inputs (B
     sequences of equal length; rank 3 without cu_seqlens: one sequence of all tokens) a fresh
-    array written by one launch on the caller's stream.  Nothing is cached: a cached array
-    could be freed while queued kernels still read it, and a growing cache changes the
-    lengths every step."""
-    cp = _interop.require_cupy()
-    cu_q, cu_k = call.arrays.get("cu_seqlens_q"), call.arrays.get("cu_seqlens_k")
-    if cu_q is not None:
-        return cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
-    q_len, k_len = (layout.uniform_q, layout.uniform_k) if layout.uniform else (layout.total_q, layout.total_k)
-    return plan.uniform_cu_seqlens(layout.n_seq, q_len, k_len)
+    array written by one launch on the caller's stream.  Made once per call (selection and
+    attention share it) and kept on the call only: an array cached across calls could be
+    freed while queued kernels still read it, and a growing cache changes the lengths every
+    step."""
+    if call.device_cu is None:
+        cp = _interop.require_cupy()
+        cu_q, cu_k = call.arrays.get("cu_seqlens_q"), call.arrays.get("cu_seqlens_k")
+        if cu_q is not None:
+            call.device_cu = cp.ascontiguousarray(cu_q), cp.ascontiguousarray(cu_k)
+        else:
+            q_len, k_len = (layout.uniform_q, layout.uniform_k) if layout.uniform else (layout.total_q,
+                                                                                        layout.total_k)
+            call.device_cu = plan.uniform_cu_seqlens(layout.n_seq, q_len, k_len)
+    return call.device_cu
 
 
 def _group_mean(q, n_groups):

@@ -491,6 +491,7 @@ class Call:
         self.framework = main[0] if main else "numpy"
         self.arrays = {}
         self._stream = None
+        self.device_cu = None  # the kernels' device cu_seqlens, made once per call (_api._device_cu)
         if not self.on_gpu:
             self.arrays = dict(named_arrays)
             return

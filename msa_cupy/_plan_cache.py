@@ -99,9 +99,8 @@ def _plan_for(key):
     def make():
         (device, dtype, hq, hkv, d, di, ikh, block_size, top_k, local_blocks, sink_blocks, scale, nq, batch,
          max_len) = key
-        # a contiguous plan is max_batch pages of max_len rows: its row ids must stay below 2^31
-        if max_len > 2**31 - 1 - block_size or batch * max_len > 2**31 - 1 or not fits(batch=batch, queries=nq, hq=hq, top_k=top_k, d=d,
-                                                         itemsize=dtype.itemsize):
+        if not plan.rows_fit(max_len, batch * max_len, block_size) or not fits(
+                batch=batch, queries=nq, hq=hq, top_k=top_k, d=d, itemsize=dtype.itemsize):
             return _UNFIT
         return plan.DecodePlan._for_calls(
             max_batch=batch, max_cache_len=max_len, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
@@ -123,10 +122,11 @@ def covers(*, hq, hkv, d, index_dim, index_k_heads, block_size, top_k, causal, m
         return False
     if not (n_seq >= 1 and total_q >= 1 and 1 <= max_q <= sparse.DECODE_MAX_QUERIES and max_k >= 1):
         return False
-    if not (d in _HEAD_DIMS and hkv >= 1 and hq % hkv == 0 and hq // hkv in _GROUPS and block_size in _BLOCKS
-            and 1 <= top_k <= _interop.SELECT_KERNEL_MAX_TOP_K):
-        return False
-    return index_dim is None or (index_dim in _INDEX_DIMS and index_k_heads in (1, hkv))
+    # the kernels' own predicates, the ones _api._route asks
+    return (hkv >= 1 and hq % hkv == 0
+            and selection.supports(top_k=top_k, block_size=block_size, index_dim=d if index_dim is None else index_dim)
+            and sparse.supports(head_dim=d, block_size=block_size, group_size=hq // hkv, top_k=top_k)
+            and (index_dim is None or index_k_heads in (1, hkv)))
 
 
 def _run(found, cp, q, k, v, index_q, index_k, *, n_seq, rows, splits, max_k, k_len, cu_q, cu_k, lead, hq, hkv, d,
@@ -205,7 +205,7 @@ def _ndarray():
 def _usable(x, device) -> bool:
     """C-contiguous, 16-byte aligned, on the device (what the public checks ask of a GPU array)."""
     mem = x.data
-    return x._c_contiguous and not mem.ptr & 15 and mem.device_id == device
+    return x._c_contiguous and not mem.ptr % _interop.KERNEL_ALIGNMENT and mem.device_id == device
 
 
 def fast_attention(q, k, v, index_q, index_k, block_size, top_k, local_blocks, sink_blocks, causal, scale,

@@ -302,16 +302,6 @@ def _pointer(buffer) -> int:
         return int(_interop.require_cupy().from_dlpack(buffer).data.ptr)
 
 
-class _RawStream:
-    """A stream handle in the CUDA stream protocol (what cupy.cuda.Stream.from_external takes)."""
-
-    def __init__(self, ptr):
-        self.ptr = ptr
-
-    def __cuda_stream__(self):
-        return (0, self.ptr)
-
-
 def _xla_stream(ptr: int, device: int):
     """CuPy's view of XLA's stream (one object per stream, made once).  ExternalStream with its
     device given makes no CUDA call, which matters when XLA is recording a command buffer on
@@ -322,7 +312,7 @@ def _xla_stream(ptr: int, device: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             external = getattr(cp.cuda, "ExternalStream", None)
-            stream = external(ptr, device) if external else cp.cuda.Stream.from_external(_RawStream(ptr))
+            stream = external(ptr, device) if external else cp.cuda.Stream.from_external(_interop._StreamHandle(ptr))
         _STREAMS[(ptr, device)] = stream
     return stream
 

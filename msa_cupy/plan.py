@@ -136,6 +136,13 @@ def workspace_offsets(views) -> dict:
     return offsets
 
 
+def rows_fit(max_cache_len: int, cache_rows: int, block_size: int) -> bool:
+    """The kernels' 32-bit key-row ids reach every row: a cache of cache_rows rows (pages x page
+    size; a contiguous cache is max_batch pages of max_cache_len) and keys up to a block past
+    max_cache_len."""
+    return max_cache_len <= 2**31 - 1 - block_size and cache_rows <= 2**31 - 1
+
+
 def _dtype_of(dtype):
     """float16 / bfloat16 from a NumPy, CuPy, PyTorch or JAX dtype or its name."""
     name = str(getattr(dtype, "name", dtype)).split(".")[-1]
@@ -363,7 +370,7 @@ class DecodePlan:
                 raise ValueError("a paged cache needs num_pages (the page count of k_cache/v_cache)")
             self.num_pages = check("num_pages", num_pages, minimum=1)
             self.max_pages = -(-self.max_cache_len // self.page_size)
-        if self.max_cache_len > 2**31 - 1 - self.block_size or self.num_pages * self.page_size > 2**31 - 1:
+        if not rows_fit(self.max_cache_len, self.num_pages * self.page_size, self.block_size):
             raise ValueError("max_cache_len and num_pages * page_size must stay below 2^31 rows")
 
         global _ndarray

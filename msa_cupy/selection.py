@@ -130,9 +130,7 @@ def _smem_bytes(di, block_size, warps, top_k, epilogue, stages=WGMMA_STAGES[-1])
     return 2 * KEY_TILE * di * 2 + wn * bpw * bm * 4 + lists * bm
 
 
-def _i32(x):
-    """np.int32(x), or a _jit.Scalar that a prepared launch binds at each launch."""
-    return x if type(x) is _jit.Scalar else np.int32(x)
+_i32 = _jit.int32  # np.int32(x), or a _jit.Scalar that a prepared launch binds at each launch
 
 
 class SelectLaunch(NamedTuple):
