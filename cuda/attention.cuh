@@ -89,6 +89,12 @@ struct PrefillItem {
         return visible_keys(n_q, n_k, list_q[start] - q_start, causal) < min((block + 1) * BK, n_k);
     }
 
+    // Row `key` of the block in a K or V cache (contiguous or paged), head g.
+    template <int D, int BK, typename T>
+    __device__ __forceinline__ const T* kv_row(const T* __restrict__ base, int key, int n_heads_kv) const {
+        return base + (key_rows.row(seq, k_start, block * BK + key) * n_heads_kv + g) * D;
+    }
+
     // The K and V block (BK rows; rows past the sequence end are zero-filled and masked).
     template <int D, int BK, int THREADS, typename T, typename Offset>
     __device__ __forceinline__ void load_kv(T* Ks, T* Vs, const T* __restrict__ k, const T* __restrict__ v,

@@ -132,7 +132,7 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                     for (int w = 0; w < KT / 32; ++w) {
                         for (unsigned bits = nonfinite_v[kt * (KT / 32) + w]; bits; bits &= bits - 1) {
                             const int col = w * 32 + __ffs(bits) - 1, key = kt * KT + col;
-                            const T* v_row = v + ((i64)(it.k_start + it.block * BK + key) * n_heads_kv + it.g) * D;
+                            const T* v_row = it.kv_row<D, BK>(v, key, n_heads_kv);
 #pragma unroll
                             for (int mt = 0; mt < MT; ++mt)
                                 add_back_nonfinite_v<D, NT>(

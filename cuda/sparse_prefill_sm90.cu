@@ -135,7 +135,7 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
             for (int w = 0; w < BK / 32; ++w) {
                 for (unsigned bits = nonfinite_v[w]; bits; bits &= bits - 1) {
                     const int key = w * 32 + __ffs(bits) - 1;
-                    const T* v_row = v + ((i64)(it.k_start + it.block * BK + key) * n_heads_kv + it.g) * D;
+                    const T* v_row = it.kv_row<D, BK>(v, key, n_heads_kv);
                     // p from the packed A operand of P V: S columns 16j.. are pa[j], n-tile 2j + n % 2
                     add_back_nonfinite_v<D, BK / 8>(
                         v_row, key, key, lim,

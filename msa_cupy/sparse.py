@@ -330,9 +330,9 @@ def prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, variant
 def launch_prefill(prefill: PrefillKernel, q, k, v, items, list_q, cu_q, cu_k, block_off, n_seq, n_blocks_total,
                    part_o, part_lse, *, causal, scale_log2, pages=CONTIGUOUS_KEYS):
     """sparse_prefill.cu / sparse_prefill_sm90.cu: one CTA per work item, a partial (o, lse)
-    per pick at its list position (list_q order).  ``pages``: no caller passes a block table
-    yet, and before one does, the NaN/Inf add-back of both kernels must read its V row through
-    KeyRows as the block load does (it still indexes V contiguously)."""
+    per pick at its list position (list_q order).  ``pages``: the KeyRows of a paged K/V cache
+    (block table, max pages, page size); every K/V row read, the NaN/Inf add-back's included,
+    goes through it."""
     n_heads_q, n_heads_kv = q.shape[1], k.shape[-2]
     prefill.kernel((items.shape[0],), (prefill.threads,),
                    (q, k, v, items, list_q, cu_q, cu_k, block_off, np.int32(n_seq), part_o, part_lse,
