@@ -48,6 +48,9 @@ class _TorchBlock:
     def __init__(self, ptr: int):
         self.ptr = ptr
 
+    # CuPy may drop memory while dynamo traces a frame (garbage collection runs anywhere):
+    # dynamo must run this eagerly, not compile it (it failed to, with "invalid device pointer")
+    @torch.compiler.disable
     def __del__(self):
         try:
             torch.cuda.caching_allocator_delete(self.ptr)

@@ -479,6 +479,7 @@ def test_reduce_overhead_attention_equals_eager():
 
 
 @gpu
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # CuPy frees memory mid-trace
 def test_plain_compile_of_msa_cupy_calls_equals_eager():
     """Plain torch.compile (graph breaks allowed) of functions calling msa_cupy directly: the
     attention op, and the calls that run eagerly outside the trace, on the caller's stream."""
