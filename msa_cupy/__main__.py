@@ -13,7 +13,8 @@ import numpy as np
 
 OP_MODULES = ("_plain", "selection", "sparse", "plan")  # modules that declare kernel variants
 LOG_LINES = 40  # an NVRTC log printed by `check` is cut to this many lines (errors come first)
-PATTERN_SUITES = ("paper", "sparse")  # bench suites whose prefill runs per selection pattern
+PATTERN_SUITES = ("paper", "sparse", "prefill_plan")  # bench suites whose prefill runs per selection pattern
+DECODE_ROW_SUITES = ("paper", "sparse")  # pattern suites that add decode rows (--no-decode drops them)
 
 
 def cmd_info(_args):
@@ -292,7 +293,7 @@ def cmd_bench(args):
             kwargs["schedules"] = tuple(args.schedule)
         if args.variant and suite == "sparse":
             kwargs["variants"] = tuple(args.variant)
-        if args.no_decode and suite in PATTERN_SUITES:
+        if args.no_decode and suite in DECODE_ROW_SUITES:
             kwargs["caches"] = ()
         SUITES[suite](report, ceil, **kwargs)
     out = args.out or os.path.join("benchmarks", f"{'-'.join(args.suite)}-{card['name'].replace(' ', '_')}.json")
@@ -326,7 +327,7 @@ def main(argv=None):
     bench.add_argument("--dense-max-tokens", type=int,
                        help="paper suite: run dense prefill up to this length (default 131072; longer is estimated)")
     bench.add_argument("--pattern", nargs="+", choices=bench_patterns(),
-                       help="paper and sparse suites: selection patterns of the prefill index (default: random coherent)")
+                       help="paper, sparse and prefill_plan suites: selection patterns of the prefill index (default: random coherent)")
     bench.add_argument("--schedule", nargs="+", choices=bench_schedules(),
                        help="sparse suite: time the prefill under each of these schedules (default: the default one)")
     bench.add_argument("--no-decode", action="store_true", help="paper and sparse suites: prefill rows only")

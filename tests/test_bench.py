@@ -12,7 +12,7 @@ from msa_cupy._bench import SUITES, harness
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = sorted((ROOT / "benchmarks").glob("*.json"))
-EXPECTED = {"decode", "paper", "plain", "selection", "select_variants", "sparse", "decode_host", "jax_decode"}
+EXPECTED = {"decode", "paper", "plain", "selection", "select_variants", "sparse", "decode_host", "jax_decode", "prefill_plan"}
 
 
 class _NoGPU(Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 
-from . import decode, decode_host, jax_decode, paper, plain, selection, sparse_attention
+from . import decode, decode_host, jax_decode, paper, plain, prefill_plan, selection, sparse_attention
 
 
 def check_tokens(tokens) -> tuple:
@@ -52,4 +52,5 @@ SUITES = {
     "decode_host": _suite("decode_host", decode_host.run),
     "decode": _suite("decode", decode.run),
     "jax_decode": _suite("jax_decode", jax_decode.run),
+    "prefill_plan": _suite("prefill_plan", prefill_plan.run),
 }

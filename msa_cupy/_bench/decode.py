@@ -10,8 +10,6 @@ queued back to back while the cache grows by one token a step (``harness.host_us
 """
 from __future__ import annotations
 
-import numpy as np
-
 import msa_cupy
 
 from . import harness, paper
@@ -22,7 +20,6 @@ MTP = (1, 4, 8)              # queries per sequence; MTP > 1 runs at MTP_BATCH a
 MTP_BATCH = 8
 PAGE_SIZE = 128
 GROWING_STEPS = 200
-GRAPH_REPLAYS = 20
 
 
 def _inputs(batch, nq, n, paged):
@@ -46,29 +43,6 @@ def _plan(batch, nq, n, paged):
                                block_size=paper.BLOCK, top_k=paper.TOP_K, queries_per_seq=nq,
                                page_size=PAGE_SIZE if paged else None,
                                num_pages=batch * -(-n // PAGE_SIZE) if paged else None)
-
-
-def _graph_ms(plan, args, kwargs):
-    """Median ms of one replay of a captured plan.run (GRAPH_REPLAYS back to back, events)."""
-    cp = harness.cupy()
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        plan.run(*args, **kwargs)
-        stream.begin_capture()
-        plan.run(*args, **kwargs)
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(5):
-            start.record(stream)
-            for _ in range(GRAPH_REPLAYS):
-                graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop) / GRAPH_REPLAYS)
-    return float(np.median(times))
 
 
 def _growing_host_us(plan, args, kwargs, lens, table, n):
@@ -101,7 +75,7 @@ def bench(report, ceilings, batch, n, nq=1, paged=True, dense=True):
     plan.update(lens, table)
     args, kwargs = (q, k, v), dict(index_q=iq, index_k_cache=ik)
     eager_ms = harness.time_ms(lambda: plan.run(*args, **kwargs), [()], warmup=3, repeat=20)
-    graph_ms = _graph_ms(plan, args, kwargs)
+    graph_ms = harness.graph_ms(lambda: plan.run(*args, **kwargs))
     host_us, run_us = _growing_host_us(plan, args, kwargs, lens, table, n)
     plan.run(*args, **kwargs)
     ids = plan.block_indices

@@ -50,6 +50,33 @@ def time_ms(fn, arg_sets, *, warmup=2, repeat=10):
     return float(np.median(times))
 
 
+GRAPH_REPLAYS = 20  # replays per timed window of graph_ms
+
+
+def graph_ms(run) -> float:
+    """Median ms of one replay of run() captured in a CUDA graph on a CuPy stream (after one
+    eager call; GRAPH_REPLAYS back to back per window, five windows, events)."""
+    cp = cupy()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        run()
+        stream.begin_capture()
+        run()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(5):
+            start.record(stream)
+            for _ in range(GRAPH_REPLAYS):
+                graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) / GRAPH_REPLAYS)
+    return float(np.median(times))
+
+
 HOST_WINDOW = 40  # steps per window of host_us
 
 
