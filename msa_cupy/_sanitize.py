@@ -214,6 +214,49 @@ def _plain_end_to_end(rng):
     return _close(out.get(), lse.get(), *ref)
 
 
+def _cache(rng, batch, max_len, page_size):
+    """(cache shape, page count or None, block table or None, k, v) of a small KV cache:
+    pages in a random order (one spare) or contiguous rows."""
+    if page_size:
+        n_pages = batch * -(-max_len // page_size) + 1
+        cache = (n_pages, page_size, HKV, HEAD_DIM)
+        table = rng.permutation(n_pages)[:n_pages - 1].reshape(batch, -1).astype(np.int32)
+    else:
+        n_pages, cache, table = None, (batch, max_len, HKV, HEAD_DIM), None
+    dt = _bf16()
+    return cache, n_pages, table, rng.standard_normal(cache).astype(dt), rng.standard_normal(cache).astype(dt)
+
+
+def _prefill_plan(rng, page_size):
+    """A chunked-prefill plan step (plan_update.cu with query lengths, bound_query_rows,
+    selection, tile_schedule.cu offsets, sparse_prefill_tile.cu) on q rows past the step's
+    tokens, against the reference over the plan's own selection."""
+    import msa_cupy
+
+    from . import reference
+
+    batch, max_len = 2, 700
+    lens, q_lens = np.array([700, 129], np.int32), np.array([300, 129], np.int32)
+    total = int(q_lens.sum())
+    hq = HKV * GROUP
+    q = rng.standard_normal((total + 20, hq, HEAD_DIM)).astype(_bf16())
+    cache, n_pages, table, k, v = _cache(rng, batch, max_len, page_size)
+    plan = msa_cupy.PrefillPlan(max_batch=batch, max_cache_len=max_len, max_query_tokens=total + 40,
+                                num_q_heads=hq, num_kv_heads=HKV, head_dim=HEAD_DIM, dtype="bfloat16",
+                                block_size=ATTN_BLOCK, top_k=TOP_K, local_blocks=LOCAL, sink_blocks=SINK,
+                                page_size=page_size, num_pages=n_pages)
+    plan.update(*_device(lens, q_lens, *(() if table is None else (table,))))
+    out, lse = plan.run(*_device(q, k, v), return_lse=True)
+    ids = plan.block_indices.get()[:total]
+    rows = reference.cache_rows(lens, cache[1], table)
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    ref = reference.sparse_attention(q[:total], flat(k)[rows], flat(v)[rows], ids, block_size=ATTN_BLOCK,
+                                     causal=True, return_lse=True, **_seq_kw(cu_q, cu_k))
+    return _close(out.get()[:total], lse.get()[:total], *ref)
+
+
 def _decode_plan(rng, page_size, batched_one_call=False):
     """A decode plan over a paged (or contiguous) cache with the training-free index:
     plan_update.cu from device arrays, group_mean.cu, the selection, decode.cu and combine.cu
@@ -223,18 +266,11 @@ def _decode_plan(rng, page_size, batched_one_call=False):
 
     from . import reference, testing
 
-    dt = _bf16()
     batch, nq, max_len = 2, 2, 700
     lens = np.array([700, 129], np.int32)
     hq = HKV * GROUP
-    q = rng.standard_normal((batch, nq, hq, HEAD_DIM)).astype(dt)
-    if page_size:
-        n_pages = 2 * -(-max_len // page_size) + 1
-        cache = (n_pages, page_size, HKV, HEAD_DIM)
-        table = rng.permutation(n_pages)[:2 * -(-max_len // page_size)].reshape(2, -1).astype(np.int32)
-    else:
-        n_pages, cache, table = None, (batch, max_len, HKV, HEAD_DIM), None
-    k, v = rng.standard_normal(cache).astype(dt), rng.standard_normal(cache).astype(dt)
+    q = rng.standard_normal((batch, nq, hq, HEAD_DIM)).astype(_bf16())
+    cache, n_pages, table, k, v = _cache(rng, batch, max_len, page_size)
     plan = msa_cupy.DecodePlan(max_batch=batch, max_cache_len=max_len, num_q_heads=hq, num_kv_heads=HKV,
                                head_dim=HEAD_DIM, dtype="bfloat16", block_size=ATTN_BLOCK, top_k=TOP_K,
                                local_blocks=LOCAL, sink_blocks=SINK, queries_per_seq=nq, page_size=page_size,
@@ -296,6 +332,8 @@ def stages(wgmma: bool):
         ("decode plan, paged: plan_update.cu + group_mean.cu + selection + decode.cu + combine.cu; "
          "one-call decode (plan_update.cu uniform_cu_seqlens)", p(_decode_plan, page_size=64, batched_one_call=True)),
         ("decode plan, contiguous cache; one-call decode", p(_decode_plan, page_size=None, batched_one_call=True)),
+        ("prefill plan, paged: plan_update.cu (query lengths) + bound_query_rows + selection + "
+         "tile_schedule.cu + sparse_prefill_tile.cu", p(_prefill_plan, page_size=64)),
     ]
     if wgmma:
         out += [

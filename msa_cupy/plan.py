@@ -47,6 +47,7 @@ from ._layout import CONTIGUOUS_KEYS, key_rows
 
 UPDATE_THREADS = 256
 MAX_QUERIES_PER_SEQ = 16  # multi-token prediction: up to 16 new queries per sequence
+MAX_QUERY_TOKENS = 1 << 22  # chunked prefill: new tokens of a step (the update's int32 scans stay in range)
 STAGING_BUFFERS = 4  # pinned buffers of host-array updates in flight at once, per plan
 KEPT_PROGRAMS = 64  # prepared steps kept per plan (by batch size, query rows and split count)
 _ALIGN = 256  # bytes: every workspace view starts on a 256-byte boundary (16-byte loads need 16)
@@ -57,6 +58,7 @@ _CALL = ("q", "k", "v", "iq", "ik", "out", "lse", "ids", "cu_q", "cu_k", "k_len"
 
 _jit.declare("plan_update.cu", "plan_update_kernel", (UPDATE_THREADS,))
 _jit.declare("plan_update.cu", "uniform_cu_seqlens")
+_jit.declare("plan_update.cu", "bound_query_rows")
 _jit.declare("group_mean.cu", "group_mean_kernel", ("bf16",), ("f16",))
 
 
@@ -83,6 +85,13 @@ def launch_uniform_cu_seqlens(n_seq: int, q_len, k_len, cu_q, cu_k, *, kernel=No
            (np.int32(n_seq), _jit.int32(q_len), _jit.int32(k_len), cu_q, cu_k))
 
 
+def launch_bound_query_rows(cu_q, n_seq: int, rows: int, cu_q_run, errors, *, kernel=None):
+    """plan_update.cu bound_query_rows: cu_q_run = min(cu_q, rows), one CTA on the current
+    stream (a prefill plan passes a recorder)."""
+    kernel = kernel if kernel is not None else _jit.kernel("plan_update.cu", "bound_query_rows")
+    kernel((1,), (256,), (cu_q, np.int32(n_seq), np.int32(rows), cu_q_run, errors))
+
+
 def uniform_cu_seqlens(n_seq: int, q_len: int, k_len: int):
     """Device (cu_q, cu_k) int32 of n_seq sequences of equal lengths, written by one launch on
     the current stream: a fresh pool allocation per call, so no cached array can be freed
@@ -98,23 +107,26 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def workspace_layout(*, max_batch, queries_per_seq, num_q_heads, num_kv_heads, head_dim, top_k, max_pages, dtype,
-                     splits, training_free) -> list:
-    """The views of a decode plan's workspace, (name, shape, dtype), in allocation order."""
-    rows = max_batch * queries_per_seq
+def workspace_layout(*, max_batch, rows, num_q_heads, num_kv_heads, head_dim, top_k, max_pages, dtype, splits,
+                     training_free, attention="decode") -> list:
+    """The views of a cache plan's workspace, (name, shape, dtype), in allocation order, for
+    steps of at most ``rows`` query rows; ``attention``: "decode" (split-K: a partial (o, lse)
+    per pick) or "tile" (tile-outer prefill: bounded cu_q and the query tiles' offsets)."""
     group = num_q_heads // num_kv_heads
-    entries = rows * num_kv_heads * top_k  # one partial (o, lse) per pick
     views = [
         ("cu_q", (max_batch + 1,), np.int32),
         ("cu_k", (max_batch + 1,), np.int32),
         ("block_table", (max_batch, max_pages), np.int32),
         ("errors", (1,), np.int32),
         ("ids", (rows, num_kv_heads, top_k), np.int32),
-        ("part_lse", (entries * group,), np.float32),
-        ("part_o", (entries * group * head_dim,), dtype),
         ("out", (rows, num_q_heads, head_dim), dtype),
         ("lse", (rows, num_q_heads), np.float32),
     ]
+    if attention == "decode":
+        entries = rows * num_kv_heads * top_k
+        views += [("part_lse", (entries * group,), np.float32), ("part_o", (entries * group * head_dim,), dtype)]
+    else:
+        views += [("cu_q_run", (max_batch + 1,), np.int32), ("tile_off", (max_batch + 1,), np.int32)]
     if splits > 1:
         views.append(("partial", (rows, num_kv_heads, splits, top_k), np.uint64))
     if training_free:
@@ -153,11 +165,12 @@ def _dtype_of(dtype):
 
 
 def pack_host_update(seq_lens, block_table, cu_q, cu_k, table, *, max_cache_len, queries_per_seq, paged, page_size,
-                     num_pages) -> int:
-    """Check host ``seq_lens`` (and ``block_table``) and write the step into the int32 views
-    ``cu_q``/``cu_k`` (max_batch + 1) and ``table`` (max_batch, max_pages), rows [0, batch):
-    what plan_update.cu computes from device arrays, with a ValueError naming any bad entry
-    instead of a clamp.  Returns the batch size."""
+                     num_pages, query_lens=None, max_rows=None) -> int:
+    """Check host ``seq_lens`` (and ``block_table``, and for chunked prefill ``query_lens``, at
+    most ``max_rows`` in all) and write the step into the int32 views ``cu_q``/``cu_k``
+    (max_batch + 1) and ``table`` (max_batch, max_pages), rows [0, batch): what
+    plan_update.cu computes from device arrays, with a ValueError naming any bad entry instead
+    of a clamp.  Returns the batch size."""
     lens = np.asarray(seq_lens)
     if lens.ndim != 1 or lens.dtype.kind not in "iu":
         raise ValueError(f"seq_lens must be a 1-D integer array, got {lens.dtype} of shape {lens.shape}")
@@ -169,6 +182,8 @@ def pack_host_update(seq_lens, block_table, cu_q, cu_k, table, *, max_cache_len,
     bad = np.flatnonzero((lens < 0) | (lens > max_cache_len))
     if bad.size:
         raise ValueError(f"seq_lens[{bad[0]}] = {lens[bad[0]]} is outside [0, max_cache_len = {max_cache_len}]")
+    if query_lens is not None:
+        q_lens = _host_query_lens(query_lens, batch, max_rows)
     if paged:
         bt = np.asarray(block_table.get() if hasattr(block_table, "get") else block_table)
         if bt.ndim != 2 or bt.shape[0] != batch or bt.dtype.kind not in "iu":
@@ -192,9 +207,23 @@ def pack_host_update(seq_lens, block_table, cu_q, cu_k, table, *, max_cache_len,
     else:
         table[:batch, 0] = np.arange(batch)  # one page per sequence: its row of the cache
     cu_q[0] = cu_k[0] = 0
-    cu_q[1:batch + 1] = np.arange(1, batch + 1) * queries_per_seq
+    cu_q[1:batch + 1] = np.arange(1, batch + 1) * queries_per_seq if query_lens is None else np.cumsum(q_lens)
     cu_k[1:batch + 1] = np.cumsum(lens)
     return batch
+
+
+def _host_query_lens(query_lens, batch: int, max_rows: int) -> np.ndarray:
+    q_lens = np.asarray(query_lens)
+    if q_lens.ndim != 1 or q_lens.dtype.kind not in "iu" or q_lens.shape[0] != batch:
+        raise ValueError(f"query_lens must be a 1-D integer array of {batch} lengths (one per seq_lens entry), "
+                         f"got {q_lens.dtype} of shape {q_lens.shape}")
+    q_lens = q_lens.astype(np.int64)
+    bad = np.flatnonzero(q_lens < 0)
+    if bad.size:
+        raise ValueError(f"query_lens[{bad[0]}] = {q_lens[bad[0]]} is negative")
+    if q_lens.sum() > max_rows:
+        raise ValueError(f"query_lens sum to {int(q_lens.sum())}, more than max_query_tokens ({max_rows})")
+    return q_lens
 
 
 class StagingRing:
@@ -285,6 +314,11 @@ class _Staged:
 _ndarray = None  # cupy.ndarray, set when a plan is made
 
 
+def _host_array(x) -> bool:
+    """Host lengths (checked and copied through pinned staging) rather than a device array."""
+    return isinstance(x, (list, tuple, np.ndarray)) or np.isscalar(x)
+
+
 def _array_key(x):
     """What the checks of a CuPy array or PyTorch tensor depend on: address, device, shape,
     strides, dtype (None for other arrays: they are checked at every call)."""
@@ -298,41 +332,33 @@ def _array_key(x):
 
 
 class _Wants:
-    """The shapes a step of `batch` sequences checks its per-step arrays against."""
+    """The shapes a step checks its per-step arrays against: q rows shaped ``prefix`` ((batch, queries_per_seq) for decode, (tokens,) for chunked prefill)."""
 
-    def __init__(self, plan, batch):
-        nq = plan.queries_per_seq
-        self.q = ((batch, nq, plan.num_q_heads, plan.head_dim), plan.dtype)
-        self.index_q = ((batch, nq, plan.num_kv_heads, plan.index_dim), plan.dtype)
-        self.lse = ((batch, nq, plan.num_q_heads), np.dtype(np.float32))
-        self.table = ("block_table", batch)
+    def __init__(self, plan, prefix):
+        self.q = ((*prefix, plan.num_q_heads, plan.head_dim), plan.dtype)
+        self.index_q = ((*prefix, plan.num_kv_heads, plan.index_dim), plan.dtype)
+        self.lse = ((*prefix, plan.num_q_heads), np.dtype(np.float32))
 
 
-class DecodePlan:
-    """MSA decode over a KV cache for up to ``max_batch`` sequences of up to ``max_cache_len``
-    keys, ``queries_per_seq`` new queries each (1: decode; 2-16: multi-token prediction).
+class _CachePlan:
+    """What decode and chunked-prefill plans share: MSA attention over a KV cache (contiguous
+    or paged) for up to ``max_batch`` sequences of up to ``max_cache_len`` keys, the workspace
+    (sized at construction, allocated once), ``update`` of the step's lengths and block table,
+    and ``run`` as prepared launches (see the module docstring).  Subclasses set the queries
+    of a step (:meth:`_query_bounds`, :meth:`_prefix`) and the attention stage
+    (:meth:`_init_attention`, :meth:`_attention_launches`)."""
 
-    Without ``index_dim`` the plan uses the training-free index (index_q = the mean of each
-    group's query heads, index keys = the group's own key head: an approximation, not the
-    trained MSA index); with it, ``run`` takes ``index_q`` and an ``index_k_cache`` laid out
-    like the K cache with ``index_k_heads`` (1, shared by the groups, or Hkv) heads.
+    _attention = "decode"  # workspace_layout's attention views
 
-    ``workspace_bytes`` is known at construction; the workspace (lengths, block table, selected
-    blocks, partials, output) is allocated by :meth:`allocate` or the first :meth:`update`, and
-    lives as long as the plan.  Kernels are compiled and loaded at construction, so that
-    nothing but launches happens inside a captured graph.  A plan serves one thread at a time.
-    """
-
-    def __init__(self, *, max_batch, max_cache_len, num_q_heads, num_kv_heads, head_dim, dtype,
-                 index_dim=None, index_k_heads=1, block_size=128, top_k=16, local_blocks=1, sink_blocks=0,
-                 queries_per_seq=1, page_size=None, num_pages=None, scale=None):
+    def __init__(self, *, max_batch, max_cache_len, num_q_heads, num_kv_heads, head_dim, dtype, index_dim,
+                 index_k_heads, block_size, top_k, local_blocks, sink_blocks, page_size, num_pages, scale):
         check = _interop.check_int
         self.max_batch = check("max_batch", max_batch, minimum=1)
         self.max_cache_len = check("max_cache_len", max_cache_len, minimum=1)
         self.num_q_heads = check("num_q_heads", num_q_heads, minimum=1)
         self.num_kv_heads = check("num_kv_heads", num_kv_heads, minimum=1)
         self.head_dim = check("head_dim", head_dim, minimum=1)
-        self.queries_per_seq = check("queries_per_seq", queries_per_seq, minimum=1)
+        max_q, self.max_rows = self._query_bounds()  # queries of a sequence, query rows of a step
         self.top_k, self.block_size, self.local_blocks, self.sink_blocks = _interop.check_selection_options(
             top_k, block_size, local_blocks, sink_blocks, gpu=True)
         if self.num_q_heads % self.num_kv_heads:
@@ -343,11 +369,10 @@ class DecodePlan:
             raise ValueError(f"head_dim must be one of {sparse.SUPPORTED_HEAD_DIMS}, got {self.head_dim}")
         if self.group_size not in sparse.SUPPORTED_GROUP_SIZES:
             raise ValueError(f"num_q_heads / num_kv_heads must be one of {sparse.SUPPORTED_GROUP_SIZES} for "
-                             f"decode plans, got {self.group_size}")
+                             f"{type(self).__name__}, got {self.group_size}")
         if self.top_k > _interop.SELECT_KERNEL_MAX_TOP_K:
-            raise ValueError(f"top_k must be <= {_interop.SELECT_KERNEL_MAX_TOP_K} for decode plans, got {self.top_k}")
-        if self.queries_per_seq > MAX_QUERIES_PER_SEQ:
-            raise ValueError(f"queries_per_seq must be <= {MAX_QUERIES_PER_SEQ}, got {self.queries_per_seq}")
+            raise ValueError(f"top_k must be <= {_interop.SELECT_KERNEL_MAX_TOP_K} for {type(self).__name__}, "
+                             f"got {self.top_k}")
         self.dtype = _dtype_of(dtype)
         self.training_free = index_dim is None
         self.index_dim = self.head_dim if self.training_free else check("index_dim", index_dim, minimum=1)
@@ -372,6 +397,7 @@ class DecodePlan:
             self.max_pages = -(-self.max_cache_len // self.page_size)
         if not rows_fit(self.max_cache_len, self.num_pages * self.page_size, self.block_size):
             raise ValueError("max_cache_len and num_pages * page_size must stay below 2^31 rows")
+        self._check_attention()
 
         global _ndarray
         cp = self._cp = _interop.require_cupy()
@@ -379,22 +405,18 @@ class DecodePlan:
         self.device = cp.cuda.runtime.getDevice()
         self._select = selection.select_config(
             dtype=self.dtype, index_dim=self.index_dim, block_size=self.block_size, n_heads=self.num_kv_heads,
-            k_heads=self.index_k_heads, n_seq=self.max_batch, max_q=self.queries_per_seq, max_k=self.max_cache_len,
+            k_heads=self.index_k_heads, n_seq=self.max_batch, max_q=max_q, max_k=self.max_cache_len,
             top_k=self.top_k, epilogue=selection.EPI_TOPK)
-        self._decode, self._decode_smem = sparse.decode_kernel(self.dtype, self.head_dim, self.group_size,
-                                                               self.block_size)
         self._kernels = {
             "update": _jit.kernel("plan_update.cu", "plan_update_kernel", (UPDATE_THREADS,)),
-            "uniform": _jit.kernel("plan_update.cu", "uniform_cu_seqlens"),
             "mean": (_jit.kernel("group_mean.cu", "group_mean_kernel", (_jit.dtype_template(self.dtype),))
                      if self.training_free else None),
             "merge": None,  # below: the variant for the plan's most rows
-            "combine": sparse.combine_kernel(self.dtype, self.head_dim, self.group_size),
         }
         self._kernels["merge"], self._merge_per_cta = selection.merge_kernel(
-            self.max_batch * self.queries_per_seq * self.num_kv_heads, self._select.splits * self.top_k)
-        for kern, smem in ((self._select.kernel, self._select.smem), (self._decode, self._decode_smem)):
-            kern.reserve_shared(smem)
+            self.max_rows * self.num_kv_heads, self._select.splits * self.top_k)
+        self._select.kernel.reserve_shared(self._select.smem)
+        self._init_attention()
         cache = (self.num_pages, self.page_size) if self.paged else (self.max_batch, self.max_cache_len)
         self._want_kv = ((*cache, self.num_kv_heads, self.head_dim), self.dtype)
         self._want_index_k = ((*cache, self.index_k_heads, self.index_dim), self.dtype)
@@ -403,30 +425,44 @@ class DecodePlan:
         self._raw = self._base = self._ws = None
         self._batch = None
         self._programs: dict = {}  # ("update" | "run" | "call", ...) -> _jit.Program
-        self._wants: dict = {}  # batch -> _Wants
+        self._wants: dict = {}  # q prefix -> _Wants
         self._seen: dict = {}  # argument name -> (key, want, checked result)
-        self._results: dict = {}  # (name, batch, type) -> (workspace view in the caller's type, its key)
+        self._results: dict = {}  # (name, q prefix, type) -> (workspace view in the caller's type, its key)
         self._staging = None
+        self._last_prefix = None  # the q prefix of the last run
+
+    # ------------------------------------------------------------------ what subclasses set
+
+    def _query_bounds(self) -> tuple:
+        """(queries of one sequence, query rows of one step) at most, from the checked arguments."""
+        raise NotImplementedError
+
+    def _check_attention(self):
+        """Argument checks of the attention stage, before any GPU work."""
+
+    def _init_attention(self):
+        """Load the attention stage's kernels (before any capture) and reserve their shared memory."""
+        raise NotImplementedError
+
+    def _prefix(self, batch: int, q) -> tuple:
+        """The leading dims of the step's q (and out, lse, index_q)."""
+        raise NotImplementedError
+
+    def _attention_launches(self, record, launches, *, n_seq, rows, q, k, v, ids, cu_q, cu_k, pages, out, lse):
+        """Record the attention stage of a step (Pointer stand-ins) into launches."""
+        raise NotImplementedError
+
+    def _step_cu_q(self, record, n_seq: int, rows: int, cu_q):
+        """The cu_q the step's kernels read (a subclass may bound it by the q rows first)."""
+        return cu_q
 
     def _size_workspace(self, splits: int):
         self._views = workspace_layout(
-            max_batch=self.max_batch, queries_per_seq=self.queries_per_seq, num_q_heads=self.num_q_heads,
+            max_batch=self.max_batch, rows=self.max_rows, num_q_heads=self.num_q_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, top_k=self.top_k, max_pages=self.max_pages,
-            dtype=self.dtype, splits=splits, training_free=self.training_free)
+            dtype=self.dtype, splits=splits, training_free=self.training_free, attention=self._attention)
         self.workspace_bytes = workspace_bytes(self._views)
         self._offsets = workspace_offsets(self._views)
-
-    @classmethod
-    def _for_calls(cls, **options):
-        """A plan for one-call decodes (``_plan_cache``): contiguous keys read through the
-        call's cu_seqlens, split-K chosen per call as the one-call path chooses it, so the
-        partial lists are sized for the most any call of at most max_batch sequences gets."""
-        plan = cls(**options)
-        cfg, rows = plan._select, plan.max_batch * plan.queries_per_seq
-        rows_per_q = plan.num_kv_heads if plan.index_k_heads == 1 else 1
-        bound = selection.split_rows_bound(rows, rows_per_q, cfg.tile_rows, cfg.group_grid, plan.max_cache_len)
-        plan._size_workspace(-(-bound // rows))
-        return plan
 
     # ------------------------------------------------------------------ workspace
 
@@ -497,15 +533,7 @@ class DecodePlan:
 
     # ------------------------------------------------------------------ per step
 
-    @_interop.outside_torch_compile()
-    def update(self, seq_lens, block_table=None):
-        """Set the step's sequences: ``seq_lens`` (batch,) int32 key counts (the new tokens
-        included) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host arrays are
-        checked here (a ValueError names the bad entry) and copied through a pinned buffer by
-        one asynchronous copy on the current stream; device arrays (CuPy, PyTorch, JAX) are
-        read by one kernel on the current stream, without a host sync: out-of-range lengths
-        and page ids are clamped there (no read outside the cache) and counted
-        (:meth:`clamped_entries`).  Call it outside captured graphs, before ``run``."""
+    def _update(self, seq_lens, query_lens, block_table):
         if self.paged and block_table is None:
             raise ValueError("block_table is required for a paged plan")
         if not self.paged and block_table is not None:
@@ -513,24 +541,33 @@ class DecodePlan:
         cp = self._cp
         if cp.cuda.runtime.getDevice() != self.device:
             with cp.cuda.Device(self.device):
-                return self.update(seq_lens, block_table)
+                return self._update(seq_lens, query_lens, block_table)
         if self._raw is None:
             self.allocate()
-        if isinstance(seq_lens, (list, tuple, np.ndarray)) or np.isscalar(seq_lens):
-            self._update_from_host(seq_lens, block_table, self._stream(block_table))
+        host = _host_array(seq_lens)
+        if query_lens is not None and _host_array(query_lens) != host:
+            raise ValueError("seq_lens and query_lens must both be host arrays or both device arrays")
+        if host:
+            self._update_from_host(seq_lens, query_lens, block_table, self._stream(block_table))
             return self
         lens, batch = self._arg("seq_lens", seq_lens, _LENS)
-        table, cols = self._arg("block_table", block_table, self._wants_of(batch).table) if self.paged else (0, 0)
-        program = self._program(("update", batch, cols))
+        table, cols = self._arg("block_table", block_table, ("block_table", batch)) if self.paged else (0, 0)
+        if query_lens is not None:
+            q_lens, q_batch = self._arg("query_lens", query_lens, _LENS)
+            if q_batch != batch:
+                raise ValueError(f"query_lens must hold one length per sequence ({batch}), got {q_batch}")
+        program = self._program(("update", batch, cols, query_lens is not None))
         self._bind_workspace(program)
         program.bind("seq_lens", lens)
         program.bind("table_in", table)
+        if query_lens is not None:
+            program.bind("query_lens", q_lens)
         _jit.launch_ready(self.device)
         program(self._stream(seq_lens))
         self._batch = batch
         return self
 
-    def _update_from_host(self, seq_lens, block_table, stream):
+    def _update_from_host(self, seq_lens, query_lens, block_table, stream):
         staging = self._staging
         if staging is None:
             nbytes = self._offsets["block_table"] + 4 * self.max_batch * self.max_pages
@@ -539,8 +576,9 @@ class DecodePlan:
         i = staging.acquire()
         buf = staging.buffers[i]
         batch = pack_host_update(seq_lens, block_table, buf.cu_q, buf.cu_k, buf.table,
-                                 max_cache_len=self.max_cache_len, queries_per_seq=self.queries_per_seq,
-                                 paged=self.paged, page_size=self.page_size, num_pages=self.num_pages)
+                                 max_cache_len=self.max_cache_len, queries_per_seq=self.max_rows // self.max_batch,
+                                 paged=self.paged, page_size=self.page_size, num_pages=self.num_pages,
+                                 query_lens=query_lens, max_rows=self.max_rows)
         # cu_q, cu_k and the step's rows of the table in one copy: the buffer mirrors the workspace
         nbytes = self._offsets["block_table"] + 4 * batch * self.max_pages
         runtime = self._cp.cuda.runtime
@@ -548,37 +586,28 @@ class DecodePlan:
         staging.release(i, stream)
         self._batch = batch
 
-    def _check_batch(self, shape, ndim, dtype) -> int:
+    def _check_batch(self, name, shape, ndim, dtype) -> int:
         if ndim != 1 or np.dtype(dtype) != np.int32:
-            raise ValueError(f"seq_lens must be a 1-D int32 array, got {np.dtype(dtype)} of shape {tuple(shape)}")
+            raise ValueError(f"{name} must be a 1-D int32 array, got {np.dtype(dtype)} of shape {tuple(shape)}")
         batch = int(shape[0])
         if not 1 <= batch <= self.max_batch:
-            raise ValueError(f"seq_lens must hold 1 to max_batch ({self.max_batch}) lengths, got {batch}")
+            raise ValueError(f"{name} must hold 1 to max_batch ({self.max_batch}) lengths, got {batch}")
         return batch
 
     def clamped_entries(self) -> int:
         """How many lengths and page ids the device-side updates clamped so far (a sync)."""
         return int(self.workspace["errors"].get()[0])
 
-    @_interop.outside_torch_compile()
-    def run(self, q, k_cache, v_cache, *, index_q=None, index_k_cache=None, out=None, lse=None, return_lse=False):
-        """Attention of the step's queries ``q`` (batch, queries_per_seq, Hq, D) over their
-        selected cache blocks, on the caller's stream: kernel launches only (no host sync, no
-        allocation), so that it can be captured in a CUDA graph and replayed after ``update``.
-
-        Returns ``out`` (batch, queries_per_seq, Hq, D) in the caller's array type: the caller's
-        ``out`` if given, else a view of the plan's workspace (overwritten by the next run);
-        with ``return_lse`` also ``lse`` (batch, queries_per_seq, Hq) float32.
-        """
+    def _run(self, q, k_cache, v_cache, index_q, index_k_cache, out, lse, return_lse):
         batch = self._batch
         if batch is None:
-            raise RuntimeError("DecodePlan.run needs update(seq_lens, ...) first")
+            raise RuntimeError(f"{type(self).__name__}.run needs update(seq_lens, ...) first")
         cp = self._cp
         if cp.cuda.runtime.getDevice() != self.device:
             with cp.cuda.Device(self.device):
-                return self.run(q, k_cache, v_cache, index_q=index_q, index_k_cache=index_k_cache, out=out, lse=lse,
-                                return_lse=return_lse)
-        wants = self._wants_of(batch)
+                return self._run(q, k_cache, v_cache, index_q, index_k_cache, out, lse, return_lse)
+        prefix = self._prefix(batch, q)
+        wants = self._wants_of(prefix)
         arg = self._arg
         ptr_q = arg("q", q, wants.q)
         ptr_k = arg("k_cache", k_cache, self._want_kv)
@@ -594,7 +623,7 @@ class DecodePlan:
             ptr_ik = arg("index_k_cache", index_k_cache, self._want_index_k)
         ptr_out = self._base + self._offsets["out"] if out is None else arg("out", out, wants.q)
         ptr_lse = self._base + self._offsets["lse"] if lse is None else arg("lse", lse, wants.lse)
-        program = self._program(("run", batch))
+        program = self._program(("run", batch, math.prod(prefix)))
         self._bind_workspace(program)
         if self.training_free:
             program.binder(_RUN)(ptr_q, ptr_k, ptr_v, ptr_out, ptr_lse)
@@ -602,47 +631,21 @@ class DecodePlan:
             program.binder(_RUN_INDEX)(ptr_q, ptr_k, ptr_v, ptr_out, ptr_lse, ptr_iq, ptr_ik)
         _jit.launch_ready(self.device)
         program(self._stream(q))
-        result = self._result("out", out, q, batch)
+        self._last_prefix = prefix
+        result = self._result("out", out, q, prefix)
         if return_lse:
-            return result, self._result("lse", lse, q, batch)
+            return result, self._result("lse", lse, q, prefix)
         return result
 
-    @property
-    def block_indices(self):
-        """The last run's selection (batch, queries_per_seq, Hkv, top_k) int32 (a workspace view)."""
-        rows = (self._batch or 0) * self.queries_per_seq
-        return self.workspace["ids"][:rows].reshape(self._batch or 0, self.queries_per_seq, self.num_kv_heads,
-                                                     self.top_k)
-
-    # ------------------------------------------------------------------ one-call decodes (_plan_cache)
-
-    def _launch_call(self, stream, base, *, n_seq, rows, splits, max_k, k_len, q, k, v, index_q, index_k, out, lse,
-                     ids, cu_q, cu_k):
-        """The launches of one one-call decode on stream, every array an address: the scratch
-        workspace at base (a fresh allocation of workspace_bytes), q/k/v (and index_q/index_k)
-        of the call, its out (and lse, ids: 0 for the scratch's own).  ``k_len`` for batched
-        calls (cu_seqlens written by a launch), else the call's cu_q/cu_k addresses; max_k the
-        longest sequence (the selection's block-score width, as the earlier path passes it)."""
-        program = self._program(("call", n_seq, rows, splits, k_len is not None))
-        self._bind_workspace(program, base)
-        offsets = self._offsets
-        if k_len is not None:  # batched: the uniform launch writes the scratch's cu_seqlens
-            cu_q, cu_k = base + offsets["cu_q"], base + offsets["cu_k"]
-        program.binder(_CALL)(q, k, v, index_q, index_k, out, lse or base + offsets["lse"],
-                              ids or base + offsets["ids"], cu_q, cu_k, k_len or 0, -(-max_k // self.block_size))
-        _jit.launch_ready(self.device)
-        program(stream)
-
-    def _call_splits(self, tiles: int, max_k: int) -> int:
-        """Split-K of a one-call decode with `tiles` query tiles: the earlier path's choice."""
-        return selection.split_count(tiles, self._select.group_grid, max_k, sm_count=self._sm_count)
+    def _ids_view(self, prefix):
+        return self.workspace["ids"][:math.prod(prefix)].reshape(*prefix, self.num_kv_heads, self.top_k)
 
     # ------------------------------------------------------------------ prepared launches
 
-    def _wants_of(self, batch) -> _Wants:
-        wants = self._wants.get(batch)
+    def _wants_of(self, prefix) -> _Wants:
+        wants = self._wants.get(prefix)
         if wants is None:
-            wants = self._wants[batch] = _Wants(self, batch)
+            wants = self._wants[prefix] = _Wants(self, prefix)
         return wants
 
     def _program(self, key) -> _jit.Program:
@@ -653,8 +656,7 @@ class DecodePlan:
             if key[0] == "update":
                 launches = [self._update_launch(*key[1:])]
             elif key[0] == "run":
-                launches = self._step_launches(key[1], key[1] * self.queries_per_seq, self._select.splits,
-                                               paged_keys=True, uniform=False)
+                launches = self._step_launches(key[1], key[2], self._select.splits, paged_keys=True, uniform=False)
             else:
                 launches = self._step_launches(*key[1:4], paged_keys=False, uniform=key[4])
             program = self._programs[key] = _jit.Program(launches)
@@ -668,19 +670,21 @@ class DecodePlan:
                 program.bind(name, base + offset)
             program.tag = base
 
-    def _update_launch(self, batch, cols):
+    def _update_launch(self, batch, cols, query_lens):
         P = _jit.Pointer
         grid = 1 + min(-(-batch * self.max_pages // UPDATE_THREADS), 1023)
         i32 = np.int32
         return _jit.Launch(self._kernels["update"], (grid,), (UPDATE_THREADS,), (
-            P("seq_lens"), P("table_in") if self.paged else np.uint64(0), i32(cols), i32(batch),
-            i32(self.queries_per_seq), i32(self.max_cache_len), i32(self.page_size), i32(self.max_pages),
-            i32(self.num_pages), P("cu_q"), P("cu_k"), P("block_table"), P("errors")))
+            P("seq_lens"), P("query_lens") if query_lens else np.uint64(0), P("table_in") if self.paged else np.uint64(0),
+            i32(cols), i32(batch), i32(self.max_rows // self.max_batch), i32(self.max_rows), i32(self.max_cache_len),
+            i32(self.page_size), i32(self.max_pages), i32(self.num_pages), P("cu_q"), P("cu_k"), P("block_table"),
+            P("errors")))
 
     def _step_launches(self, n_seq, rows, splits, *, paged_keys, uniform) -> list:
         """The launches of one step through the stage functions, with Pointer stand-ins for
-        every array: [cu_seqlens (uniform one-call)], [group mean], select, [merge], decode,
-        combine.  Keys through the plan's block table (paged_keys), or contiguous by cu_k."""
+        every array: [cu_seqlens (uniform one-call)], [the cu_q bound], [group mean], select,
+        [merge], the attention stage.  Keys through the plan's block table (paged_keys), or
+        contiguous by cu_k."""
         P, dt = _jit.Pointer, self.dtype
         hq, hkv, d, top_k = self.num_q_heads, self.num_kv_heads, self.head_dim, self.top_k
         q, k, v = P("q", (rows, hq, d), dt), P("k", (0, hkv, d), dt), P("v", (0, hkv, d), dt)
@@ -697,6 +701,7 @@ class DecodePlan:
         if uniform:
             record(self._kernels["uniform"], launch_uniform_cu_seqlens, n_seq, self.queries_per_seq,
                    _jit.Scalar("k_len", np.int32), cu_q, cu_k)
+        cu_q = self._step_cu_q(record, n_seq, rows, cu_q)
         if self.training_free:
             index_q, index_k = P("index_q", (rows, hkv, d), dt), k
             record(self._kernels["mean"], group_mean, q, index_q, hkv)
@@ -714,14 +719,9 @@ class DecodePlan:
         if partial is not None:
             record(self._kernels["merge"], selection.launch_topk_merge, partial, ids, rows * hkv, splits, top_k,
                    per_cta=self._merge_per_cta)
-        part_o, part_lse = P("part_o", (0,), dt), P("part_lse", (0,), np.float32)
-        decode = _jit.Recorder(self._decode)
-        sparse.launch_decode(decode, self._decode_smem, q, k, v, ids, cu_q, cu_k, n_seq, 0, rows, part_o, part_lse,
-                             causal=True, scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
-        launches.append(decode.launch)
-        record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, None, ids, 0, rows,
-               P("out", (rows, hq, d), dt), P("lse", (rows, hq), np.float32), head_dim=d, group=self.group_size,
-               decode=True)
+        self._attention_launches(record, launches, n_seq=n_seq, rows=rows, q=q, k=k, v=v, ids=ids, cu_q=cu_q,
+                                 cu_k=cu_k, pages=pages, out=P("out", (rows, hq, d), dt),
+                                 lse=P("lse", (rows, hq), np.float32))
         return launches
 
     # ------------------------------------------------------------------ arguments (host cost counts)
@@ -737,9 +737,9 @@ class DecodePlan:
         with self._stream_context(x):  # a DLPack import ordered on the caller's stream
             arr = self._device_array(name, x)
         if want is _LENS:
-            batch = self._check_batch(arr.shape, arr.ndim, arr.dtype)
+            batch = self._check_batch(name, arr.shape, arr.ndim, arr.dtype)
             if not arr.flags.c_contiguous:  # read as int32 one by one: any int32 offset will do
-                raise ValueError(f"seq_lens must be C-contiguous, got strides {tuple(arr.strides)} for shape "
+                raise ValueError(f"{name} must be C-contiguous, got strides {tuple(arr.strides)} for shape "
                                  f"{tuple(arr.shape)}: make a contiguous copy first")
             found = (arr.data.ptr, batch)
         elif isinstance(want[0], str):  # the block table of `batch` sequences
@@ -798,21 +798,20 @@ class DecodePlan:
             return contextlib.nullcontext()
         return _interop.torch_stream(self.device)
 
-    def _result(self, name, given, like, batch):
+    def _result(self, name, given, like, prefix):
         """out / lse for the caller: the caller's own array if given (in like's framework), else
-        the workspace view as like's array type (made once per batch size and workspace)."""
+        the workspace view as like's array type (made once per q prefix and workspace)."""
         if given is not None:
             if type(given) is type(like):
                 return given
             with self._stream_context(like):
                 return self._wrap(like, self._device_array(name, given))
-        key = (name, batch, type(like))
+        key = (name, prefix, type(like))
         hit = self._results.get(key)
         if hit is not None and _array_key(hit[0]) == hit[1]:  # not reshaped or resized since
             return hit[0]
-        rows, nq = batch * self.queries_per_seq, self.queries_per_seq
-        view = self.workspace[name][:rows]
-        view = view.reshape(batch, nq, *view.shape[1:])
+        view = self.workspace[name][:math.prod(prefix)]
+        view = view.reshape(*prefix, *view.shape[1:])
         with self._stream_context(like):
             result = self._wrap(like, view)
         self._results[key] = (result, _array_key(result))
@@ -821,3 +820,234 @@ class DecodePlan:
     @staticmethod
     def _wrap(like, result):
         return _interop.wrap_as(_interop.framework_of("q", like), result)
+
+
+_INDEX_DOC = """    Without ``index_dim`` the plan uses the training-free index (index_q = the mean of each
+    group's query heads, index keys = the group's own key head: an approximation, not the
+    trained MSA index); with it, ``run`` takes ``index_q`` and an ``index_k_cache`` laid out
+    like the K cache with ``index_k_heads`` (1, shared by the groups, or Hkv) heads.
+
+    ``workspace_bytes`` is known at construction; the workspace (lengths, block table, selected
+    blocks, partials, output) is allocated by :meth:`allocate` or the first :meth:`update`, and
+    lives as long as the plan.  Kernels are compiled and loaded at construction, so that
+    nothing but launches happens inside a captured graph.  A plan serves one thread at a time.
+"""
+
+
+class DecodePlan(_CachePlan):
+    __doc__ = """MSA decode over a KV cache for up to ``max_batch`` sequences of up to ``max_cache_len``
+    keys, ``queries_per_seq`` new queries each (1: decode; 2-16: multi-token prediction).
+
+""" + _INDEX_DOC
+
+    def __init__(self, *, max_batch, max_cache_len, num_q_heads, num_kv_heads, head_dim, dtype,
+                 index_dim=None, index_k_heads=1, block_size=128, top_k=16, local_blocks=1, sink_blocks=0,
+                 queries_per_seq=1, page_size=None, num_pages=None, scale=None):
+        self.queries_per_seq = queries_per_seq  # checked in _query_bounds
+        super().__init__(max_batch=max_batch, max_cache_len=max_cache_len, num_q_heads=num_q_heads,
+                         num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, index_dim=index_dim,
+                         index_k_heads=index_k_heads, block_size=block_size, top_k=top_k, local_blocks=local_blocks,
+                         sink_blocks=sink_blocks, page_size=page_size, num_pages=num_pages, scale=scale)
+
+    def _query_bounds(self):
+        nq = self.queries_per_seq = _interop.check_int("queries_per_seq", self.queries_per_seq, minimum=1)
+        if nq > MAX_QUERIES_PER_SEQ:
+            raise ValueError(f"queries_per_seq must be <= {MAX_QUERIES_PER_SEQ}, got {nq}")
+        return nq, self.max_batch * nq
+
+    def _init_attention(self):
+        self._decode, self._decode_smem = sparse.decode_kernel(self.dtype, self.head_dim, self.group_size,
+                                                               self.block_size)
+        self._decode.reserve_shared(self._decode_smem)
+        self._kernels["combine"] = sparse.combine_kernel(self.dtype, self.head_dim, self.group_size)
+        self._kernels["uniform"] = _jit.kernel("plan_update.cu", "uniform_cu_seqlens")
+
+    def _prefix(self, batch, q):
+        return (batch, self.queries_per_seq)
+
+    def _attention_launches(self, record, launches, *, n_seq, rows, q, k, v, ids, cu_q, cu_k, pages, out, lse):
+        """Split-K decode (a partial per pick) and the log-sum-exp combine."""
+        P = _jit.Pointer
+        part_o, part_lse = P("part_o", (0,), self.dtype), P("part_lse", (0,), np.float32)
+        decode = _jit.Recorder(self._decode)
+        sparse.launch_decode(decode, self._decode_smem, q, k, v, ids, cu_q, cu_k, n_seq, 0, rows, part_o, part_lse,
+                             causal=True, scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
+        launches.append(decode.launch)
+        record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, None, ids, 0, rows, out, lse,
+               head_dim=self.head_dim, group=self.group_size, decode=True)
+
+    @_interop.outside_torch_compile()
+    def update(self, seq_lens, block_table=None):
+        """Set the step's sequences: ``seq_lens`` (batch,) int32 key counts (the new tokens
+        included) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host arrays are checked here (a ValueError names the bad entry) and copied through a
+        pinned buffer by one asynchronous copy on the current stream; device arrays (CuPy,
+        PyTorch, JAX) are read by one kernel on the current stream, without a host sync:
+        out-of-range lengths and page ids are clamped there (no read outside the cache) and
+        counted (:meth:`clamped_entries`).  Call it outside captured graphs, before ``run``."""
+        return self._update(seq_lens, None, block_table)
+
+    @_interop.outside_torch_compile()
+    def run(self, q, k_cache, v_cache, *, index_q=None, index_k_cache=None, out=None, lse=None, return_lse=False):
+        """Attention of the step's queries ``q`` (batch, queries_per_seq, Hq, D) over their
+        selected cache blocks, on the caller's stream: kernel launches only (no host sync, no
+        allocation), so that it can be captured in a CUDA graph and replayed after ``update``.
+
+        Returns ``out`` (batch, queries_per_seq, Hq, D) in the caller's array type: the caller's
+        ``out`` if given, else a view of the plan's workspace (overwritten by the next run);
+        with ``return_lse`` also ``lse`` (batch, queries_per_seq, Hq) float32.
+        """
+        return self._run(q, k_cache, v_cache, index_q, index_k_cache, out, lse, return_lse)
+
+    @property
+    def block_indices(self):
+        """The last run's selection (batch, queries_per_seq, Hkv, top_k) int32 (a workspace view)."""
+        return self._ids_view((self._batch or 0, self.queries_per_seq))
+
+    @classmethod
+    def _for_calls(cls, **options):
+        """A plan for one-call decodes (``_plan_cache``): contiguous keys read through the
+        call's cu_seqlens, split-K chosen per call as the one-call path chooses it, so the
+        partial lists are sized for the most any call of at most max_batch sequences gets."""
+        plan = cls(**options)
+        cfg, rows = plan._select, plan.max_batch * plan.queries_per_seq
+        rows_per_q = plan.num_kv_heads if plan.index_k_heads == 1 else 1
+        bound = selection.split_rows_bound(rows, rows_per_q, cfg.tile_rows, cfg.group_grid, plan.max_cache_len)
+        plan._size_workspace(-(-bound // rows))
+        return plan
+
+    # ------------------------------------------------------------------ one-call decodes (_plan_cache)
+
+    def _launch_call(self, stream, base, *, n_seq, rows, splits, max_k, k_len, q, k, v, index_q, index_k, out, lse,
+                     ids, cu_q, cu_k):
+        """The launches of one one-call decode on stream, every array an address: the scratch
+        workspace at base (a fresh allocation of workspace_bytes), q/k/v (and index_q/index_k)
+        of the call, its out (and lse, ids: 0 for the scratch's own).  ``k_len`` for batched
+        calls (cu_seqlens written by a launch), else the call's cu_q/cu_k addresses; max_k the
+        longest sequence (the selection's block-score width, as the earlier path passes it)."""
+        program = self._program(("call", n_seq, rows, splits, k_len is not None))
+        self._bind_workspace(program, base)
+        offsets = self._offsets
+        if k_len is not None:  # batched: the uniform launch writes the scratch's cu_seqlens
+            cu_q, cu_k = base + offsets["cu_q"], base + offsets["cu_k"]
+        program.binder(_CALL)(q, k, v, index_q, index_k, out, lse or base + offsets["lse"],
+                              ids or base + offsets["ids"], cu_q, cu_k, k_len or 0, -(-max_k // self.block_size))
+        _jit.launch_ready(self.device)
+        program(stream)
+
+    def _call_splits(self, tiles: int, max_k: int) -> int:
+        """Split-K of a one-call decode with `tiles` query tiles: the earlier path's choice."""
+        return selection.split_count(tiles, self._select.group_grid, max_k, sm_count=self._sm_count)
+
+
+class PrefillPlan(_CachePlan):
+    __doc__ = """MSA chunked prefill over a KV cache: up to ``max_batch`` sequences of up to
+    ``max_cache_len`` keys, each with its own number of new tokens (``update``'s
+    ``query_lens``), ``max_query_tokens`` new tokens in all per step.  The new tokens' keys are
+    already in the cache and are each sequence's last ``query_lens[s]`` keys (bottom-right
+    causal).  ``q`` is packed: the tokens of sequence 0, then 1, ... (varlen, as
+    ``cu_seqlens``), at most ``max_query_tokens`` rows; rows past the step's tokens are not
+    read and their outputs not written, so one captured graph serves every step whose tokens
+    fit its q.
+
+    Attention runs query-tile-outer (``cuda/sparse_prefill_tile.cu``): a CTA per (tile of
+    tokens x G heads, KV head) walks the union of the tile's picked blocks with online
+    softmax and writes out and lse once; no partials, no reverse index, so the step needs no
+    host work and no allocation.  Coherent selections (trained indexes) run at the KV-outer
+    path's speed; on i.i.d. random selections it is slower (docs/perf.md).  Its tiles
+    deduplicate at most ``sparse.TILE_MAX_ENTRIES`` ids: ``top_k`` <= 16 for G <= 2, 32 for
+    G = 4, and the select limit above.
+
+""" + _INDEX_DOC
+
+    _attention = "tile"
+
+    def __init__(self, *, max_batch, max_cache_len, max_query_tokens, num_q_heads, num_kv_heads, head_dim, dtype,
+                 index_dim=None, index_k_heads=1, block_size=128, top_k=16, local_blocks=1, sink_blocks=0,
+                 page_size=None, num_pages=None, scale=None):
+        self.max_query_tokens = max_query_tokens  # checked in _query_bounds
+        super().__init__(max_batch=max_batch, max_cache_len=max_cache_len, num_q_heads=num_q_heads,
+                         num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, index_dim=index_dim,
+                         index_k_heads=index_k_heads, block_size=block_size, top_k=top_k, local_blocks=local_blocks,
+                         sink_blocks=sink_blocks, page_size=page_size, num_pages=num_pages, scale=scale)
+
+    def _query_bounds(self):
+        rows = self.max_query_tokens = _interop.check_int("max_query_tokens", self.max_query_tokens, minimum=1)
+        if rows > MAX_QUERY_TOKENS:
+            raise ValueError(f"max_query_tokens must be <= {MAX_QUERY_TOKENS}, got {rows}")
+        return rows, rows
+
+    def _tile_tokens(self) -> int:
+        return 16 * sparse._tile_warps(sparse.TILE_ROWS, self.group_size) // self.group_size
+
+    def _check_attention(self):
+        most = sparse.TILE_MAX_ENTRIES // self._tile_tokens()
+        if self.top_k > most:
+            raise ValueError(f"top_k must be <= {most} for PrefillPlan with num_q_heads / num_kv_heads = "
+                             f"{self.group_size} (its query tiles of {self._tile_tokens()} tokens deduplicate at most "
+                             f"{sparse.TILE_MAX_ENTRIES} block ids), got {self.top_k}")
+
+    def _init_attention(self):
+        tokens = self._tile_tokens()
+        if not sparse._tile_fits(self.head_dim, sparse.TILE_STAGES, tokens, self.top_k):
+            raise ValueError(f"PrefillPlan: the tile-outer kernel's shared memory for top_k={self.top_k} does not "
+                             f"fit this GPU")
+        self._tile = sparse.tile_prefill_kernel(self.dtype, self.head_dim, self.group_size, self.block_size)
+        self._tile.kernel.reserve_shared(sparse.tile_smem_bytes(self.head_dim, self._tile.stages, tokens, self.top_k))
+        self._kernels["bound"] = _jit.kernel("plan_update.cu", "bound_query_rows")
+        self._kernels["tile_offsets"] = _jit.kernel("tile_schedule.cu", "query_tile_offsets")
+
+    def _prefix(self, batch, q):
+        shape = tuple(getattr(q, "shape", ()))
+        if len(shape) != 3 or not 1 <= shape[0] <= self.max_query_tokens:
+            raise ValueError(f"q must be (tokens, num_q_heads, head_dim) with 1 <= tokens <= max_query_tokens "
+                             f"({self.max_query_tokens}), got shape {shape}")
+        return (int(shape[0]),)
+
+    def _step_cu_q(self, record, n_seq, rows, cu_q):
+        bounded = _jit.Pointer("cu_q_run", (n_seq + 1,), np.int32)
+        record(self._kernels["bound"], launch_bound_query_rows, cu_q, n_seq, rows, bounded, _jit.Pointer("errors"))
+        return bounded
+
+    def _attention_launches(self, record, launches, *, n_seq, rows, q, k, v, ids, cu_q, cu_k, pages, out, lse):
+        """The query tiles' offsets, then the tile-outer attention (out and lse written once)."""
+        tile_off = _jit.Pointer("tile_off", (n_seq + 1,), np.int32)
+        tile = self._tile
+        record(self._kernels["tile_offsets"], sparse.query_tile_offsets, cu_q, n_seq, 0, rows, tile.tile_tokens,
+               tile_off)
+        recorder = _jit.Recorder(tile.kernel)
+        sparse.launch_tile_prefill(tile._replace(kernel=recorder), q, k, v, ids, cu_q, cu_k, tile_off, n_seq, 0, rows,
+                                   None, out, lse, causal=True, scale_log2=np.float32(self.scale * sparse.LOG2E),
+                                   pages=pages)
+        launches.append(recorder.launch)
+
+    @_interop.outside_torch_compile()
+    def update(self, seq_lens, query_lens, block_table=None):
+        """Set the step's sequences: ``seq_lens`` (batch,) int32 key counts (the new tokens
+        included), ``query_lens`` (batch,) int32 new tokens of each (summing to at most
+        max_query_tokens; a sequence with more new tokens than keys has queries that see
+        nothing) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host arrays are checked here (a ValueError names the bad entry) and copied through a
+        pinned buffer by one asynchronous copy on the current stream; device arrays (CuPy,
+        PyTorch, JAX) are read by one kernel on the current stream, without a host sync:
+        out-of-range lengths and page ids are clamped there (no read outside the cache) and
+        counted (:meth:`clamped_entries`).  Call it outside captured graphs, before ``run``."""
+        return self._update(seq_lens, query_lens, block_table)
+
+    @_interop.outside_torch_compile()
+    def run(self, q, k_cache, v_cache, *, index_q=None, index_k_cache=None, out=None, lse=None, return_lse=False):
+        """Attention of the step's tokens ``q`` (tokens, Hq, D), packed by sequence, over their
+        selected cache blocks, on the caller's stream: kernel launches only (no host sync, no
+        allocation), capturable and replayable after ``update``.  ``index_q`` (tokens, Hkv,
+        Di) for a learned index.  Rows past the step's tokens (the sum of ``query_lens``) are
+        neither read nor written; a step whose tokens pass q's rows runs on the first rows only
+        and is counted (:meth:`clamped_entries`).
+
+        Returns ``out`` (tokens, Hq, D) in the caller's array type (the caller's ``out`` if
+        given, else a workspace view overwritten by the next run); with ``return_lse`` also
+        ``lse`` (tokens, Hq) float32.
+        """
+        return self._run(q, k_cache, v_cache, index_q, index_k_cache, out, lse, return_lse)
+
+    @property
+    def block_indices(self):
+        """The last run's selection (tokens, Hkv, top_k) int32 (a workspace view)."""
+        return self._ids_view(self._last_prefix or (0,))

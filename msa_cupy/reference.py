@@ -293,6 +293,24 @@ def cache_rows(seq_lens, page_size: int, block_table=None):
     return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
 
+def _cache_attention(q, index_q, cu_q, k_cache, v_cache, index_k_cache, seq_lens, block_table, **options):
+    """:func:`attention` of packed queries q (total_q, Hq, D) (cu_q per sequence) over each
+    sequence's cached keys, gathered from a contiguous or paged cache."""
+    seq_lens = np.asarray(seq_lens, np.int64)
+    k_cache = np.asarray(k_cache)
+    rows = cache_rows(seq_lens, k_cache.shape[1], block_table)
+
+    def gather(cache):
+        cache = np.asarray(cache)
+        return cache.reshape(-1, *cache.shape[2:])[rows]
+
+    cu_k = np.concatenate([[0], np.cumsum(seq_lens)]).astype(np.int32)
+    index = {} if index_q is None else dict(index_q=index_q, index_k=gather(index_k_cache))
+    result = attention(q, gather(k_cache), gather(v_cache), causal=True, cu_seqlens_q=np.asarray(cu_q, np.int32),
+                       cu_seqlens_k=cu_k, **index, **options)
+    return result if isinstance(result, tuple) else (result,)
+
+
 def decode_attention(q, k_cache, v_cache, seq_lens, *, block_table=None, index_q=None, index_k_cache=None,
                      block_size=128, top_k=16, local_blocks=1, sink_blocks=0, scale=None, return_lse=False,
                      return_indices=False):
@@ -303,25 +321,26 @@ def decode_attention(q, k_cache, v_cache, seq_lens, *, block_table=None, index_q
     sequence's keys and runs :func:`attention` on the varlen batch (causal, bottom-right)."""
     q = np.asarray(q)
     batch, nq = q.shape[:2]
-    seq_lens = np.asarray(seq_lens, np.int64)
-    k_cache, v_cache = np.asarray(k_cache), np.asarray(v_cache)
-    rows = cache_rows(seq_lens, k_cache.shape[1], block_table)
-
-    def gather(cache):
-        cache = np.asarray(cache)
-        return cache.reshape(-1, *cache.shape[2:])[rows]
-
-    cu_q = (np.arange(batch + 1) * nq).astype(np.int32)
-    cu_k = np.concatenate([[0], np.cumsum(seq_lens)]).astype(np.int32)
-    flat_q = q.reshape(batch * nq, *q.shape[2:])
-    index = {}
-    if index_q is not None:
-        index = dict(index_q=np.asarray(index_q).reshape(batch * nq, *np.asarray(index_q).shape[2:]),
-                     index_k=gather(index_k_cache))
-    result = attention(flat_q, gather(k_cache), gather(v_cache), block_size=block_size, top_k=top_k,
-                       local_blocks=local_blocks, sink_blocks=sink_blocks, causal=True, scale=scale,
-                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=return_lse,
-                       return_indices=return_indices, **index)
-    result = result if isinstance(result, tuple) else (result,)
+    flat_iq = None if index_q is None else np.asarray(index_q).reshape(batch * nq, *np.asarray(index_q).shape[2:])
+    result = _cache_attention(q.reshape(batch * nq, *q.shape[2:]), flat_iq, np.arange(batch + 1) * nq, k_cache,
+                              v_cache, index_k_cache, seq_lens, block_table, block_size=block_size, top_k=top_k,
+                              local_blocks=local_blocks, sink_blocks=sink_blocks, scale=scale, return_lse=return_lse,
+                              return_indices=return_indices)
     shaped = tuple(r.reshape(batch, nq, *r.shape[1:]) for r in result)
     return shaped if len(shaped) > 1 else shaped[0]
+
+
+def prefill_attention(q, k_cache, v_cache, seq_lens, query_lens, *, block_table=None, index_q=None,
+                      index_k_cache=None, block_size=128, top_k=16, local_blocks=1, sink_blocks=0, scale=None,
+                      return_lse=False, return_indices=False):
+    """MSA chunked prefill over a KV cache, as ``PrefillPlan.run`` computes it: ``q`` (total,
+    Hq, D) packs the last ``query_lens[s]`` tokens of each sequence (their keys are in the
+    cache); caches and ``block_table`` as in :func:`decode_attention`; ``index_q`` (total,
+    Hkv, Di) packed like q."""
+    q = np.asarray(q)
+    cu_q = np.concatenate([[0], np.cumsum(np.asarray(query_lens, np.int64))])
+    result = _cache_attention(q, None if index_q is None else np.asarray(index_q), cu_q, k_cache, v_cache,
+                              index_k_cache, seq_lens, block_table, block_size=block_size, top_k=top_k,
+                              local_blocks=local_blocks, sink_blocks=sink_blocks, scale=scale, return_lse=return_lse,
+                              return_indices=return_indices)
+    return result if len(result) > 1 else result[0]

@@ -340,12 +340,12 @@ def launch_prefill(prefill: PrefillKernel, q, k, v, items, list_q, cu_q, cu_k, b
                     scale_log2, *pages), shared_mem=prefill.smem)
 
 
-def query_tile_offsets(cu_q, n_seq: int, q_begin: int, rows: int, tile_tokens: int, tile_off):
+def query_tile_offsets(cu_q, n_seq: int, q_begin: int, rows: int, tile_tokens: int, tile_off, *, kernel=None):
     """tile_schedule.cu query_tile_offsets: into tile_off (int32, n_seq + 1) the first query
     tile of each sequence in the chunk of rows [q_begin, q_begin + rows), tiles of
-    tile_tokens tokens (one thread)."""
-    _jit.kernel("tile_schedule.cu", "query_tile_offsets")(
-        (1,), (1,), (cu_q, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(tile_tokens), tile_off))
+    tile_tokens tokens (one thread).  ``kernel``: a prefill plan passes a recorder."""
+    kernel = kernel if kernel is not None else _jit.kernel("tile_schedule.cu", "query_tile_offsets")
+    kernel((1,), (1,), (cu_q, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(tile_tokens), tile_off))
 
 
 def chunk_tiles(rows: int, tile_tokens: int, n_seq: int) -> int:

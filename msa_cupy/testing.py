@@ -165,6 +165,27 @@ def layout_of(q_shape, k_shape, cu_seqlens_q=None, cu_seqlens_k=None) -> Layout:
 # --------------------------------------------------------------------------- problems
 
 
+def paged_cache(cache, lens, page_size, rng, extra_pages=3):
+    """The contiguous cache (B, S, H, D) as permuted pages (P, page_size, H, D) + an int32
+    block table (B, pages) of the pages each sequence's ``lens`` keys need, -1 past them;
+    ``extra_pages`` unused pages of noise among them."""
+    batch = cache.shape[0]
+    need = [-(-int(n) // page_size) for n in lens]
+    n_pages = sum(need) + extra_pages
+    ids = rng.permutation(n_pages)
+    table = np.full((batch, max(max(need, default=1), 1) + 1), -1, np.int32)  # -1 past the used pages
+    pages = randn(rng, (n_pages, page_size, *cache.shape[2:]), cache.dtype)  # unused rows: noise
+    used = 0
+    for s, n in enumerate(need):
+        for p in range(n):
+            pid = ids[used]
+            used += 1
+            table[s, p] = pid
+            rows = cache[s, p * page_size:(p + 1) * page_size]
+            pages[pid, :len(rows)] = rows
+    return pages, table
+
+
 def attention_inputs(rng, seqs, *, n_kv_heads, group_size, head_dim, index_dim=None, dt="bfloat16",
                      shared_index_k=True, batched=False):
     """Random q, k, v, index_q, index_k (host, rounded to dt) and cu_seqlens for sequences seqs

@@ -43,7 +43,7 @@ def test_numpy_integer_arguments_are_plain_ints():
 
 
 def test_workspace_layout_at_the_paper_shapes():
-    views = plan.workspace_layout(max_batch=8, queries_per_seq=1, num_q_heads=64, num_kv_heads=4, head_dim=128,
+    views = plan.workspace_layout(max_batch=8, rows=8, num_q_heads=64, num_kv_heads=4, head_dim=128,
                                   top_k=16, max_pages=8192, dtype=np.dtype(np.float16), splits=4,
                                   training_free=False)
     sizes = {name: int(np.prod(shape)) * np.dtype(dt).itemsize for name, shape, dt in views}
@@ -53,6 +53,43 @@ def test_workspace_layout_at_the_paper_shapes():
     assert "index_q" not in sizes
     total = plan.workspace_bytes(views)
     assert total >= sum(sizes.values()) and total % 256 == 0 and total - sum(sizes.values()) < 256 * len(views)
+
+
+def test_prefill_workspace_holds_outputs_not_partials():
+    views = plan.workspace_layout(max_batch=4, rows=8192, num_q_heads=64, num_kv_heads=4, head_dim=128, top_k=16,
+                                  max_pages=1024, dtype=np.dtype(np.float16), splits=1, training_free=True,
+                                  attention="tile")
+    sizes = {name: int(np.prod(shape)) * np.dtype(dt).itemsize for name, shape, dt in views}
+    assert "part_o" not in sizes and "partial" not in sizes
+    assert sizes["out"] == 8192 * 64 * 128 * 2 and sizes["lse"] == 8192 * 64 * 4
+    assert sizes["cu_q_run"] == sizes["tile_off"] == 5 * 4 and sizes["index_q"] == 8192 * 4 * 128 * 2
+    head = [name for name, _, _ in views][:3]
+    assert head == ["cu_q", "cu_k", "block_table"]  # what the pinned staging buffer mirrors
+
+
+PREFILL = dict(max_batch=4, max_cache_len=1 << 16, max_query_tokens=4096, num_q_heads=64, num_kv_heads=4,
+               head_dim=128, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(max_query_tokens=0), ValueError, "max_query_tokens"),
+    (dict(max_query_tokens=(1 << 22) + 1), ValueError, "max_query_tokens"),
+    (dict(max_query_tokens=1.5), TypeError, "max_query_tokens"),
+    (dict(num_q_heads=8, top_k=17), ValueError, r"top_k must be <= 16 for PrefillPlan"),
+    (dict(num_q_heads=16, top_k=32, page_size=64), ValueError, "num_pages"),
+    (dict(top_k=33), ValueError, "top_k"),
+    (dict(head_dim=96), ValueError, "head_dim"),
+])
+def test_bad_prefill_plan_arguments_are_named(change, error, match):
+    with pytest.raises(error, match=match):
+        msa_cupy.PrefillPlan(**{**PREFILL, **change})
+
+
+def test_prefill_plan_has_no_queries_per_seq():
+    with pytest.raises(TypeError, match="queries_per_seq"):
+        msa_cupy.PrefillPlan(**PREFILL, queries_per_seq=2)
+    with pytest.raises(TypeError, match="max_query_tokens"):
+        msa_cupy.DecodePlan(**PREFILL)
 
 
 def test_reference_paged_equals_contiguous(rng):
@@ -79,6 +116,24 @@ def test_reference_paged_equals_contiguous(rng):
     for si, n in enumerate(lens):
         dense = reference.dense_attention(q[si:si + 1], k[si:si + 1, :n], v[si:si + 1, :n], causal=True)
         assert np.allclose(every[si:si + 1], dense, atol=1e-12)
+    # chunked prefill with every sequence's query count equal is the decode of its packed rows
+    packed = reference.prefill_attention(q.reshape(-1, hkv * g, d), kp, vp, lens, [2, 2, 2], block_table=ids, **opts)
+    for a, c in zip(packed, paged):
+        assert np.array_equal(a, c.reshape(-1, *c.shape[2:]))
+
+
+def test_reference_prefill_of_varlen_chunks_is_each_sequences_attention(rng):
+    s, hkv, g, d = 400, 2, 2, 64
+    dt = np.dtype(np.float32)
+    lens, q_lens = np.array([400, 7, 250]), np.array([130, 0, 250])
+    k, v = randn(rng, (3, s, hkv, d), dt), randn(rng, (3, s, hkv, d), dt)
+    q = randn(rng, (int(q_lens.sum()), hkv * g, d), dt)
+    out, lse = reference.prefill_attention(q, k, v, lens, q_lens, block_size=64, top_k=3, return_lse=True)
+    start = 0
+    for si, (n, nq) in enumerate(zip(lens, q_lens)):
+        one = reference.attention(q[start:start + nq], k[si, :n], v[si, :n], block_size=64, top_k=3, return_lse=True)
+        assert np.array_equal(out[start:start + nq], one[0]) and np.array_equal(lse[start:start + nq], one[1])
+        start += nq
 
 
 # --------------------------------------------------------------------------- host-array updates
@@ -101,6 +156,28 @@ def test_host_update_packs_what_the_device_update_computes():
     cu_q, cu_k, table = _views(4, 1)
     assert plan.pack_host_update(np.array([5, 6], np.int64), None, cu_q, cu_k, table, paged=False, **opts) == 2
     assert table[:2, 0].tolist() == [0, 1] and cu_k[:3].tolist() == [0, 5, 11]
+
+
+def test_host_update_packs_query_lengths_of_a_chunked_prefill():
+    cu_q, cu_k, table = _views(4, 1)
+    opts = dict(max_cache_len=600, queries_per_seq=0, paged=False, page_size=600, num_pages=4, max_rows=64)
+    assert plan.pack_host_update([300, 5, 600], None, cu_q, cu_k, table, query_lens=[10, 0, 54], **opts) == 3
+    assert cu_q[:4].tolist() == [0, 10, 10, 64] and cu_k[:4].tolist() == [0, 300, 305, 905]
+
+
+@pytest.mark.parametrize("q_lens, match", [
+    ([10, 0], r"query_lens must be a 1-D integer array of 3"),
+    ([[1, 2, 3]], r"query_lens must be a 1-D integer array of 3"),
+    ([1.0, 2.0, 3.0], "1-D integer"),
+    ([1, -2, 3], r"query_lens\[1\] = -2 is negative"),
+    ([30, 30, 5], "sum to 65, more than max_query_tokens \\(64\\)"),
+])
+def test_host_query_lengths_name_the_bad_entry_and_write_nothing(q_lens, match):
+    cu_q, cu_k, table = _views(4, 1)
+    with pytest.raises(ValueError, match=match):
+        plan.pack_host_update([300, 5, 600], None, cu_q, cu_k, table, query_lens=q_lens, max_cache_len=600,
+                              queries_per_seq=0, paged=False, page_size=600, num_pages=4, max_rows=64)
+    assert (cu_q == -9).all() and (cu_k == -9).all() and (table == -9).all()
 
 
 @pytest.mark.parametrize("lens, bt, match", [

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import msa_cupy
 from msa_cupy import reference
-from msa_cupy.testing import DTYPES, TOLERANCE, assert_attention_close, assert_selection_matches, randn, rel_error
+from msa_cupy.testing import (DTYPES, TOLERANCE, assert_attention_close, assert_selection_matches, paged_cache, randn,
+                              rel_error)
 
 pytestmark = pytest.mark.gpu
 SETTINGS = settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
@@ -24,25 +25,6 @@ def _bits(x):
 
     x = cp.asarray(x)
     return x.view(cp.uint16) if x.dtype.itemsize == 2 else x.view(cp.uint32) if x.dtype.itemsize == 4 else x
-
-
-def _paged(cache, lens, page_size, rng, extra_pages=3):
-    """The contiguous cache (B, S, H, D) as permuted pages (P, page_size, H, D) + block table."""
-    batch = cache.shape[0]
-    need = [-(-int(n) // page_size) for n in lens]
-    n_pages = sum(need) + extra_pages
-    ids = rng.permutation(n_pages)
-    table = np.full((batch, max(max(need, default=1), 1) + 1), -1, np.int32)  # -1 past the used pages
-    pages = randn(rng, (n_pages, page_size, *cache.shape[2:]), cache.dtype)  # unused rows: noise
-    used = 0
-    for s, n in enumerate(need):
-        for p in range(n):
-            pid = ids[used]
-            used += 1
-            table[s, p] = pid
-            rows = cache[s, p * page_size:(p + 1) * page_size]
-            pages[pid, :len(rows)] = rows
-    return pages, table
 
 
 @st.composite
@@ -77,10 +59,10 @@ def _setup(p):
     host = dict(q=q, k=k, v=v, iq=iq, ik=ik, lens=lens, table=None)
     if p["page_size"]:
         prng = np.random.default_rng(p["seed"] + 1)
-        host["k"], host["table"] = _paged(k[:b], lens, p["page_size"], prng)
-        host["v"], _ = _paged(v[:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
+        host["k"], host["table"] = paged_cache(k[:b], lens, p["page_size"], prng)
+        host["v"], _ = paged_cache(v[:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
         if p["learned"]:
-            host["ik"], _ = _paged(ik[:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
+            host["ik"], _ = paged_cache(ik[:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
     plan = msa_cupy.DecodePlan(
         max_batch=p["max_batch"], max_cache_len=p["max_len"], num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
         dtype=p["dtype"], index_dim=d if p["learned"] else None, index_k_heads=ik_heads, block_size=p["block"],
@@ -139,7 +121,7 @@ def test_paged_is_bitwise_contiguous_with_permuted_and_shared_pages():
     k[1, :256], v[1, :256] = k[0, :256], v[0, :256]  # a shared prefix of 4 pages
     q = randn(rng, (b, 2, hkv * g, d), dt)
     lens = np.array([1000, 700, 129], np.int32)
-    kp, table = _paged(k, lens, page, rng)
+    kp, table = paged_cache(k, lens, page, rng)
     vp = randn(rng, kp.shape, dt)
     flat_v = v.reshape(-1, hkv, d)
     for si, n in enumerate(lens):  # the same page ids for v
