@@ -5,6 +5,9 @@ index with one shared index-key head, contiguous cache): milliseconds per step o
 - ``plan graph``: ``update`` + one CUDA-graph replay of ``run`` per step;
 - ``jax scan``: ``msa_cupy.jax.decode`` in a jitted ``lax.scan`` over the steps, XLA command
   buffers off (the Python callback runs every step);
+- ``jax scan, unroll 8``: the same scan with eight steps per loop iteration (XLA reads a while
+  loop's predicate on the host each iteration: a host-device sync that the unrolled loop pays
+  once per eight steps);
 - ``jax scan, command buffers``: the same with XLA command buffers on for custom calls
   (``--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL``), where XLA may
   record the loop into CUDA graphs.
@@ -34,9 +37,13 @@ CACHES = (32768,)
 BATCHES = (1,)
 STEPS = 256
 REPEATS = 5
-MODES = {"jax scan": "--xla_gpu_enable_command_buffer=",
-         "jax scan, command buffers": "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL "
-                                      "--xla_gpu_graph_min_graph_size=1"}
+_NO_BUFFERS = "--xla_gpu_enable_command_buffer="
+MODES = {  # name: (XLA flags, lax.scan unroll)
+    "jax scan": (_NO_BUFFERS, 1),
+    "jax scan, unroll 8": (_NO_BUFFERS, 8),
+    "jax scan, command buffers": ("--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL "
+                                  "--xla_gpu_graph_min_graph_size=1", 1),
+}
 CHILD_TIMEOUT_S = 300
 
 
@@ -85,9 +92,9 @@ def _plan_ms(batch, n):
     return eager_ms, graph_ms
 
 
-def _jax_child(batch, n):
-    """In a child process (XLA flags set by the parent): ms per step of the jitted scan, and
-    how many times the decode callback ran per step."""
+def _jax_child(batch, n, unroll=1):
+    """In a child process (XLA flags set by the parent): ms per step of the jitted scan
+    (``unroll`` steps per loop iteration), and how many times the decode callback ran per step."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
@@ -118,7 +125,7 @@ def _jax_child(batch, n):
                                  top_k=paper.TOP_K)
             return lens + 1, out
 
-        return jax.lax.scan(step, lens, (qs, iqs))[1]
+        return jax.lax.scan(step, lens, (qs, iqs), unroll=unroll)[1]
 
     loop = jax.jit(steps)
     args = (lens, k, v, ik, qs, iqs)
@@ -128,12 +135,13 @@ def _jax_child(batch, n):
     return dict(ms_per_step=ms, callbacks_per_step=calls[0] / (STEPS * (REPEATS + 1)), jax=jax.__version__)
 
 
-def _run_child(batch, n, flags):
+def _run_child(batch, n, flags, unroll):
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
                XLA_PYTHON_CLIENT_PREALLOCATE="false")
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", CHILD, "--batch", str(batch), "--tokens", str(n)], env=env,
+    done = subprocess.run([sys.executable, "-c", CHILD, "--batch", str(batch), "--tokens", str(n), "--unroll",
+                           str(unroll)], env=env,
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -159,8 +167,8 @@ def run(report, ceilings, tokens=CACHES, batches=BATCHES):
             eager_ms, graph_ms = _plan_ms(batch, n)
             report(f"{name} plan eager", **fields, mode="plan eager", ms_per_step=eager_ms)
             report(f"{name} plan graph", **fields, mode="plan graph", ms_per_step=graph_ms)
-            for mode, flags in MODES.items():
-                got = _run_child(batch, n, flags)
+            for mode, (flags, unroll) in MODES.items():
+                got = _run_child(batch, n, flags, unroll)
                 if "error" in got:
                     report(f"{name} {mode}", **fields, mode=mode, skipped=got["error"])
                     continue
@@ -175,8 +183,9 @@ def child_main(argv):
     parser = argparse.ArgumentParser(description="one JAX mode of the jax_decode suite")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--tokens", type=int, required=True)
+    parser.add_argument("--unroll", type=int, default=1)
     args = parser.parse_args(argv)
-    print(json.dumps(_jax_child(args.batch, args.tokens)), flush=True)
+    print(json.dumps(_jax_child(args.batch, args.tokens, args.unroll)), flush=True)
 
 
 CHILD = "import sys; from msa_cupy._bench.jax_decode import child_main; child_main(sys.argv[1:])"
