@@ -8,4 +8,5 @@ from ._interop import gpu_available
 from .plan import DecodePlan, PrefillPlan
 
 __version__ = "0.1.0"
-__all__ = ["DecodePlan", "PrefillPlan", "attention", "block_scores", "gpu_available", "select_blocks", "sparse_attention", "topk_blocks"]
+__all__ = ["DecodePlan", "PrefillPlan", "attention", "block_scores", "gpu_available", "select_blocks", "sparse_attention",
+           "topk_blocks"]

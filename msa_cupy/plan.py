@@ -332,7 +332,8 @@ def _array_key(x):
 
 
 class _Wants:
-    """The shapes a step checks its per-step arrays against: q rows shaped ``prefix`` ((batch, queries_per_seq) for decode, (tokens,) for chunked prefill)."""
+    """The shapes a step checks its per-step arrays against: q rows shaped ``prefix``
+    ((batch, queries_per_seq) for decode, (tokens,) for chunked prefill)."""
 
     def __init__(self, plan, prefix):
         self.q = ((*prefix, plan.num_q_heads, plan.head_dim), plan.dtype)
@@ -879,11 +880,12 @@ class DecodePlan(_CachePlan):
     @_interop.outside_torch_compile()
     def update(self, seq_lens, block_table=None):
         """Set the step's sequences: ``seq_lens`` (batch,) int32 key counts (the new tokens
-        included) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host arrays are checked here (a ValueError names the bad entry) and copied through a
-        pinned buffer by one asynchronous copy on the current stream; device arrays (CuPy,
-        PyTorch, JAX) are read by one kernel on the current stream, without a host sync:
-        out-of-range lengths and page ids are clamped there (no read outside the cache) and
-        counted (:meth:`clamped_entries`).  Call it outside captured graphs, before ``run``."""
+        included) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host arrays
+        are checked here (a ValueError names the bad entry) and copied through a pinned buffer
+        by one asynchronous copy on the current stream; device arrays (CuPy, PyTorch, JAX) are
+        read by one kernel on the current stream, without a host sync: out-of-range lengths
+        and page ids are clamped there (no read outside the cache) and counted
+        (:meth:`clamped_entries`).  Call it outside captured graphs, before ``run``."""
         return self._update(seq_lens, None, block_table)
 
     @_interop.outside_torch_compile()
@@ -1025,11 +1027,9 @@ class PrefillPlan(_CachePlan):
         """Set the step's sequences: ``seq_lens`` (batch,) int32 key counts (the new tokens
         included), ``query_lens`` (batch,) int32 new tokens of each (summing to at most
         max_query_tokens; a sequence with more new tokens than keys has queries that see
-        nothing) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host arrays are checked here (a ValueError names the bad entry) and copied through a
-        pinned buffer by one asynchronous copy on the current stream; device arrays (CuPy,
-        PyTorch, JAX) are read by one kernel on the current stream, without a host sync:
-        out-of-range lengths and page ids are clamped there (no read outside the cache) and
-        counted (:meth:`clamped_entries`).  Call it outside captured graphs, before ``run``."""
+        nothing) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host or device
+        arrays (both lengths the same kind), checked or clamped and counted as by
+        :meth:`DecodePlan.update`; outside captured graphs, before ``run``."""
         return self._update(seq_lens, query_lens, block_table)
 
     @_interop.outside_torch_compile()

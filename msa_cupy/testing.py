@@ -21,7 +21,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from . import reference
+from . import _interop, reference
 from .diagnostics import _host as host  # NumPy view or copy of a NumPy, CuPy or PyTorch array
 from .diagnostics import planted_needles  # planted data: each KV group has a needle block to find
 from ._layout import Layout, query_positions, single_layout, uniform_layout, varlen_layout
@@ -184,6 +184,51 @@ def paged_cache(cache, lens, page_size, rng, extra_pages=3):
             rows = cache[s, p * page_size:(p + 1) * page_size]
             pages[pid, :len(rows)] = rows
     return pages, table
+
+
+def bits(x):
+    """x (NumPy or CuPy) viewed as unsigned ints of its item size: equal bits compare equal, NaN
+    included (bitwise checks of graph replays, paged against contiguous caches)."""
+    xp = _interop.array_module(x)
+    x = xp.asarray(x)
+    return x.view({2: xp.uint16, 4: xp.uint32, 8: xp.uint64}[x.dtype.itemsize]) if x.dtype.kind in "fV" else x
+
+
+def cache_case(p, q_prefix) -> dict:
+    """Host inputs of a plan test from its drawn parameters ``p`` (seed, dtype, hkv, g, d, lens,
+    batch, max_batch, max_len, learned, shared, page_size): q (*q_prefix, Hq, D), index_q
+    (*q_prefix, Hkv, D) for a learned index, the K/V (and index-key) caches contiguous
+    (max_batch, max_len, ...) or, with a page size, as permuted pages with a block table (the
+    same page ids for all three), int32 lens."""
+    rng = np.random.default_rng(p["seed"])
+    dt = DTYPES[p["dtype"]]
+    hq, hkv, d, b = p["hkv"] * p["g"], p["hkv"], p["d"], p["batch"]
+    lens = np.array(p["lens"], np.int32)
+    cache = (p["max_batch"], p["max_len"])
+    k, v = randn(rng, (*cache, hkv, d), dt), randn(rng, (*cache, hkv, d), dt)
+    case = dict(q=randn(rng, (*q_prefix, hq, d), dt), k=k, v=v, lens=lens, table=None,
+                iq=randn(rng, (*q_prefix, hkv, d), dt) if p["learned"] else None,
+                ik=randn(rng, (*cache, 1 if p["shared"] else hkv, d), dt) if p["learned"] else None)
+    if p["page_size"]:
+        for name in ("k", "v", "ik"):
+            if case[name] is not None:
+                pages, table = paged_cache(case[name][:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
+                case[name], case["table"] = pages, table
+    return case
+
+
+def plan_options(p, case) -> dict:
+    """The plan arguments (DecodePlan and PrefillPlan alike) of a :func:`cache_case` drawn from p."""
+    return dict(max_batch=p["max_batch"], max_cache_len=p["max_len"], num_q_heads=p["hkv"] * p["g"],
+                num_kv_heads=p["hkv"], head_dim=p["d"], dtype=p["dtype"], index_dim=p["d"] if p["learned"] else None,
+                index_k_heads=1 if p["shared"] else p["hkv"], block_size=p["block"], top_k=p["top_k"],
+                page_size=p["page_size"], num_pages=case["k"].shape[0] if p["page_size"] else None)
+
+
+def run_plan(plan, dev, **kw):
+    """plan.run on the device arrays of a :func:`cache_case`, with lse."""
+    index = dict(index_q=dev["iq"], index_k_cache=dev["ik"]) if dev["iq"] is not None else {}
+    return plan.run(dev["q"], dev["k"], dev["v"], return_lse=True, **index, **kw)
 
 
 def attention_inputs(rng, seqs, *, n_kv_heads, group_size, head_dim, index_dim=None, dt="bfloat16",

@@ -13,18 +13,11 @@ from hypothesis import strategies as st
 
 import msa_cupy
 from msa_cupy import reference
-from msa_cupy.testing import (DTYPES, TOLERANCE, assert_attention_close, assert_selection_matches, paged_cache, randn,
-                              rel_error)
+from msa_cupy.testing import (DTYPES, TOLERANCE, assert_attention_close, assert_selection_matches, bits, cache_case,
+                              paged_cache, plan_options, randn, rel_error, run_plan, to_device)
 
 pytestmark = pytest.mark.gpu
 SETTINGS = settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-def _bits(x):
-    import cupy as cp
-
-    x = cp.asarray(x)
-    return x.view(cp.uint16) if x.dtype.itemsize == 2 else x.view(cp.uint32) if x.dtype.itemsize == 4 else x
 
 
 @st.composite
@@ -44,37 +37,9 @@ def problems(draw):
 
 
 def _setup(p):
-    import cupy as cp
-
-    rng = np.random.default_rng(p["seed"])
-    dt = DTYPES[p["dtype"]]
-    hq, hkv, d, nq, b = p["hkv"] * p["g"], p["hkv"], p["d"], p["nq"], p["batch"]
-    lens = np.array(p["lens"], np.int32)
-    k = randn(rng, (p["max_batch"], p["max_len"], hkv, d), dt)
-    v = randn(rng, (p["max_batch"], p["max_len"], hkv, d), dt)
-    q = randn(rng, (b, nq, hq, d), dt)
-    ik_heads = 1 if p["shared"] else hkv
-    iq = randn(rng, (b, nq, hkv, d), dt) if p["learned"] else None
-    ik = randn(rng, (p["max_batch"], p["max_len"], ik_heads, d), dt) if p["learned"] else None
-    host = dict(q=q, k=k, v=v, iq=iq, ik=ik, lens=lens, table=None)
-    if p["page_size"]:
-        prng = np.random.default_rng(p["seed"] + 1)
-        host["k"], host["table"] = paged_cache(k[:b], lens, p["page_size"], prng)
-        host["v"], _ = paged_cache(v[:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
-        if p["learned"]:
-            host["ik"], _ = paged_cache(ik[:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
-    plan = msa_cupy.DecodePlan(
-        max_batch=p["max_batch"], max_cache_len=p["max_len"], num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-        dtype=p["dtype"], index_dim=d if p["learned"] else None, index_k_heads=ik_heads, block_size=p["block"],
-        top_k=p["top_k"], queries_per_seq=nq, page_size=p["page_size"],
-        num_pages=host["k"].shape[0] if p["page_size"] else None)
-    dev = {name: (None if x is None else cp.asarray(x)) for name, x in host.items()}
-    return plan, host, dev
-
-
-def _run(plan, dev, **kw):
-    index = dict(index_q=dev["iq"], index_k_cache=dev["ik"]) if dev["iq"] is not None else {}
-    return plan.run(dev["q"], dev["k"], dev["v"], return_lse=True, **index, **kw)
+    host = cache_case(p, (p["batch"], p["nq"]))
+    plan = msa_cupy.DecodePlan(**plan_options(p, host), queries_per_seq=p["nq"])
+    return plan, host, to_device(host)
 
 
 @SETTINGS
@@ -83,7 +48,7 @@ def test_plan_matches_reference(p):
     plan, host, dev = _setup(p)
     plan.update(host["lens"] if p["seed"] % 2 else dev["lens"], host["table"] if p["seed"] % 2 else dev["table"])
     plan.workspace["out"].view(np.uint16).fill(0x7FFF)  # poison: every row must be written
-    out, lse = _run(plan, dev)
+    out, lse = run_plan(plan, dev)
     ids = plan.block_indices.get()
     opts = dict(block_size=p["block"], top_k=p["top_k"])
     index = dict(index_q=host["iq"], index_k_cache=host["ik"]) if p["learned"] else {}
@@ -138,7 +103,7 @@ def test_paged_is_bitwise_contiguous_with_permuted_and_shared_pages():
     out_c, lse_c = contiguous.run(cp.asarray(q), cp.asarray(k), cp.asarray(v), return_lse=True)
     out_p, lse_p = paged.run(cp.asarray(q), cp.asarray(kp), cp.asarray(vp), return_lse=True)
     assert cp.array_equal(contiguous.block_indices, paged.block_indices)
-    assert cp.array_equal(_bits(out_c), _bits(out_p)) and cp.array_equal(_bits(lse_c), _bits(lse_p))
+    assert cp.array_equal(bits(out_c), bits(out_p)) and cp.array_equal(bits(lse_c), bits(lse_p))
     assert paged.clamped_entries() == 0
 
 
@@ -211,8 +176,8 @@ def test_cupy_graph_replays_eager_bitwise():
             replayed = (out.copy(), lse.copy())
             eager_out, eager_lse = plan.run(dev["q"], dev["k"], dev["v"], return_lse=True)
             stream.synchronize()
-            assert cp.array_equal(_bits(replayed[0]), _bits(eager_out))
-            assert cp.array_equal(_bits(replayed[1]), _bits(eager_lse))
+            assert cp.array_equal(bits(replayed[0]), bits(eager_out))
+            assert cp.array_equal(bits(replayed[1]), bits(eager_lse))
         assert all(bool((a == i).all()) for i, a in enumerate(later))
 
 
@@ -311,7 +276,7 @@ def test_queued_one_call_decodes_with_distinct_lengths():
     for n, out in zip(range(400, 700), outs):
         again = msa_cupy.attention(q, cp.ascontiguousarray(k[:, :n]), cp.ascontiguousarray(v[:, :n]),
                                    block_size=64, top_k=2)
-        assert cp.array_equal(_bits(out), _bits(again)), f"length {n}"
+        assert cp.array_equal(bits(out), bits(again)), f"length {n}"
 
 
 def test_group_mean_kernel_is_the_fp32_sum_divided():
@@ -337,7 +302,7 @@ def test_caller_workspace_gives_the_plans_own_results_bitwise():
     p = _graph_problem(rng)
     plan, host, dev = _setup(p)
     plan.update(dev["lens"], dev["table"])
-    own_out, own_lse = (x.copy() for x in _run(plan, dev))
+    own_out, own_lse = (x.copy() for x in run_plan(plan, dev))
     raw = cp.full(plan.workspace_bytes + 512, 0xA5, cp.uint8)  # poison: nothing may be read before written
     other = msa_cupy.DecodePlan(
         max_batch=p["max_batch"], max_cache_len=p["max_len"], num_q_heads=p["hkv"] * p["g"], num_kv_heads=p["hkv"],
@@ -345,9 +310,9 @@ def test_caller_workspace_gives_the_plans_own_results_bitwise():
         num_pages=host["k"].shape[0])
     other.use_workspace(raw[256:])
     other.update(dev["lens"], dev["table"])
-    out, lse = _run(other, dev)
+    out, lse = run_plan(other, dev)
     assert out.data.ptr >= raw.data.ptr and out.data.ptr < raw.data.ptr + raw.size  # a view of the caller's buffer
-    assert cp.array_equal(_bits(out), _bits(own_out)) and cp.array_equal(_bits(lse), _bits(own_lse))
+    assert cp.array_equal(bits(out), bits(own_out)) and cp.array_equal(bits(lse), bits(own_lse))
     assert other.clamped_entries() == 0
     # the same memory handed in again (a new view of it, poisoned again) keeps its views; other
     # memory gets views of its own
@@ -358,8 +323,8 @@ def test_caller_workspace_gives_the_plans_own_results_bitwise():
         assert (other.workspace["ids"] is views) == same
         assert other.workspace["ids"].data.ptr >= raw.data.ptr + start
         other.update(dev["lens"], dev["table"])
-        out, lse = _run(other, dev)
-        assert cp.array_equal(_bits(out), _bits(own_out)) and cp.array_equal(_bits(lse), _bits(own_lse))
+        out, lse = run_plan(other, dev)
+        assert cp.array_equal(bits(out), bits(own_out)) and cp.array_equal(bits(lse), bits(own_lse))
     with pytest.raises(ValueError, match="workspace must be a 1-D uint8 array"):
         other.use_workspace(raw[:plan.workspace_bytes - 1])
     with pytest.raises(ValueError, match="256-byte boundary"):
@@ -382,12 +347,12 @@ def test_host_array_updates_through_pinned_staging_match_device_updates():
     by_host, by_device = [], []
     for lens in steps:
         plan.update(lens, table)
-        by_host.append([x.copy() for x in _run(plan, dev)])
+        by_host.append([x.copy() for x in run_plan(plan, dev)])
     for lens in steps:
         plan.update(cp.asarray(lens), cp.asarray(table))
-        by_device.append([x.copy() for x in _run(plan, dev)])
+        by_device.append([x.copy() for x in run_plan(plan, dev)])
     for (ho, hl), (do, dl) in zip(by_host, by_device):
-        assert cp.array_equal(_bits(ho), _bits(do)) and cp.array_equal(_bits(hl), _bits(dl))
+        assert cp.array_equal(bits(ho), bits(do)) and cp.array_equal(bits(hl), bits(dl))
     assert plan.clamped_entries() == 0
 
 
@@ -397,7 +362,7 @@ def test_known_arguments_are_checked_again_when_their_layout_changes():
     rng = np.random.default_rng(23)
     plan, host, dev = _setup(_graph_problem(rng, paged=False))
     plan.update(dev["lens"])
-    _run(plan, dev)  # every argument known now
+    run_plan(plan, dev)  # every argument known now
     q = dev["q"]
     with pytest.raises(ValueError, match="q must have shape"):
         plan.run(q[:, :, :8], dev["k"], dev["v"])
@@ -417,10 +382,10 @@ def test_known_arguments_are_checked_again_when_their_layout_changes():
     lens_rows = cp.asarray(np.array([[2999 - s, 1 + s, 3000, 129 + s] for s in range(5)], np.int32))
     for s in range(5):
         plan.update(lens_rows[s])
-        out = _run(plan, dev)[0].copy()
+        out = run_plan(plan, dev)[0].copy()
         plan.update(cp.asarray(np.array([2999 - s, 1 + s, 3000, 129 + s], np.int32)))
-        again = _run(plan, dev)[0]
-        assert cp.array_equal(_bits(out), _bits(again))
+        again = run_plan(plan, dev)[0]
+        assert cp.array_equal(bits(out), bits(again))
 
 
 # --------------------------------------------------------------------------- one-call decode through plans
@@ -457,14 +422,14 @@ def _both_paths(*args, **kwargs):
     return planned, earlier
 
 
-def _assert_same_bits(a, b):
+def _assert_samebits(a, b):
     import cupy as cp
 
     a, b = (a,) if not isinstance(a, tuple) else a, (b,) if not isinstance(b, tuple) else b
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x.shape == y.shape and x.dtype == y.dtype
-        assert cp.array_equal(_bits(x), _bits(y))
+        assert cp.array_equal(bits(x), bits(y))
 
 
 @st.composite
@@ -508,7 +473,7 @@ def test_one_call_decode_through_plans_is_bitwise_the_earlier_path(p):
     if ik_heads:
         kw.update(index_q=cp.asarray(randn(rng, (*qs, hkv, d), dt)), index_k=cp.asarray(randn(rng, (*ks, ik_heads, d), dt)))
     planned, earlier = _both_paths(q, k, v, **kw)
-    _assert_same_bits(planned, earlier)
+    _assert_samebits(planned, earlier)
 
 
 def _one_sequence_cache(rng, n, hq=64, hkv=4, d=128):
@@ -535,13 +500,13 @@ def test_one_call_decode_in_a_growing_cache_is_bitwise_the_earlier_path():
         learned = dict(index_q=iq, index_k=ik[:, :n])
         for index in ({}, learned):
             planned, earlier = _both_paths(q, k[:, :n], v[:, :n], top_k=8, return_lse=True, **index)
-            _assert_same_bits(planned, earlier)
+            _assert_samebits(planned, earlier)
     kb, vb = (cp.asarray(randn(rng, (3, 1100, hkv, d), dt)) for _ in range(2))
     qb = cp.asarray(randn(rng, (3, 2, hq, d), dt))
     for n in range(2, 1100, 53):  # a batch: contiguous copies per length, as a caller would pass
         planned, earlier = _both_paths(qb, cp.ascontiguousarray(kb[:, :n]), cp.ascontiguousarray(vb[:, :n]),
                                        top_k=4, return_indices=True)
-        _assert_same_bits(planned, earlier)
+        _assert_samebits(planned, earlier)
 
 
 def test_one_call_decode_of_torch_tensors_is_bitwise_the_earlier_path():
@@ -558,7 +523,7 @@ def test_one_call_decode_of_torch_tensors_is_bitwise_the_earlier_path():
         planned, earlier = _both_paths(q, k, v, top_k=5, return_lse=True)
     stream.synchronize()
     assert isinstance(planned[0], torch.Tensor)
-    _assert_same_bits(tuple(cp.from_dlpack(x) for x in planned), tuple(cp.from_dlpack(x) for x in earlier))
+    _assert_samebits(tuple(cp.from_dlpack(x) for x in planned), tuple(cp.from_dlpack(x) for x in earlier))
 
 
 def test_one_call_decodes_stay_right_when_plans_are_dropped_while_queued(monkeypatch):
@@ -583,7 +548,7 @@ def test_one_call_decodes_stay_right_when_plans_are_dropped_while_queued(monkeyp
     with _EarlierPath():
         for (n, top_k), out in zip(calls, outs):
             alone = msa_cupy.attention(q, k[:, :n], v[:, :n], block_size=64, top_k=top_k)
-            assert cp.array_equal(_bits(out), _bits(alone)), f"length {n}"
+            assert cp.array_equal(bits(out), bits(alone)), f"length {n}"
 
 
 def test_one_call_decode_loop_makes_no_host_sync_and_keeps_only_its_outputs():
@@ -616,4 +581,4 @@ def test_one_call_decode_loop_makes_no_host_sync_and_keeps_only_its_outputs():
     with _EarlierPath():
         for n, out in zip(list(range(3000, 3200)), outs):
             if n % 25 == 0:
-                assert cp.array_equal(_bits(out), _bits(step(n)))
+                assert cp.array_equal(bits(out), bits(step(n)))

@@ -10,18 +10,11 @@ from hypothesis import strategies as st
 
 import msa_cupy
 from msa_cupy import reference, sparse
-from msa_cupy.testing import (DTYPES, TOLERANCE, assert_attention_close, assert_selection_matches, paged_cache, randn,
-                              rel_error)
+from msa_cupy.testing import (DTYPES, TOLERANCE, assert_attention_close, assert_selection_matches, bits, cache_case,
+                              plan_options, randn, rel_error, run_plan, to_device)
 
 pytestmark = pytest.mark.gpu
 SETTINGS = settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-def _bits(x):
-    import cupy as cp
-
-    x = cp.asarray(x)
-    return x.view(cp.uint16) if x.dtype.itemsize == 2 else x.view(cp.uint32) if x.dtype.itemsize == 4 else x
 
 
 def _most_top_k(g: int) -> int:
@@ -48,37 +41,10 @@ def problems(draw):
 
 
 def _setup(p):
-    import cupy as cp
-
-    rng = np.random.default_rng(p["seed"])
-    dt = DTYPES[p["dtype"]]
-    hq, hkv, d, b = p["hkv"] * p["g"], p["hkv"], p["d"], p["batch"]
-    lens, q_lens = np.array(p["lens"], np.int32), np.array(p["q_lens"], np.int32)
-    total = int(q_lens.sum())
-    rows = total + p["pad"]
-    k = randn(rng, (p["max_batch"], p["max_len"], hkv, d), dt)
-    v = randn(rng, (p["max_batch"], p["max_len"], hkv, d), dt)
-    ik_heads = 1 if p["shared"] else hkv
-    host = dict(q=randn(rng, (rows, hq, d), dt), k=k, v=v, lens=lens, q_lens=q_lens, table=None,
-                iq=randn(rng, (rows, hkv, d), dt) if p["learned"] else None,
-                ik=randn(rng, (p["max_batch"], p["max_len"], ik_heads, d), dt) if p["learned"] else None)
-    if p["page_size"]:
-        host["k"], host["table"] = paged_cache(k[:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
-        host["v"], _ = paged_cache(v[:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
-        if p["learned"]:
-            host["ik"], _ = paged_cache(host["ik"][:b], lens, p["page_size"], np.random.default_rng(p["seed"] + 1))
-    plan = msa_cupy.PrefillPlan(
-        max_batch=p["max_batch"], max_cache_len=p["max_len"], max_query_tokens=rows + p["extra_tokens"],
-        num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=p["dtype"], index_dim=d if p["learned"] else None,
-        index_k_heads=ik_heads, block_size=p["block"], top_k=p["top_k"], page_size=p["page_size"],
-        num_pages=host["k"].shape[0] if p["page_size"] else None)
-    dev = {name: (None if x is None else cp.asarray(x)) for name, x in host.items()}
-    return plan, host, dev
-
-
-def _run(plan, dev, **kw):
-    index = dict(index_q=dev["iq"], index_k_cache=dev["ik"]) if dev["iq"] is not None else {}
-    return plan.run(dev["q"], dev["k"], dev["v"], return_lse=True, **index, **kw)
+    host = cache_case(p, (int(sum(p["q_lens"])) + p["pad"],))
+    host["q_lens"] = np.array(p["q_lens"], np.int32)
+    plan = msa_cupy.PrefillPlan(**plan_options(p, host), max_query_tokens=host["q"].shape[0] + p["extra_tokens"])
+    return plan, host, to_device(host)
 
 
 @SETTINGS
@@ -93,7 +59,7 @@ def test_prefill_plan_matches_reference(p):
     rows, total = host["q"].shape[0], int(host["q_lens"].sum())
     out = cp.asarray(np.full(host["q"].shape, np.nan, host["q"].dtype))  # poison: the step's rows must be
     lse = cp.full(host["q"].shape[:2], np.nan, np.float32)  # written, the pad rows left alone
-    _run(plan, dev, out=out, lse=lse)
+    run_plan(plan, dev, out=out, lse=lse)
     ids = plan.block_indices.get()
     assert ids.shape == (rows, p["hkv"], p["top_k"])
     out, lse, ids = out.get(), lse.get(), ids[:total]
@@ -140,16 +106,16 @@ def test_prefill_plan_paged_is_bitwise_contiguous_and_host_updates_are_device_up
     paged_p = _problem(rng, paged=True, learned=True, shared=True, seed=p["seed"])
     paged, host_p, dev_p = _setup(paged_p)
     plan.update(host["lens"], host["q_lens"])
-    out_c, lse_c = (x.copy() for x in _run(plan, dev))
+    out_c, lse_c = (x.copy() for x in run_plan(plan, dev))
     paged.update(dev_p["lens"], dev_p["q_lens"], dev_p["table"])
-    out_p, lse_p = _run(paged, dev_p)
+    out_p, lse_p = run_plan(paged, dev_p)
     assert cp.array_equal(plan.block_indices, paged.block_indices)
     total = int(host["q_lens"].sum())
-    assert cp.array_equal(_bits(out_c[:total]), _bits(out_p[:total]))
-    assert cp.array_equal(_bits(lse_c[:total]), _bits(lse_p[:total]))
+    assert cp.array_equal(bits(out_c[:total]), bits(out_p[:total]))
+    assert cp.array_equal(bits(lse_c[:total]), bits(lse_p[:total]))
     plan.update(dev["lens"], dev["q_lens"])  # the device update of the same step
-    out_d, lse_d = _run(plan, dev)
-    assert cp.array_equal(_bits(out_c[:total]), _bits(out_d[:total]))
+    out_d, lse_d = run_plan(plan, dev)
+    assert cp.array_equal(bits(out_c[:total]), bits(out_d[:total]))
     assert plan.clamped_entries() == 0 and paged.clamped_entries() == 0
 
 
@@ -163,7 +129,7 @@ def test_prefill_plan_counts_what_device_updates_and_short_q_clamp():
     with pytest.raises(ValueError, match="max_query_tokens"):  # host lengths: checked, nothing written
         plan.update(host["lens"], np.array([rows, 1, 1], np.int32))
     plan.update(dev["lens"], cp.asarray(np.array([rows - 5, 3, 4], np.int32)))  # past max_query_tokens
-    out, lse = _run(plan, dev)
+    out, lse = run_plan(plan, dev)
     assert plan.clamped_entries() == 1  # the sequence that passes the bound
     assert bool(cp.isfinite(out[:rows].astype(cp.float32)).all())
     plan.update(dev["lens"], dev["q_lens"])
@@ -204,8 +170,8 @@ def test_prefill_plan_graph_replays_eager_bitwise_for_new_chunks():
             eager_out, eager_lse = plan.run(dev["q"], dev["k"], dev["v"], return_lse=True)
             stream.synchronize()
             total = int(sum(q_lens))
-            assert cp.array_equal(_bits(replayed[0][:total]), _bits(eager_out[:total]))
-            assert cp.array_equal(_bits(replayed[1][:total]), _bits(eager_lse[:total]))
+            assert cp.array_equal(bits(replayed[0][:total]), bits(eager_out[:total]))
+            assert cp.array_equal(bits(replayed[1][:total]), bits(eager_lse[:total]))
         for _ in range(10):
             graph.launch(stream)
         stream.synchronize()

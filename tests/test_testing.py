@@ -175,3 +175,26 @@ def test_layout_of():
 def test_planted_data_is_the_diagnostics_generator():
     data = testing.planted_needles(256, n_kv_heads=2, head_dim=16, block_size=32)
     assert data["q"].shape == (256, 4, 16) and len(data["needle_blocks"]) == 2
+
+
+@pytest.mark.parametrize("page_size", [None, 32, 128])
+@pytest.mark.parametrize("learned", [False, True])
+def test_cache_case_pages_hold_each_sequences_keys(page_size, learned):
+    p = dict(seed=5, dtype="bfloat16", hkv=2, g=4, d=64, lens=[300, 0, 129], batch=3, max_batch=4, max_len=300,
+             learned=learned, shared=False, page_size=page_size)
+    case = testing.cache_case(p, (7,))
+    assert case["q"].shape == (7, 8, 64) and (case["iq"] is not None) == learned
+    plain = testing.cache_case({**p, "page_size": None}, (7,))  # the same draws, contiguous
+    rows = reference.cache_rows(case["lens"], case["k"].shape[1], case["table"])
+    for name in ("k", "v") + (("ik",) if learned else ()):
+        flat = case[name].reshape(-1, *case[name].shape[2:])
+        want = np.concatenate([plain[name][s, :n] for s, n in enumerate(case["lens"])])
+        assert np.array_equal(testing.bits(flat[rows]), testing.bits(want))
+
+
+def test_bits_tell_nan_payloads_and_signed_zeros_apart():
+    a = np.array([0.0, np.nan], np.float32)
+    b = np.array([-0.0, np.nan], np.float32)
+    assert not np.array_equal(testing.bits(a), testing.bits(b))
+    assert np.array_equal(testing.bits(a[1:]), testing.bits(b[1:]))
+    assert testing.bits(np.arange(3)).dtype == np.arange(3).dtype
