@@ -195,3 +195,112 @@ def test_recorded_stage_functions_keep_their_argument_order():
     sparse.launch_combine(P("part_o"), P("part_lse"), None, ids, 0, rows, P("out", (rows, hq, d), np.float16),
                           P("lse", (rows, hq), np.float32), head_dim=d, group=hq // hkv, decode=True, kernel=recorder)
     assert [name for name, _, _ in recorder.launch.slots] == ["part_o", "part_lse", "ids", "ids", "out", "lse"]
+
+
+def _kernel_parameters(source: str, name: str) -> list:
+    """The parameter list of __global__ `name` in cuda/`source`, split at top-level commas."""
+    import re
+
+    text = _jit.source_text(source)
+    match = re.search(r"__global__[^;{]*?\b" + name + r"\s*\(", text)
+    assert match, f"no __global__ {name} in {source}"
+    depth, start, params = 1, match.end(), []
+    for i in range(start, len(text)):
+        c = text[i]
+        depth += c in "(<"
+        depth -= c in ")>"
+        if depth == 1 and c == ",":
+            params.append(text[start:i].strip())
+            start = i + 1
+        if depth == 0:
+            params.append(text[start:i].strip())
+            return params
+    raise AssertionError(f"unterminated parameter list of {name}")
+
+
+class _Stub:
+    """A kernel that records what a stage function passes it."""
+
+    def __init__(self, source, name):
+        self.source, self.name, self.args = source, name, None
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.args = args
+
+    def reserve_shared(self, nbytes):
+        pass
+
+
+def test_every_stage_function_passes_its_kernels_parameter_list(monkeypatch):
+    """Each launch function, recorded with Pointer stand-ins, passes as many arguments as its
+    kernel declares: a parameter added to a .cu file and not to its launch (or the reverse)
+    fails here, without a GPU."""
+    import numpy as np
+
+    from msa_cupy import _layout, plan, selection, sparse
+
+    stubs = []
+
+    def stub(source, name, template=None, **_):
+        stubs.append(_Stub(source, name))
+        return stubs[-1]
+
+    monkeypatch.setattr(_jit, "kernel", stub)
+    P = _jit.Pointer
+    rows, hq, hkv, d, top_k, f16 = 6, 16, 2, 128, 4, np.float16
+    q, k, v = P("q", (rows, hq, d), f16), P("k", (0, hkv, d), f16), P("v", (0, hkv, d), f16)
+    ids, cu_q, cu_k = P("ids", (rows, hkv, top_k), np.int32), P("cu_q"), P("cu_k")
+    out, lse = P("out", (rows, hq, d), f16), P("lse", (rows, hq), np.float32)
+    pages = _layout.key_rows(P("block_table"), 7, 64)
+    kw = dict(causal=True, scale_log2=np.float32(0.1), pages=pages)
+
+    def last(fn):
+        return lambda *a, **k: (fn(*a, **k), stubs[-1])[1]
+
+    recorded = [
+        last(lambda: sparse.launch_decode(stub("decode.cu", "sparse_decode_kernel"), 0, q, k, v, ids, cu_q, cu_k, 2,
+                                          0, rows, P("po"), P("pl"), **kw))(),
+        last(lambda: sparse.launch_prefill(
+            sparse.PrefillKernel(stub("sparse_prefill.cu", "sparse_prefill_kernel"), 128, 0, 4), q, k, v,
+            P("items", (5, 3)), P("list_q"), cu_q, cu_k, P("block_off"), 2, 9, P("po"), P("pl"), **kw))(),
+        last(lambda: sparse.launch_tile_prefill(
+            sparse.TilePrefillKernel(stub("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel"), 256, 8, 2, d), q, k,
+            v, ids, cu_q, cu_k, P("tile_off"), 2, 0, rows, None, out, lse, **kw))(),
+        last(lambda: sparse.query_tile_offsets(cu_q, 2, 0, rows, 8, P("tile_off")))(),
+        last(lambda: sparse.classify_query_tiles(ids, cu_q, cu_k, P("tile_off"), 2, 0, rows, tile_tokens=8,
+                                                 min_useful=0.3, row_mode=P("mode")))(),
+        last(lambda: sparse.launch_combine(P("po"), P("pl"), None, ids, 0, rows, out, lse, head_dim=d, group=8,
+                                           decode=True))(),
+        last(lambda: selection.launch_select(
+            selection.SelectLaunch(stub("select.cu", "select_kernel"), 128, 0, 1, 1, 1, 32), P("iq", (rows, hkv, d)),
+            P("ik", (0, 1, d)), cu_q, cu_k, 2, causal=True, top_k=top_k, ids_out=ids, pages=pages))(),
+        last(lambda: selection.launch_topk_merge(P("partial"), ids, rows * hkv, 2, top_k,
+                                                 kernel=stub("topk.cu", "topk_merge_kernel"), per_cta=8))(),
+        last(lambda: selection.launch_topk(P("scores", (rows, hkv, 9), np.float32), cu_q, cu_k, ids, 2, top_k=top_k,
+                                           block_size=64, local_blocks=1, sink_blocks=0, causal=True))(),
+        last(lambda: plan.group_mean(q, P("iq", (rows, hkv, d)), hkv))(),
+        last(lambda: plan.launch_uniform_cu_seqlens(2, 1, 100, cu_q, cu_k))(),
+        last(lambda: plan.launch_bound_query_rows(cu_q, 2, rows, P("cu_q_run"), P("errors")))(),
+    ]
+    for s in recorded:
+        params = _kernel_parameters(s.source, s.name)
+        assert len(s.args) == len(params), (s.source, s.name, len(s.args), params)
+    assert len({(s.source, s.name) for s in recorded}) == len(recorded)
+    # the sm_90 kernels take the launches of their mma.sync twins
+    for twin, sm90 in ((("sparse_prefill.cu", "sparse_prefill_kernel"),
+                        ("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel")),
+                       (("select.cu", "select_kernel"), ("select_sm90.cu", "select_sm90_kernel"))):
+        assert len(_kernel_parameters(*twin)) == len(_kernel_parameters(*sm90)), sm90
+
+
+def test_plan_update_launch_passes_the_kernels_parameter_list():
+    """The decode and prefill plans' update launch (built in plan.py, not by a stage function)."""
+    from msa_cupy import plan
+
+    params = _kernel_parameters("plan_update.cu", "plan_update_kernel")
+    fake = type("Plan", (), dict(max_pages=3, paged=True, max_rows=8, max_batch=2, max_cache_len=100, page_size=64,
+                                 num_pages=9, _kernels={"update": _Kernel()}))()
+    for query_lens in (False, True):
+        launch = plan._CachePlan._update_launch(fake, 2, 3, query_lens)
+        assert len(launch.values) == len(params)
+        assert ("query_lens" in [name for name, _, _ in launch.slots]) == query_lens
