@@ -316,6 +316,12 @@ __device__ __forceinline__ float row_weight(float l) {
     return l;
 }
 
+// The natural-log lse of a row from its softmax state: max m (log2 units, scores scaled by
+// log2 e) and weight sum lt; -inf for no weight (lt = 0), NaN for a NaN lt.
+__device__ __forceinline__ float row_lse(float m, float lt) {
+    return lt == 0.f ? MSA_NEG_INF : (m + __log2f(lt)) * MSA_LN2;
+}
+
 // Row h of this lane's m-tile: o / lt (its dims 8n + 2 quad, + 1) to the row at dst and the
 // natural-log lse to *lse_dst (lane quad 0), from the softmax state (m, lt = row_weight(l)).
 // lt = 0 (no weight: no seen key, or every seen score -inf): lse -inf, and o scaled by 0 for
@@ -334,7 +340,7 @@ __device__ __forceinline__ void store_row(T* dst, float* lse_dst, const float (&
         const float a = final && empty ? 0.f : o[n][2 * h] * inv, b = final && empty ? 0.f : o[n][2 * h + 1] * inv;
         store2<T>(dst + n * 8, a, b);
     }
-    if (quad == 0) *lse_dst = empty ? MSA_NEG_INF : (m + __log2f(lt)) * MSA_LN2;
+    if (quad == 0) *lse_dst = row_lse(m, lt);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -177,6 +177,6 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
         const float inv = lt == 0.f ? 0.f : 1.f / lt;
         const i64 prow = (i64)entry * G + row;
         store2<T>(part_o + prow * D + col, x0 * inv, x1 * inv);
-        if (col == 0) part_lse[prow] = lt == 0.f ? MSA_NEG_INF : (mt + __log2f(lt)) * MSA_LN2;
+        if (col == 0) part_lse[prow] = row_lse(mt, lt);
     }
 }

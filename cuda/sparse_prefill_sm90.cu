@@ -163,7 +163,7 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
             T* dst = part_o + (row0 + r) * D + 2 * quad;
 #pragma unroll
             for (int n = 0; n < D / 8; ++n) store2<T>(dst + n * 8, o[4 * n + 2 * h] * inv, o[4 * n + 2 * h + 1] * inv);
-            if (quad == 0) part_lse[row0 + r] = lt == 0.f ? MSA_NEG_INF : (base[h] + __log2f(lt)) * MSA_LN2;
+            if (quad == 0) part_lse[row0 + r] = row_lse(base[h], lt);
         }
         __syncthreads();  // a later prefetch overwrites this tile's buffer
     }
