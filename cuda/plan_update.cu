@@ -53,7 +53,7 @@ plan_update_kernel(const int* __restrict__ seq_lens, const int* __restrict__ q_l
             if (s < n_seq) {
                 cu_k[s + 1] = carry_k + scan_k[threadIdx.x];
                 const long long end = (long long)carry_q + scan_q[threadIdx.x];
-                if (end > max_rows && end - nq < max_rows) atomicAdd(errors, 1);  // the sequence that passes it
+                if (end > max_rows && end - nq <= max_rows) atomicAdd(errors, 1);  // the sequence that passes it
                 cu_q[s + 1] = (int)min(end, (long long)max_rows);
             }
             carry_k += scan_k[THREADS - 1];

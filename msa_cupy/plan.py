@@ -49,7 +49,7 @@ UPDATE_THREADS = 256
 MAX_QUERIES_PER_SEQ = 16  # multi-token prediction: up to 16 new queries per sequence
 MAX_QUERY_TOKENS = 1 << 22  # chunked prefill: new tokens of a step (the update's int32 scans stay in range)
 STAGING_BUFFERS = 4  # pinned buffers of host-array updates in flight at once, per plan
-KEPT_PROGRAMS = 64  # prepared steps kept per plan (by batch size, query rows and split count)
+KEPT_PROGRAMS = 64  # prepared steps (and checked shapes) kept per plan: by batch size, query rows, splits
 _ALIGN = 256  # bytes: every workspace view starts on a 256-byte boundary (16-byte loads need 16)
 _LENS = "seq_lens"  # the check of a device seq_lens array (the batch size comes from it)
 _RUN = ("q", "k", "v", "out", "lse")  # what a step binds (the rest: the workspace, bound once)
@@ -505,7 +505,7 @@ class _CachePlan:
                 self._use(arr)
             if not carry_over:
                 self._zero_errors()
-                self._batch = None
+                self._batch = self._last_prefix = None
         return self
 
     def _use(self, raw):
@@ -596,7 +596,8 @@ class _CachePlan:
         return batch
 
     def clamped_entries(self) -> int:
-        """How many lengths and page ids the device-side updates clamped so far (a sync)."""
+        """How many lengths and page ids the device-side updates clamped so far, and for a
+        prefill plan the runs whose tokens passed q's rows (a sync)."""
         return int(self.workspace["errors"].get()[0])
 
     def _run(self, q, k_cache, v_cache, index_q, index_k_cache, out, lse, return_lse):
@@ -646,6 +647,8 @@ class _CachePlan:
     def _wants_of(self, prefix) -> _Wants:
         wants = self._wants.get(prefix)
         if wants is None:
+            if len(self._wants) >= KEPT_PROGRAMS:  # a prefill plan sees a prefix per chunk size
+                self._wants.clear()
             wants = self._wants[prefix] = _Wants(self, prefix)
         return wants
 
@@ -676,7 +679,8 @@ class _CachePlan:
         grid = 1 + min(-(-batch * self.max_pages // UPDATE_THREADS), 1023)
         i32 = np.int32
         return _jit.Launch(self._kernels["update"], (grid,), (UPDATE_THREADS,), (
-            P("seq_lens"), P("query_lens") if query_lens else np.uint64(0), P("table_in") if self.paged else np.uint64(0),
+            P("seq_lens"), P("query_lens") if query_lens else np.uint64(0),
+            P("table_in") if self.paged else np.uint64(0),
             i32(cols), i32(batch), i32(self.max_rows // self.max_batch), i32(self.max_rows), i32(self.max_cache_len),
             i32(self.page_size), i32(self.max_pages), i32(self.num_pages), P("cu_q"), P("cu_k"), P("block_table"),
             P("errors")))
@@ -764,7 +768,7 @@ class _CachePlan:
         else:
             kind = _interop.framework_of(name, x)
             if kind == "numpy":
-                raise TypeError(f"{name} is a NumPy array: DecodePlan.run takes GPU arrays")
+                raise TypeError(f"{name} is a NumPy array: {type(self).__name__}.run takes GPU arrays")
             _interop._check_on_cuda(name, x, kind)
             arr = _interop._from_dlpack(name, x)
         if arr.device.id != self.device:
@@ -811,6 +815,8 @@ class _CachePlan:
         hit = self._results.get(key)
         if hit is not None and _array_key(hit[0]) == hit[1]:  # not reshaped or resized since
             return hit[0]
+        if len(self._results) >= 2 * KEPT_PROGRAMS:
+            self._results.clear()
         view = self.workspace[name][:math.prod(prefix)]
         view = view.reshape(*prefix, *view.shape[1:])
         with self._stream_context(like):
@@ -993,6 +999,9 @@ class PrefillPlan(_CachePlan):
         if not sparse._tile_fits(self.head_dim, sparse.TILE_STAGES, tokens, self.top_k):
             raise ValueError(f"PrefillPlan: the tile-outer kernel's shared memory for top_k={self.top_k} does not "
                              f"fit this GPU")
+        if self.max_batch * self._select.q_tiles > 2**31 - 1:  # the selection grid: any sequence may hold them all
+            raise ValueError(f"max_batch ({self.max_batch}) x max_query_tokens ({self.max_query_tokens}) is too large "
+                             f"for one selection grid: lower either")
         self._tile = sparse.tile_prefill_kernel(self.dtype, self.head_dim, self.group_size, self.block_size)
         self._tile.kernel.reserve_shared(sparse.tile_smem_bytes(self.head_dim, self._tile.stages, tokens, self.top_k))
         self._kernels["bound"] = _jit.kernel("plan_update.cu", "bound_query_rows")
@@ -1030,6 +1039,8 @@ class PrefillPlan(_CachePlan):
         nothing) and, for a paged plan, ``block_table`` (batch, pages) int32.  Host or device
         arrays (both lengths the same kind), checked or clamped and counted as by
         :meth:`DecodePlan.update`; outside captured graphs, before ``run``."""
+        if query_lens is None:
+            raise ValueError("query_lens is required: the new tokens of each sequence")
         return self._update(seq_lens, query_lens, block_table)
 
     @_interop.outside_torch_compile()
@@ -1038,8 +1049,9 @@ class PrefillPlan(_CachePlan):
         selected cache blocks, on the caller's stream: kernel launches only (no host sync, no
         allocation), capturable and replayable after ``update``.  ``index_q`` (tokens, Hkv,
         Di) for a learned index.  Rows past the step's tokens (the sum of ``query_lens``) are
-        neither read nor written; a step whose tokens pass q's rows runs on the first rows only
-        and is counted (:meth:`clamped_entries`).
+        not written (nor read, but by the training-free index's group mean); a step whose tokens
+        pass q's rows is cut to them (the tokens past q's end dropped: the sequence at the cut
+        keeps its first tokens, aligned to its last keys) and counted (:meth:`clamped_entries`).
 
         Returns ``out`` (tokens, Hq, D) in the caller's array type (the caller's ``out`` if
         given, else a workspace view overwritten by the next run); with ``return_lse`` also

@@ -85,6 +85,11 @@ def test_bad_prefill_plan_arguments_are_named(change, error, match):
         msa_cupy.PrefillPlan(**{**PREFILL, **change})
 
 
+def test_prefill_plan_update_needs_query_lengths():
+    with pytest.raises(ValueError, match="query_lens is required"):
+        object.__new__(msa_cupy.PrefillPlan).update(np.array([5], np.int32), None)
+
+
 def test_prefill_plan_has_no_queries_per_seq():
     with pytest.raises(TypeError, match="queries_per_seq"):
         msa_cupy.PrefillPlan(**PREFILL, queries_per_seq=2)
