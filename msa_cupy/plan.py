@@ -953,9 +953,8 @@ class PrefillPlan(_CachePlan):
     ``query_lens``), ``max_query_tokens`` new tokens in all per step.  The new tokens' keys are
     already in the cache and are each sequence's last ``query_lens[s]`` keys (bottom-right
     causal).  ``q`` is packed: the tokens of sequence 0, then 1, ... (varlen, as
-    ``cu_seqlens``), at most ``max_query_tokens`` rows; rows past the step's tokens are not
-    read and their outputs not written, so one captured graph serves every step whose tokens
-    fit its q.
+    ``cu_seqlens``), at most ``max_query_tokens`` rows; the outputs of rows past the step's
+    tokens are not written, so one captured graph serves every step whose tokens fit its q.
 
     Attention runs query-tile-outer (``cuda/sparse_prefill_tile.cu``): a CTA per (tile of
     tokens x G heads, KV head) walks the union of the tile's picked blocks with online
@@ -984,18 +983,15 @@ class PrefillPlan(_CachePlan):
             raise ValueError(f"max_query_tokens must be <= {MAX_QUERY_TOKENS}, got {rows}")
         return rows, rows
 
-    def _tile_tokens(self) -> int:
-        return 16 * sparse._tile_warps(sparse.TILE_ROWS, self.group_size) // self.group_size
-
     def _check_attention(self):
-        most = sparse.TILE_MAX_ENTRIES // self._tile_tokens()
-        if self.top_k > most:
-            raise ValueError(f"top_k must be <= {most} for PrefillPlan with num_q_heads / num_kv_heads = "
-                             f"{self.group_size} (its query tiles of {self._tile_tokens()} tokens deduplicate at most "
-                             f"{sparse.TILE_MAX_ENTRIES} block ids), got {self.top_k}")
+        tokens = sparse.tile_tokens(self.group_size)
+        if self.top_k > sparse.TILE_MAX_ENTRIES // tokens:
+            raise ValueError(f"top_k must be <= {sparse.TILE_MAX_ENTRIES // tokens} for PrefillPlan with num_q_heads / "
+                             f"num_kv_heads = {self.group_size} (its query tiles of {tokens} tokens deduplicate at "
+                             f"most {sparse.TILE_MAX_ENTRIES} block ids), got {self.top_k}")
 
     def _init_attention(self):
-        tokens = self._tile_tokens()
+        tokens = sparse.tile_tokens(self.group_size)
         if not sparse._tile_fits(self.head_dim, sparse.TILE_STAGES, tokens, self.top_k):
             raise ValueError(f"PrefillPlan: the tile-outer kernel's shared memory for top_k={self.top_k} does not "
                              f"fit this GPU")

@@ -87,6 +87,11 @@ def _tile_warps(rows: int, group: int) -> int:
     return min(rows, 64 * group) // 16
 
 
+def tile_tokens(group: int, rows: int = TILE_ROWS) -> int:
+    """Tokens of a tile-outer query tile of ``rows`` rows (G heads a token)."""
+    return 16 * _tile_warps(rows, group) // group
+
+
 # every variant this module may launch, for `python -m msa_cupy check`
 for _t in ("bf16", "f16"):
     for _d in SUPPORTED_HEAD_DIMS:
@@ -410,7 +415,7 @@ def tile_prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, ro
     warps = _tile_warps(rows, group)
     kernel = _jit.kernel("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel",
                          (_jit.dtype_template(dtype), head_dim, group, block_size, warps, stages))
-    return TilePrefillKernel(kernel, 32 * warps, 16 * warps // group, stages, head_dim)
+    return TilePrefillKernel(kernel, 32 * warps, tile_tokens(group, rows), stages, head_dim)
 
 
 def tile_smem_bytes(head_dim: int, stages: int, tile_tokens: int, top_k: int) -> int:
@@ -516,7 +521,7 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     schedule = "kv" if decode else tuning.schedule
     tile = None
     if schedule != "kv":
-        tokens = 16 * _tile_warps(tuning.tile_rows, group) // group
+        tokens = tile_tokens(group, tuning.tile_rows)
         if _tile_fits(head_dim, tuning.tile_stages, tokens, top_k):
             tile = tile_prefill_kernel(q.dtype, head_dim, group, block_size, rows=tuning.tile_rows,
                                        stages=tuning.tile_stages)

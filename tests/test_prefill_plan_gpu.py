@@ -18,8 +18,7 @@ SETTINGS = settings(max_examples=16, deadline=None, suppress_health_check=list(H
 
 
 def _most_top_k(g: int) -> int:
-    tokens = 16 * sparse._tile_warps(sparse.TILE_ROWS, g) // g
-    return sparse.TILE_MAX_ENTRIES // tokens
+    return sparse.TILE_MAX_ENTRIES // sparse.tile_tokens(g)
 
 
 @st.composite
