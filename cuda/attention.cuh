@@ -1,7 +1,8 @@
 // Shared device helpers of the sparse-attention kernels (reverse index, KV-outer and
 // tile-outer prefill, decode, combine): the visibility rule, the attention math of one key
-// step on mma.sync (S = Q K^T, online softmax, O += P V), the row epilogue, work items and
-// query tiles, and the handling of NaN and Inf in V.
+// step on mma.sync (S = Q K^T, online softmax, O += P V; the softmax and the P operand also
+// serve the wgmma kernels), the row epilogue, work items, and the handling of NaN and Inf
+// in V.  The tile-outer prefill's query tiles: tile_outer.cuh.
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
@@ -138,7 +139,10 @@ struct PrefillItem {
 // reach rows that never see them.  So they are zeroed in shared memory and their keys marked
 // in `nonfinite` (one bit per key of the block); add_back_nonfinite_v adds p * v for them to
 // the rows that see the key, in fp32, as dense attention would (p * Inf = Inf, NaN stays NaN).
-// Every thread of the CTA calls this after the V block has landed (barrier before and after).
+// Every thread of the CTA calls this; a thread checks the 16-byte chunks tid, tid + THREADS,
+// ... of the block, the ones it copied itself with the same loop (PrefillItem::load_kv,
+// QueryTile::load_keys), so it may call this right after its own cp.async wait (before the
+// barrier that publishes the block) as well as between two barriers.
 template <int D, int BK, int THREADS, typename T, typename Offset>
 __device__ __forceinline__ void zero_nonfinite_v(T* Vs, unsigned* nonfinite, Offset offset) {
     constexpr int CH = D / 8;
@@ -146,6 +150,9 @@ __device__ __forceinline__ void zero_nonfinite_v(T* Vs, unsigned* nonfinite, Off
         const int row = c / CH, ch = c % CH;
         uint4* chunk = reinterpret_cast<uint4*>(Vs + offset(row, ch));
         const uint4 u = *chunk;
+        if (!(has_nonfinite_pair<T>(u.x) | has_nonfinite_pair<T>(u.y) | has_nonfinite_pair<T>(u.z) |
+              has_nonfinite_pair<T>(u.w)))
+            continue;  // the common case, in a few SIMD compares
         unsigned w[4] = {u.x, u.y, u.z, u.w};
         bool found = false;
 #pragma unroll
@@ -162,6 +169,13 @@ __device__ __forceinline__ void zero_nonfinite_v(T* Vs, unsigned* nonfinite, Off
             atomicOr(nonfinite + row / 32, 1u << (row % 32));
         }
     }
+}
+
+// x = value where `pick`, as a select the compiler keeps: an unrolled chain of them over
+// register-array elements would otherwise become one indexed load, moving the whole array to
+// local memory (every kernel that adds back non-finite V did so, in its hot loop).
+__device__ __forceinline__ void select_if(float& x, float value, bool pick) {
+    asm("{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\nselp.f32 %0, %1, %0, p;\n}" : "+f"(x) : "f"(value), "r"((int)pick));
 }
 
 // For key `key` of the block, marked by zero_nonfinite_v, whose V row is v_row (global
@@ -181,8 +195,7 @@ __device__ __forceinline__ void add_back_nonfinite_v(const T* __restrict__ v_row
     for (int h = 0; h < 2; ++h) {
         float mine = 0.f;
 #pragma unroll
-        for (int n = 0; n < NS; ++n)
-            if (n == col >> 3) mine = (col & 1) ? p_of(n, h, 1) : p_of(n, h, 0);
+        for (int n = 0; n < NS; ++n) select_if(mine, (col & 1) ? p_of(n, h, 1) : p_of(n, h, 0), n == col >> 3);
         p[h] = __shfl_sync(MSA_FULL_MASK, mine, owner);
     }
 #pragma unroll
@@ -198,6 +211,14 @@ __device__ __forceinline__ void add_back_nonfinite_v(const T* __restrict__ v_row
                 if (key < lim[h]) add(n, h, e, p[h] * to_float(x));
         }
     }
+}
+
+// Calls fn(key) for each key marked in marks[KC / 32] (zero_nonfinite_v's bits), ascending.
+template <int KC, typename Fn>
+__device__ __forceinline__ void for_each_marked(const unsigned* marks, Fn fn) {
+#pragma unroll
+    for (int w = 0; w < KC / 32; ++w)
+        for (unsigned bits = marks[w]; bits; bits &= bits - 1) fn(w * 32 + __ffs(bits) - 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -278,6 +299,24 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], const int (&lim)
     }
 }
 
+// The weights of keys 16 j .. 16 j + 15 (S n-tiles 2j, 2j + 1) as the A operand of P V: the
+// accumulator layout of S is the A layout, two values to a register.
+template <typename T, int NT>
+__device__ __forceinline__ void pack_p(unsigned (&pa)[4], const float (&p)[NT][4], int j) {
+    pa[0] = pack2<T>(p[2 * j][0], p[2 * j][1]);
+    pa[1] = pack2<T>(p[2 * j][2], p[2 * j][3]);
+    pa[2] = pack2<T>(p[2 * j + 1][0], p[2 * j + 1][1]);
+    pa[3] = pack2<T>(p[2 * j + 1][2], p[2 * j + 1][3]);
+}
+
+// Element (n-tile n, row h, column e) of weights packed by pack_p, as a float.
+template <typename T, int JS>
+__device__ __forceinline__ float packed_p(const unsigned (&pa)[JS][4], int n, int h, int e) {
+    T x;
+    x.bits = (unsigned short)(pa[n >> 1][2 * (n & 1) + h] >> (16 * e));
+    return to_float(x);
+}
+
 // O += P V for the step's keys, P from the S registers (the accumulator layout is the A
 // layout), one V fragment load (transposed) per pair of n-tiles of O feeds all MT m-tiles.
 template <typename T, int D, int MT, int NT>
@@ -288,12 +327,7 @@ __device__ __forceinline__ void pv_product(float (&o)[MT][D / 8][4], const float
     for (int j = 0; j < NT / 2; ++j) {
         unsigned pa[MT][4];
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            pa[mt][0] = pack2<T>(p[mt][2 * j][0], p[mt][2 * j][1]);
-            pa[mt][1] = pack2<T>(p[mt][2 * j][2], p[mt][2 * j][3]);
-            pa[mt][2] = pack2<T>(p[mt][2 * j + 1][0], p[mt][2 * j + 1][1]);
-            pa[mt][3] = pack2<T>(p[mt][2 * j + 1][2], p[mt][2 * j + 1][3]);
-        }
+        for (int mt = 0; mt < MT; ++mt) pack_p<T>(pa[mt], p[mt], j);
         const int key = key0 + j * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
@@ -342,26 +376,3 @@ __device__ __forceinline__ void store_row(T* dst, float* lse_dst, const float (&
     }
     if (quad == 0) *lse_dst = row_lse(m, lt);
 }
-
-// ---------------------------------------------------------------------------------------------
-// A query tile of the tile-outer prefill (sparse_prefill_tile.cu, tile_schedule.cu): up to tt
-// consecutive tokens of one sequence inside the chunk of query rows [q_begin, q_begin + rows).
-// The tokens of sequence s in the chunk are cut into tiles of tt from the first;
-// tile_off[s] numbers the first of them (query_tile_offsets), tile_off[n_seq] counts all.
-struct QueryTile {
-    int seq, t0, count, q_start, n_q, k_start, n_k;  // t0: first token (global row), count: tokens
-
-    // false for an index past the chunk's tiles (the grid is an upper bound)
-    __device__ __forceinline__ bool init(int x, const int* __restrict__ tile_off, const int* __restrict__ cu_q,
-                                         const int* __restrict__ cu_k, int n_seq, int q_begin, int rows, int tt) {
-        if (x >= tile_off[n_seq]) return false;
-        seq = sequence_of(tile_off, n_seq, x);  // largest s with tile_off[s] <= x: sequences without tiles skipped
-        q_start = cu_q[seq];
-        n_q = cu_q[seq + 1] - q_start;
-        k_start = cu_k[seq];
-        n_k = cu_k[seq + 1] - k_start;
-        t0 = max(q_start, q_begin) + (x - tile_off[seq]) * tt;
-        count = min(tt, min(q_start + n_q, q_begin + rows) - t0);
-        return count > 0;
-    }
-};

@@ -38,6 +38,11 @@ template <> constexpr unsigned short NONFINITE_EXPONENT<f16> = 0x7c00;
 template <typename T> __device__ __forceinline__ bool is_nonfinite(T x) {
     return (x.bits & NONFINITE_EXPONENT<T>) == NONFINITE_EXPONENT<T>;
 }
+// True when either 16-bit value of a packed pair is NaN or +-inf (one SIMD compare).
+template <typename T> __device__ __forceinline__ bool has_nonfinite_pair(unsigned w) {
+    constexpr unsigned e2 = NONFINITE_EXPONENT<T> * 0x10001u;
+    return __vcmpeq2(w & e2, e2) != 0;
+}
 
 // Maximum that propagates NaN (max.NaN, sm_80+), where fmaxf drops it: a softmax maximum
 // over a NaN score is NaN, and so is every weight taken against it.

@@ -3,7 +3,7 @@
 //
 //   query_tile_offsets    one thread: cuts each sequence's tokens in the chunk into query
 //                         tiles of tt consecutive tokens; tile_off[s] = first tile of sequence
-//                         s, tile_off[n_seq] = the count (QueryTile in attention.cuh).
+//                         s, tile_off[n_seq] = the count (QueryTile in tile_outer.cuh).
 //   classify_query_tiles  one warp per (query tile, KV head g): from the tile's rows of
 //                         block_indices, u = its distinct blocks and p = its picks (distinct
 //                         valid ids per token, summed).  The tile-outer kernel
@@ -15,7 +15,7 @@
 //                         each of its rows (row - q_begin, g) = 1, else 0.  reverse_index_keys
 //                         leaves out the picks of rows with row_mode 1 and the combine skips
 //                         them: each row has one owner, no atomics, a deterministic result.
-#include "attention.cuh"
+#include "tile_outer.cuh"
 
 __global__ void query_tile_offsets(const int* __restrict__ cu_q, int n_seq, int q_begin, int rows, int tt,
                                    int* __restrict__ tile_off) {

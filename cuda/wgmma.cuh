@@ -1,5 +1,6 @@
 // Hopper warpgroup matrix multiply (wgmma, sm_90a only): A in registers, B in shared memory.
-// Used by select_sm90.cu (index GEMM) and sparse_prefill_sm90.cu (Q K^T and P V).
+// Used by select_sm90.cu (index GEMM), sparse_prefill_sm90.cu and sparse_prefill_tile_sm90.cu
+// (Q K^T and P V).
 //
 // A warpgroup (4 consecutive warps, first warp index divisible by 4) issues
 // wgmma.mma_async m64n128k16: D (64 x 128, fp32, in registers) += A (64 x 16) * B (16 x 128),
@@ -34,6 +35,10 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 // Shared memory written through the generic proxy (st.shared, cp.async) and read next by
 // wgmma (async proxy): each writing thread fences before the barrier that publishes it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// The m64n128 accumulator as 16 n-tiles of 8 columns, [n][4]: the mma.m16n8 C layout above,
+// so the mma.sync softmax and P packing (attention.cuh) take it as it is.
+__device__ __forceinline__ float (&wgmma_acc(float (&d)[16][4]))[64] { return reinterpret_cast<float(&)[64]>(d); }
 
 // Keeps the compiler from touching accumulators while a wgmma that writes them is in flight
 // (no moves or reloads across this point).

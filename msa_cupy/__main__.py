@@ -99,7 +99,8 @@ def _clip_log(text: str, lines: int = LOG_LINES) -> str:
 
 
 def cmd_check(args):
-    """Compile every declared kernel variant (default sm_80 and sm_90) with cuda-python's NVRTC (no GPU needed)."""
+    """Compile every declared kernel variant (default sm_80 and sm_90) with cuda-python's NVRTC (no GPU
+    needed); a variant that uses local memory (stack frame or spills) fails."""
     from msa_cupy import _jit
 
     accepted = check_archs()
@@ -133,7 +134,10 @@ def cmd_check(args):
             stats = parse_ptxas(log)
             for expr in names:
                 regs, stack, st, ld = stats.get(lowered[expr], (-1, 0, 0, 0))
-                flag = "  <- spills" if st or ld else ""
+                # local memory in a kernel is traffic in its loop (a spill, or a register array
+                # moved to the stack): a failure, not a note
+                flag = "  <- FAIL: local memory" if stack or st or ld else ""
+                failures += bool(flag)
                 print(f"{source + ':' + expr:<64} {arch:<7} {regs:>4} {stack:>5} {st:>5}/{ld:<5}{flag}")
             print(f"  ({source} {arch}: {time.perf_counter() - t0:.1f} s)")
     print("check:", "FAILED" if failures else "all kernels compiled")

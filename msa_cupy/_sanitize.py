@@ -172,14 +172,14 @@ def _attention_case(rng, seqs):
     return layout, cu_q, cu_k, (q, k, v, ids), scale, ref
 
 
-def _sparse_kernels(rng, seqs, path, prefill_kernel=None, schedule="kv", min_useful=0.3):
+def _sparse_kernels(rng, seqs, path, prefill_kernel=None, schedule="kv", min_useful=0.3, tile_kernel="mma"):
     from . import sparse
 
     layout, cu_q, cu_k, arrays, scale, ref = _attention_case(rng, seqs)
     sparse._poison_outputs = True  # an element no kernel writes stays NaN
     try:
         tuning = sparse.SparseTuning(path=path, prefill_kernel=prefill_kernel, schedule=schedule,
-                                     tile_min_useful=min_useful)
+                                     tile_min_useful=min_useful, tile_kernel=tile_kernel)
         out, lse = sparse.sparse_attention(*_device(*arrays), layout, *_device(cu_q, cu_k), block_size=ATTN_BLOCK,
                                            causal=True, scale=scale, tuning=tuning)
     finally:
@@ -333,7 +333,7 @@ def stages(wgmma: bool):
          "one-call decode (plan_update.cu uniform_cu_seqlens)", p(_decode_plan, page_size=64, batched_one_call=True)),
         ("decode plan, contiguous cache; one-call decode", p(_decode_plan, page_size=None, batched_one_call=True)),
         ("prefill plan, paged: plan_update.cu (query lengths) + bound_query_rows + selection + "
-         "tile_schedule.cu + sparse_prefill_tile.cu", p(_prefill_plan, page_size=64)),
+         "tile_schedule.cu + the tile-outer kernel (sparse_prefill_tile_sm90.cu on sm_90)", p(_prefill_plan, page_size=64)),
     ]
     if wgmma:
         out += [
@@ -341,6 +341,8 @@ def stages(wgmma: bool):
             ("select_sm90.cu top-k epilogue", p(_select_topk, warps=WGMMA, splits=1, seqs=PREFILL_SEQS)),
             ("reverse_index.cu + sparse_prefill_sm90.cu (wgmma) + combine.cu",
              p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="wgmma")),
+            ("tile_schedule.cu + sparse_prefill_tile_sm90.cu (wgmma, every tile tile-outer)",
+             p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", schedule="tile", tile_kernel="wgmma")),
         ]
     return out
 

@@ -991,15 +991,15 @@ class PrefillPlan(_CachePlan):
                              f"most {sparse.TILE_MAX_ENTRIES} block ids), got {self.top_k}")
 
     def _init_attention(self):
-        tokens = sparse.tile_tokens(self.group_size)
-        if not sparse._tile_fits(self.head_dim, sparse.TILE_STAGES, tokens, self.top_k):
+        args = (self.dtype, self.head_dim, self.group_size, self.block_size)
+        if not sparse.tile_prefill_kernel(*args, load=False).fits(self.top_k):
             raise ValueError(f"PrefillPlan: the tile-outer kernel's shared memory for top_k={self.top_k} does not "
                              f"fit this GPU")
         if self.max_batch * self._select.q_tiles > 2**31 - 1:  # the selection grid: any sequence may hold them all
             raise ValueError(f"max_batch ({self.max_batch}) x max_query_tokens ({self.max_query_tokens}) is too large "
                              f"for one selection grid: lower either")
-        self._tile = sparse.tile_prefill_kernel(self.dtype, self.head_dim, self.group_size, self.block_size)
-        self._tile.kernel.reserve_shared(sparse.tile_smem_bytes(self.head_dim, self._tile.stages, tokens, self.top_k))
+        self._tile = sparse.tile_prefill_kernel(*args)
+        self._tile.kernel.reserve_shared(self._tile.smem_bytes(self.top_k))
         self._kernels["bound"] = _jit.kernel("plan_update.cu", "bound_query_rows")
         self._kernels["tile_offsets"] = _jit.kernel("tile_schedule.cu", "query_tile_offsets")
 

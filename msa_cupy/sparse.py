@@ -20,7 +20,10 @@ Two paths, one combine:
   the sorted union of the tile's picked blocks with online softmax in registers and a per-row
   mask, and writes out and lse once per row (no partials, no combine).  Where neighbouring
   queries pick the same blocks (trained indexes do) this is a flash-attention loop with block
-  skipping.  ``SparseTuning.schedule``: "kv" (default: the tile-outer kernel is exact but not yet faster,
+  skipping.  On sm_90 with D = BK = 128, ``cuda/sparse_prefill_tile_sm90.cu`` runs the same
+  tiles on wgmma (two warpgroups of 4 tokens, a whole block per step; 1.25x the mma.sync
+  kernel on coherent selections, H100).  ``SparseTuning.schedule``: "kv" (default: on random
+  selections the tile-outer kernels are 3x slower, on coherent ones 1.2-1.3x faster;
   docs/perf.md), "auto" lets ``cuda/tile_schedule.cu``
   classify each (tile, KV head) by the share of its token x block pairs that its tokens
   picked (>= ``TILE_MIN_USEFUL``: tile-outer); the other tiles' picks go KV-outer, whose
@@ -87,6 +90,11 @@ def _tile_warps(rows: int, group: int) -> int:
     return min(rows, 64 * group) // 16
 
 
+def _tile_warpgroups(rows: int, group: int) -> int:
+    """Warpgroups (64 rows each) of a wgmma tile-outer CTA: the same tile as _tile_warps'."""
+    return min(rows, 64 * group) // 64
+
+
 def tile_tokens(group: int, rows: int = TILE_ROWS) -> int:
     """Tokens of a tile-outer query tile of ``rows`` rows (G heads a token)."""
     return 16 * _tile_warps(rows, group) // group
@@ -108,6 +116,9 @@ for _t in ("bf16", "f16"):
     _jit.declare("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel",
                  *[(_t, _d, _g, _bk, _tile_warps(TILE_ROWS, _g), TILE_STAGES) for _d in SUPPORTED_HEAD_DIMS
                    for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
+_jit.declare("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel",
+             *[(_t, 128, _g, 128, _tile_warpgroups(TILE_ROWS, _g), TILE_STAGES) for _t in ("bf16", "f16")
+               for _g in SUPPORTED_GROUP_SIZES], arch_specific=True)
 _jit.declare("tile_schedule.cu", "query_tile_offsets")
 _jit.declare("tile_schedule.cu", "classify_query_tiles", (CLASSIFY_WARPS,))
 for _name in ("reverse_index_keys", "reverse_index_fill", "build_work_items"):
@@ -165,7 +176,8 @@ class SparseTuning:
     / ``prefill_mt`` the mma.sync tiling (warps per CTA, query tiles buffered, m16 row tiles
     per warp).  ``schedule`` of the prefill: "auto" (per query tile, the cost model with
     ``tile_min_useful``), "kv" (all KV-outer) or "tile" (all tile-outer); ``tile_rows`` (64
-    or 128) and ``tile_stages`` (>= 2) the tile-outer kernel's query tile and K/V buffers."""
+    or 128) and ``tile_stages`` (>= 2) the tile-outer kernel's query tile and K/V buffers,
+    ``tile_kernel`` the tile-outer kernel like ``prefill_kernel`` (None: wgmma where it fits)."""
 
     path: str | None = None
     prefill_kernel: str | None = None
@@ -176,12 +188,14 @@ class SparseTuning:
     tile_rows: int = TILE_ROWS
     tile_stages: int = TILE_STAGES
     tile_min_useful: float = TILE_MIN_USEFUL
+    tile_kernel: str | None = None
 
     def __post_init__(self):
         if self.path not in (None, "prefill", "decode"):
             raise ValueError(f"path must be None, 'prefill' or 'decode', got {self.path!r}")
-        if self.prefill_kernel not in (None, "mma", "wgmma"):
-            raise ValueError(f"prefill_kernel must be None, 'mma' or 'wgmma', got {self.prefill_kernel!r}")
+        for name in ("prefill_kernel", "tile_kernel"):
+            if getattr(self, name) not in (None, "mma", "wgmma"):
+                raise ValueError(f"{name} must be None, 'mma' or 'wgmma', got {getattr(self, name)!r}")
         for name in ("prefill_warps", "prefill_stages", "prefill_mt"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -399,40 +413,54 @@ def tile_schedule_model(block_indices, cu_q, *, tile_tokens: int, min_useful: fl
 
 class TilePrefillKernel(NamedTuple):
     """The tile-outer attention kernel and its launch shape: ``tile_tokens`` tokens per query
-    tile (rows / G), ``stages`` K/V chunk buffers."""
+    tile (rows / G), ``stages`` buffers of ``chunk_keys`` K/V rows, ``align`` bytes of shared
+    memory to align them.  ``kernel`` None: the shape alone (tile_prefill_kernel(load=False))."""
 
     kernel: object
     threads: int
     tile_tokens: int
     stages: int
     head_dim: int
+    chunk_keys: int
+    align: int
+
+    def smem_bytes(self, top_k: int) -> int:
+        """Dynamic shared memory for top_k: the K/V chunk buffers, then per id of the tile's
+        picks a union mask (8 bytes), union id, pick and first-occurrence flag."""
+        entries = self.tile_tokens * top_k
+        return self.align + self.stages * 2 * self.chunk_keys * self.head_dim * 2 + -(-entries * 17 // 16) * 16
+
+    def fits(self, top_k: int) -> bool:
+        """The kernel takes this top_k: its ids deduplicate in bounded time, its shared memory
+        fits the device (with 1 KB for static shared memory)."""
+        from .selection import _ATTR_SMEM_PER_BLOCK_OPTIN, _device_attr
+
+        return (self.tile_tokens * top_k <= TILE_MAX_ENTRIES
+                and self.smem_bytes(top_k) + 1024 <= _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN))
 
 
-def tile_prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, rows=TILE_ROWS,
-                        stages=TILE_STAGES) -> TilePrefillKernel:
-    """sparse_prefill_tile.cu with query tiles of ``rows`` rows (at most 64 tokens) and
-    ``stages`` buffers of 64-key K/V chunks."""
+def tile_prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, rows=TILE_ROWS, stages=TILE_STAGES,
+                        variant=None, load=True) -> TilePrefillKernel:
+    """The tile-outer kernel with query tiles of ``rows`` rows (at most 64 tokens):
+    ``variant`` None (wgmma where it fits, else mma.sync), "wgmma" (sparse_prefill_tile_sm90.cu,
+    sm_90 at D = BK = 128: ``stages`` buffers of 128-key chunks) or "mma"
+    (sparse_prefill_tile.cu: ``stages`` buffers of 64-key chunks).  ``load`` False: the launch
+    shape only (kernel None), to size shared memory before compiling."""
+    if variant is None:
+        variant = "wgmma" if _wgmma_prefill_fits(head_dim, block_size) else "mma"
+    tokens = tile_tokens(group, rows)
+    if variant == "wgmma":
+        if not _wgmma_prefill_fits(head_dim, block_size):
+            raise ValueError("the wgmma tile-outer kernel needs an sm_90 GPU and head_dim = block_size = 128")
+        wgs = _tile_warpgroups(rows, group)
+        kernel = _jit.kernel("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel",
+                             (_jit.dtype_template(dtype), head_dim, group, block_size, wgs, stages),
+                             arch_specific=True) if load else None
+        return TilePrefillKernel(kernel, 128 * wgs, tokens, stages, head_dim, block_size, 1024)
     warps = _tile_warps(rows, group)
     kernel = _jit.kernel("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel",
-                         (_jit.dtype_template(dtype), head_dim, group, block_size, warps, stages))
-    return TilePrefillKernel(kernel, 32 * warps, tile_tokens(group, rows), stages, head_dim)
-
-
-def tile_smem_bytes(head_dim: int, stages: int, tile_tokens: int, top_k: int) -> int:
-    """Dynamic shared memory of the tile-outer kernel: the K/V chunk buffers, then per id of
-    the tile's picks a union mask (8 bytes), union id, pick and first-occurrence flag."""
-    entries = tile_tokens * top_k
-    return stages * 2 * 64 * head_dim * 2 + -(-entries * 17 // 16) * 16
-
-
-def _tile_fits(head_dim: int, stages: int, tile_tokens: int, top_k: int) -> bool:
-    """The tile-outer kernel takes this top_k: its ids deduplicate in bounded time, its shared
-    memory fits the device (with 1 KB for static shared memory)."""
-    from .selection import _ATTR_SMEM_PER_BLOCK_OPTIN, _device_attr
-
-    return (tile_tokens * top_k <= TILE_MAX_ENTRIES
-            and tile_smem_bytes(head_dim, stages, tile_tokens, top_k) + 1024
-            <= _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN))
+                         (_jit.dtype_template(dtype), head_dim, group, block_size, warps, stages)) if load else None
+    return TilePrefillKernel(kernel, 32 * warps, tokens, stages, head_dim, 64, 0)
 
 
 def launch_tile_prefill(tile: TilePrefillKernel, q, k, v, block_indices, cu_q, cu_k, tile_off, n_seq: int,
@@ -446,7 +474,7 @@ def launch_tile_prefill(tile: TilePrefillKernel, q, k, v, block_indices, cu_q, c
                 (q, k, v, block_indices, cu_q, cu_k, tile_off, np.int32(n_seq), np.int32(q_begin), np.int32(rows),
                  np.int32(n_tiles), _nullable(row_mode), np.int32(top_k), out, lse, np.int32(n_heads_q),
                  np.int32(n_heads_kv), np.int32(bool(causal)), scale_log2, *pages),
-                shared_mem=tile_smem_bytes(tile.head_dim, tile.stages, tile.tile_tokens, top_k))
+                shared_mem=tile.smem_bytes(top_k))
 
 
 def _nullable(array):
@@ -521,14 +549,14 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     schedule = "kv" if decode else tuning.schedule
     tile = None
     if schedule != "kv":
-        tokens = tile_tokens(group, tuning.tile_rows)
-        if _tile_fits(head_dim, tuning.tile_stages, tokens, top_k):
-            tile = tile_prefill_kernel(q.dtype, head_dim, group, block_size, rows=tuning.tile_rows,
-                                       stages=tuning.tile_stages)
+        tile_args = dict(rows=tuning.tile_rows, stages=tuning.tile_stages, variant=tuning.tile_kernel)
+        shape = tile_prefill_kernel(q.dtype, head_dim, group, block_size, **tile_args, load=False)
+        if shape.fits(top_k):
+            tile = tile_prefill_kernel(q.dtype, head_dim, group, block_size, **tile_args)
         elif schedule == "tile":
             raise ValueError(f"schedule='tile': the tile-outer kernel does not take top_k={top_k} with "
-                             f"{tokens}-token tiles (at most {TILE_MAX_ENTRIES} ids per tile, and its shared "
-                             f"memory must fit the device)")
+                             f"{shape.tile_tokens}-token tiles (at most {TILE_MAX_ENTRIES} ids per tile, and its "
+                             f"shared memory must fit the device)")
         else:
             schedule = "kv"
     kv_outer = schedule != "tile"  # some picks go KV-outer (partials and combine)

@@ -60,6 +60,7 @@ def test_bench_variants_are_sparse_tunings():
 
     from msa_cupy import sparse
 
+    assert cli.sparse_variant("tile_stages=3,tile_kernel=mma") == sparse.SparseTuning(tile_stages=3, tile_kernel="mma")
     assert cli.sparse_variant("schedule=tile,tile_rows=64,tile_min_useful=0.5") == sparse.SparseTuning(
         schedule="tile", tile_rows=64, tile_min_useful=0.5)
     for bad in ("tile_rows=96", "rows=64", "schedule="):
@@ -101,6 +102,20 @@ def test_check_sm90a_builds_what_sm90_builds(fake_compile, capsys):
     assert cli.main(["check", "--arch", "sm_90a"]) == 0
     assert fake_compile == as_sm90
     assert any(arch == "sm_90a" for _, arch, _ in as_sm90) and any(arch == "sm_90" for _, arch, _ in as_sm90)
+
+
+def test_check_fails_a_kernel_with_local_memory(monkeypatch, capsys):
+    """A stack frame (a register array the compiler moved to memory) or spills fail `check`."""
+    for stats, rc in (("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", 0),
+                      ("128 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", 1),
+                      ("0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads", 1)):
+        log = (f"ptxas info    : Compiling entry function '_k' for 'sm_80'\nptxas         .     {stats}\n"
+               f"ptxas info    : Used 40 registers\n")
+        monkeypatch.setattr(_jit, "compile_cubin", lambda source, arch, names, **_: (b"", {"k": "_k"}, log))
+        monkeypatch.setattr(cli, "_declared_variants", lambda: {"k.cu": {"k": False}})
+        monkeypatch.setattr(_jit, "kernel_sources", lambda: ["k.cu"])
+        assert cli.main(["check", "--arch", "sm_80"]) == rc, stats
+        assert ("local memory" in capsys.readouterr().out) == bool(rc)
 
 
 def test_check_cuts_long_nvrtc_logs(monkeypatch, capsys):

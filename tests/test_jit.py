@@ -264,7 +264,7 @@ def test_every_stage_function_passes_its_kernels_parameter_list(monkeypatch):
             sparse.PrefillKernel(stub("sparse_prefill.cu", "sparse_prefill_kernel"), 128, 0, 4), q, k, v,
             P("items", (5, 3)), P("list_q"), cu_q, cu_k, P("block_off"), 2, 9, P("po"), P("pl"), **kw))(),
         last(lambda: sparse.launch_tile_prefill(
-            sparse.TilePrefillKernel(stub("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel"), 256, 8, 2, d), q, k,
+            sparse.TilePrefillKernel(stub("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel"), 256, 8, 2, d, 64, 0), q, k,
             v, ids, cu_q, cu_k, P("tile_off"), 2, 0, rows, None, out, lse, **kw))(),
         last(lambda: sparse.query_tile_offsets(cu_q, 2, 0, rows, 8, P("tile_off")))(),
         last(lambda: sparse.classify_query_tiles(ids, cu_q, cu_k, P("tile_off"), 2, 0, rows, tile_tokens=8,
@@ -289,6 +289,8 @@ def test_every_stage_function_passes_its_kernels_parameter_list(monkeypatch):
     # the sm_90 kernels take the launches of their mma.sync twins
     for twin, sm90 in ((("sparse_prefill.cu", "sparse_prefill_kernel"),
                         ("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel")),
+                       (("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel"),
+                        ("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel")),
                        (("select.cu", "select_kernel"), ("select_sm90.cu", "select_sm90_kernel"))):
         assert len(_kernel_parameters(*twin)) == len(_kernel_parameters(*sm90)), sm90
 

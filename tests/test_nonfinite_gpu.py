@@ -1,6 +1,7 @@
 """NaN and Inf on the GPU (README, "NaN and Inf"), every path forced in turn: the decode
 kernel, the mma.sync and wgmma KV-outer prefill kernels (each with the combine), the
-tile-outer prefill kernel alone and mixed with the KV-outer path (schedule "auto"), the plain CuPy path,
+tile-outer prefill kernels alone (wgmma where it fits, and mma.sync) and mixed with the KV-outer
+path (schedule "auto"), the plain CuPy path,
 the public sparse_attention and attention end to end (fast and plain).
 
 Each run plants NaN and Inf in v and k of keys a query does not see (a later key of its own
@@ -51,7 +52,8 @@ def _kernel_run(path):
         tuning = dict(decode=sparse.SparseTuning(path="decode"),
                       mma=sparse.SparseTuning(path="prefill", prefill_kernel="mma", schedule="kv"),
                       wgmma=sparse.SparseTuning(path="prefill", prefill_kernel="wgmma", schedule="kv"),
-                      tile=sparse.SparseTuning(path="prefill", schedule="tile"),
+                      tile=sparse.SparseTuning(path="prefill", schedule="tile"),  # wgmma on sm_90 at D = Bk = 128
+                      tile_mma=sparse.SparseTuning(path="prefill", schedule="tile", tile_kernel="mma"),
                       # tiles of both kinds in one call at the Bk = 128 shapes (a quarter to a half KV-outer)
                       auto=sparse.SparseTuning(path="prefill", schedule="auto", tile_min_useful=0.58))[path]
         if path == "wgmma" and not (_jit.has_wgmma() and q.shape[-1] == 128 and case.block_size == 128):
@@ -110,7 +112,7 @@ def _check(case, out, lse, clean_out, clean_lse, dtype_name):
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("path", ["decode", "mma", "wgmma", "tile", "auto", "plain"])
+@pytest.mark.parametrize("path", ["decode", "mma", "wgmma", "tile", "tile_mma", "auto", "plain"])
 def test_kernel_paths(path, shape, dtype_name, rng):
     case = planted_case(rng, dtype=DTYPES[dtype_name], **SHAPES[shape])
     run = _kernel_run(path)
@@ -120,7 +122,7 @@ def test_kernel_paths(path, shape, dtype_name, rng):
 
 
 @pytest.mark.parametrize("kinds", [("v",), ("k",), ("q",)])
-@pytest.mark.parametrize("path", ["decode", "mma", "wgmma", "tile", "auto", "plain"])
+@pytest.mark.parametrize("path", ["decode", "mma", "wgmma", "tile", "tile_mma", "auto", "plain"])
 def test_kernel_paths_one_kind_at_a_time(path, kinds, rng):
     """v only: no row NaN from a score; k only and q only: as the rule says, nothing more."""
     case = planted_case(rng, dtype=DTYPES["bfloat16"], kinds=kinds, **SHAPES["prefill-d128-bk128"])

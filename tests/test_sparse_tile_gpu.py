@@ -1,5 +1,6 @@
-"""GPU tests of the prefill schedule: the tile-outer kernel (sparse_prefill_tile.cu), the tile
-classification (tile_schedule.cu) and the hybrid of both paths, against the float64 oracle.
+"""GPU tests of the prefill schedule: the tile-outer kernels (sparse_prefill_tile.cu, and
+sparse_prefill_tile_sm90.cu on sm_90 at D = Bk = 128), the tile classification
+(tile_schedule.cu) and the hybrid of both paths, against the float64 oracle.
 Random and coherent selections, causal and not, varlen batches with empty and one-token
 sequences, D 64/128, Bk 64/128, G 1..16; schedules "tile", "kv" and "auto" agree with each
 other and with the oracle.  Outputs are poisoned before each run.  (NaN and Inf:
@@ -59,6 +60,19 @@ def test_tile_and_auto_schedules_match_reference(case):
                 tile_min_useful=min_useful)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=_cases(), kernel=st.sampled_from(["wgmma", "mma"]))
+def test_tile_kernels_at_d128_bk128(case, kernel):
+    """Both tile-outer kernels (sm_90 wgmma, mma.sync) at the shape where sm_90 defaults to wgmma."""
+    from msa_cupy import _jit
+
+    if kernel == "wgmma" and not _jit.has_wgmma():
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    group, hkv, _, _, dtype_name, causal, lengths, top_k, mode, schedule, tile_rows, min_useful, seed = case
+    _check_case((group, hkv, 128, 128, dtype_name, causal, lengths, top_k, mode, "prefill", seed), select=_selection,
+                schedule=schedule, tile_rows=tile_rows, tile_min_useful=min_useful, tile_kernel=kernel)
+
+
 @pytest.mark.parametrize("mode", ["coherent", "random"])
 @pytest.mark.parametrize("group,head_dim,block_size", [(16, 128, 128), (4, 64, 64), (1, 128, 64), (8, 64, 128)])
 @pytest.mark.parametrize("causal", [True, False])
@@ -70,13 +84,13 @@ def test_schedules_agree(rng, mode, group, head_dim, block_size, causal):
     (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _case(
         rng, lengths, group, hkv, head_dim, "bfloat16", top_k, block_size, causal, mode)
     outs = {}
-    for schedule in ("tile", "kv", "auto"):
+    for schedule, kernel in (("tile", None), ("tile", "mma"), ("kv", None), ("auto", None)):
         out, lse = _run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, path="prefill", schedule=schedule,
-                        tile_min_useful=0.5)
+                        tile_min_useful=0.5, tile_kernel=kernel)
         testing.assert_attention_close(out, ref_out, "bfloat16", lse, ref_lse)
-        outs[schedule] = out
-    for schedule in ("tile", "auto"):
-        assert testing.rel_error(outs[schedule], outs["kv"]) < testing.TOLERANCE["bfloat16"]
+        outs[schedule, kernel] = out
+    for key in (("tile", None), ("tile", "mma"), ("auto", None)):
+        assert testing.rel_error(outs[key], outs["kv", None]) < testing.TOLERANCE["bfloat16"]
 
 
 def test_auto_mixes_both_paths(rng):

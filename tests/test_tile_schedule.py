@@ -71,6 +71,7 @@ def test_chunk_tiles_bounds_the_tiles():
 @pytest.mark.parametrize("group,rows,tokens", [(16, 128, 8), (16, 64, 4), (2, 128, 64), (1, 128, 64), (1, 64, 64)])
 def test_tile_tokens_per_group(group, rows, tokens):
     assert sparse.tile_tokens(group, rows) == tokens and 16 * sparse._tile_warps(rows, group) <= rows
+    assert 64 * sparse._tile_warpgroups(rows, group) == 16 * sparse._tile_warps(rows, group)  # the wgmma kernel's tile
 
 
 def test_tile_kernels_are_declared():
@@ -86,21 +87,49 @@ def test_tile_kernels_are_declared():
                             f"{sparse._tile_warps(sparse.TILE_ROWS, g)}, {sparse.TILE_STAGES}>")
                     assert name in tile, name
     assert set(variants["tile_schedule.cu"]) == {"query_tile_offsets", f"classify_query_tiles<{sparse.CLASSIFY_WARPS}>"}
+    assert set(variants["sparse_prefill_tile_sm90.cu"]) == {
+        f"sparse_prefill_tile_sm90_kernel<{dt}, 128, {g}, 128, {min(2, g)}, {sparse.TILE_STAGES}>"
+        for dt in ("bf16", "f16") for g in sparse.SUPPORTED_GROUP_SIZES}
+    assert all(variants["sparse_prefill_tile_sm90.cu"].values())  # arch-specific: sm_90a
 
 
 def test_tile_kernels_compile_for_sm80_and_sm90():
     """The paper's shape of the tile-outer kernel and the schedule kernels, through NVRTC (the
     full set: `python -m msa_cupy check`)."""
     pytest.importorskip("cuda.bindings")
-    for source, names in [("sparse_prefill_tile.cu", ["sparse_prefill_tile_kernel<bf16, 128, 16, 128, 8, 2>"]),
-                          ("tile_schedule.cu", ["query_tile_offsets", f"classify_query_tiles<{sparse.CLASSIFY_WARPS}>"])]:
-        for arch in ("sm_80", "sm_90"):
+    for source, names, archs in [
+            ("sparse_prefill_tile.cu", ["sparse_prefill_tile_kernel<bf16, 128, 16, 128, 8, 2>"], ("sm_80", "sm_90")),
+            ("sparse_prefill_tile_sm90.cu", ["sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2>"], ("sm_90a",)),
+            ("tile_schedule.cu", ["query_tile_offsets", f"classify_query_tiles<{sparse.CLASSIFY_WARPS}>"],
+             ("sm_80", "sm_90"))]:
+        for arch in archs:
             cubin, lowered, log = _jit.compile_cubin(source, arch, names, verbose=True,
                                                      frontend=_jit._nvrtc_cuda_python)
             assert len(cubin) > 0 and set(lowered) == set(names)
             assert "spill stores" in log and " 0 bytes spill stores" in log
 
 
+def test_attention_kernels_keep_their_arrays_in_registers():
+    """No stack frame in the prefill attention kernels, whose loops hold S, O and Q fragments in
+    register arrays: an unrolled select over such an array (the non-finite V add-back's) once
+    became an indexed load that moved the array to local memory, in the hot loop.  (`check`
+    fails any kernel with local memory; this pins the four at the paper's shape.)"""
+    pytest.importorskip("cuda.bindings")
+    from msa_cupy.__main__ import parse_ptxas
+
+    for source, name, arch in [
+            ("sparse_prefill.cu", "sparse_prefill_kernel<bf16, 128, 16, 128, 4, 2, 1>", "sm_80"),
+            ("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel<bf16, 128, 16, 128, 1, 2>", "sm_90a"),
+            ("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel<bf16, 128, 16, 128, 8, 2>", "sm_90"),
+            ("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2>", "sm_90a")]:
+        _, lowered, log = _jit.compile_cubin(source, arch, [name], verbose=True, frontend=_jit._nvrtc_cuda_python)
+        regs, frame, spill_st, spill_ld = parse_ptxas(log)[lowered[name]]
+        assert (frame, spill_st, spill_ld) == (0, 0, 0), (name, frame, spill_st, spill_ld)
+
+
 def test_tile_smem_counts_the_union():
-    assert sparse.tile_smem_bytes(128, 2, 8, 16) == 2 * 2 * 64 * 128 * 2 + 8 * 16 * (8 + 4 + 4 + 1)
-    assert sparse.tile_smem_bytes(128, 2, 8, 3) == 2 * 2 * 64 * 128 * 2 + 416  # 24 * 17 = 408, rounded to 16
+    mma = sparse.TilePrefillKernel(None, 256, 8, 2, 128, 64, 0)  # sparse_prefill_tile.cu: 64-key chunks
+    assert mma.smem_bytes(16) == 2 * 2 * 64 * 128 * 2 + 8 * 16 * (8 + 4 + 4 + 1)
+    assert mma.smem_bytes(3) == 2 * 2 * 64 * 128 * 2 + 416  # 24 * 17 = 408, rounded to 16
+    wgmma = mma._replace(threads=256, chunk_keys=128, align=1024)  # sparse_prefill_tile_sm90.cu: whole blocks
+    assert wgmma.smem_bytes(16) == 1024 + 2 * 2 * 128 * 128 * 2 + 8 * 16 * 17

@@ -9,7 +9,7 @@ import pytest
 from msa_cupy import selection, sparse
 
 HOOKS = {"tuning", "stats", "force_path", "prefill_kernel", "prefill_warps", "prefill_stages", "prefill_mt", "schedule",
-         "tile_rows", "tile_stages", "tile_min_useful"}
+         "tile_rows", "tile_stages", "tile_min_useful", "tile_kernel"}
 SELECT_HOOKS = {"splits", "warps"}  # launch_topk_merge takes the split count of a config: data, not a choice
 
 
@@ -18,8 +18,8 @@ def test_sparse_tuning_defaults_are_the_module_constants():
     assert (t.path, t.prefill_kernel) == (None, None)
     assert (t.prefill_warps, t.prefill_stages, t.prefill_mt) == (sparse.PREFILL_WARPS, sparse.PREFILL_STAGES,
                                                                   sparse.PREFILL_MT)
-    assert (t.schedule, t.tile_rows, t.tile_stages, t.tile_min_useful) == (
-        sparse.PREFILL_SCHEDULE, sparse.TILE_ROWS, sparse.TILE_STAGES, sparse.TILE_MIN_USEFUL)
+    assert (t.schedule, t.tile_rows, t.tile_stages, t.tile_min_useful, t.tile_kernel) == (
+        sparse.PREFILL_SCHEDULE, sparse.TILE_ROWS, sparse.TILE_STAGES, sparse.TILE_MIN_USEFUL, None)
     assert sparse.SparseTuning(schedule="tile", tile_rows=64).changes() == {"schedule": "tile", "tile_rows": 64}
     assert t == sparse.DEFAULT_TUNING and t.changes() == {}
     assert sparse.SparseTuning(prefill_kernel="mma", prefill_warps=8).changes() == {"prefill_kernel": "mma",
@@ -37,6 +37,7 @@ def test_sparse_tuning_defaults_are_the_module_constants():
     (dict(tile_rows=96), "tile_rows"),
     (dict(tile_rows=True), "tile_rows"),
     (dict(tile_stages=1), "tile_stages"),
+    (dict(tile_kernel="tma"), "tile_kernel"),
     (dict(tile_min_useful=1.5), "tile_min_useful"),
     (dict(tile_min_useful="0.3"), "tile_min_useful"),
 ])
