@@ -23,7 +23,7 @@ Two paths, one combine:
   skipping.  On sm_90 with D = BK = 128, ``cuda/sparse_prefill_tile_sm90.cu`` runs the same
   tiles on wgmma (two warpgroups of 4 tokens, a whole block per step; 1.25x the mma.sync
   kernel on coherent selections, H100).  ``SparseTuning.schedule``: "kv" (default: on random
-  selections the tile-outer kernels are 3x slower, on coherent ones 1.2-1.3x faster;
+  selections the tile-outer kernels are 2.5-3.3x slower, on coherent ones 1.2-1.3x faster;
   docs/perf.md), "auto" lets ``cuda/tile_schedule.cu``
   classify each (tile, KV head) by the share of its token x block pairs that its tokens
   picked (>= ``TILE_MIN_USEFUL``: tile-outer); the other tiles' picks go KV-outer, whose
