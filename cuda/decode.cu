@@ -119,8 +119,8 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     for (int n = 0; n < DN; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 #pragma unroll
     for (int j = 0; j < KW / 16; ++j) {
-        const unsigned pa[4] = {pack2<T>(s[2 * j][0], s[2 * j][1]), pack2<T>(s[2 * j][2], s[2 * j][3]),
-                                pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]), pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3])};
+        unsigned pa[4];
+        pack_p<T>(pa, s, j);
         const int key = j * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {

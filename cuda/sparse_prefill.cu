@@ -128,18 +128,15 @@ sparse_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                 }
                 pv_product<T, D, MT, NT>(o, s, Vs, kt * KT);
                 if (partly_visible) {  // the NaN and Inf of V zeroed above, for the rows that see them
+                    for_each_marked<KT>(nonfinite_v + kt * (KT / 32), [&](int col) {
+                        const int key = kt * KT + col;
+                        const T* v_row = it.kv_row<D, BK>(v, key, n_heads_kv);
 #pragma unroll
-                    for (int w = 0; w < KT / 32; ++w) {
-                        for (unsigned bits = nonfinite_v[kt * (KT / 32) + w]; bits; bits &= bits - 1) {
-                            const int col = w * 32 + __ffs(bits) - 1, key = kt * KT + col;
-                            const T* v_row = it.kv_row<D, BK>(v, key, n_heads_kv);
-#pragma unroll
-                            for (int mt = 0; mt < MT; ++mt)
-                                add_back_nonfinite_v<D, NT>(
-                                    v_row, key, col, lim[mt], [&](int n, int h, int e) { return s[mt][n][2 * h + e]; },
-                                    [&](int n, int h, int e, float x) { o[mt][n][2 * h + e] += x; });
-                        }
-                    }
+                        for (int mt = 0; mt < MT; ++mt)
+                            add_back_nonfinite_v<D, NT>(
+                                v_row, key, col, lim[mt], [&](int n, int h, int e) { return s[mt][n][2 * h + e]; },
+                                [&](int n, int h, int e, float x) { o[mt][n][2 * h + e] += x; });
+                    });
                 }
             }
             const i64 row0 = ((i64)start + tile * TQ) * G;  // partial row of tile row 0

@@ -116,12 +116,7 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
             sum[h] += s[i];
         }
 #pragma unroll
-        for (int j = 0; j < JS; ++j) {
-            pa[j][0] = pack2<T>(s[8 * j + 0], s[8 * j + 1]);
-            pa[j][1] = pack2<T>(s[8 * j + 2], s[8 * j + 3]);
-            pa[j][2] = pack2<T>(s[8 * j + 4], s[8 * j + 5]);
-            pa[j][3] = pack2<T>(s[8 * j + 6], s[8 * j + 7]);
-        }
+        for (int j = 0; j < JS; ++j) pack_p<T>(pa[j], reinterpret_cast<const float(&)[BK / 8][4]>(s), j);
 
         float o[64];  // O = P V: rows as S, columns d = 8 * (i / 4) + 2 * quad + i % 2
         wgmma_fence();
@@ -135,15 +130,9 @@ sparse_prefill_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k, con
             for (int w = 0; w < BK / 32; ++w) {
                 for (unsigned bits = nonfinite_v[w]; bits; bits &= bits - 1) {
                     const int key = w * 32 + __ffs(bits) - 1;
-                    const T* v_row = it.kv_row<D, BK>(v, key, n_heads_kv);
-                    // p from the packed A operand of P V: S columns 16j.. are pa[j], n-tile 2j + n % 2
-                    add_back_nonfinite_v<D, BK / 8>(
-                        v_row, key, key, lim,
-                        [&](int n, int h, int e) {
-                            T x;
-                            x.bits = (unsigned short)(pa[n >> 1][2 * (n & 1) + h] >> (16 * e));
-                            return to_float(x);
-                        },
+                    add_back_nonfinite_v<D, BK / 8>(  // p from the packed A operand of P V
+                        it.kv_row<D, BK>(v, key, n_heads_kv), key, key, lim,
+                        [&](int n, int h, int e) { return packed_p<T>(pa, n, h, e); },
                         [&](int n, int h, int e, float x) { o[4 * n + 2 * h + e] += x; });
                 }
             }

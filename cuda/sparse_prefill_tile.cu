@@ -54,8 +54,9 @@ sparse_prefill_tile_kernel(const T* __restrict__ q, const T* __restrict__ k, con
 
     const int g = blockIdx.x / n_tiles;
     QueryTile tile;
-    if (!tile.init(blockIdx.x - g * n_tiles, tile_off, cu_q, cu_k, n_seq, q_begin, rows, TT)) return;
-    if (row_mode != nullptr && !row_mode[(i64)(tile.t0 - q_begin) * n_heads_kv + g]) return;  // a KV-outer tile
+    if (!tile.init(blockIdx.x - g * n_tiles, tile_off, cu_q, cu_k, n_seq, q_begin, rows, TT) ||
+        !tile.runs_tile_outer(row_mode, q_begin, g, n_heads_kv))
+        return;
     const int count = tile.count;
     const KeyRows key_rows{block_table, max_pages, page_size};
 

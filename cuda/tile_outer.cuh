@@ -27,6 +27,13 @@ struct QueryTile {
         return count > 0;
     }
 
+    // False for a tile the classification sent KV-outer for KV head g: row_mode (nullable,
+    // classify_query_tiles) marks the rows of tile-outer tiles 1.
+    __device__ __forceinline__ bool runs_tile_outer(const unsigned char* __restrict__ row_mode, int q_begin, int g,
+                                                    int n_heads_kv) const {
+        return row_mode == nullptr || row_mode[(i64)(t0 - q_begin) * n_heads_kv + g];
+    }
+
     // Keys token t of the tile sees (visible_keys; <= 0 past the tile's tokens: none).
     __device__ __forceinline__ int visible(int t, int causal) const {
         return t < count ? visible_keys(n_q, n_k, t0 - q_start + t, causal) : 0;
