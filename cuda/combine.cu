@@ -11,7 +11,7 @@
 // is one 16-byte load per lane.  This kernel is bound by reading the partials (K rows of G*D
 // values per query and group).  No pick, or only empty ones: out = 0, lse = -inf.  Rows that
 // the tile-outer kernel owns (row_mode, nullable: per (row, g), tile_schedule.cu) are left
-// alone: that kernel writes their out and lse.
+// alone: that kernel writes their out and lse.  So are rows at or past cu_q[n_seq].
 #include "attention.cuh"
 
 template <typename T, int N> struct Partial;  // N consecutive partial values of one lane
@@ -45,14 +45,17 @@ template <typename T, int D, int G, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
 sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ part_lse,
                       const int* __restrict__ slot_pos, const int* __restrict__ block_indices,
-                      int slots_from_indices, const unsigned char* __restrict__ row_mode, int q_begin, int rows,
-                      int n_heads_q, int top_k, T* __restrict__ out, float* __restrict__ lse_out) {
+                      int slots_from_indices, const unsigned char* __restrict__ row_mode,
+                      const int* __restrict__ cu_q, int n_seq, int q_begin, int rows, int n_heads_q, int top_k,
+                      T* __restrict__ out, float* __restrict__ lse_out) {
     constexpr int LANES = 16;
     constexpr int PER_LANE = D / LANES;
     static_assert(PER_LANE == 4 || PER_LANE == 8, "D must be 64 or 128");
     const int lane = threadIdx.x & (LANES - 1);
     const i64 pair = ((i64)blockIdx.x * WARPS * 32 + threadIdx.x) / LANES;
-    const bool live = pair < (i64)rows * n_heads_q;  // dead half-warps still join the shuffles
+    // dead half-warps still join the shuffles; rows past the last query token (a prefill plan's
+    // q rows past the step's tokens) are not the step's: left alone
+    const bool live = pair < (i64)min(rows, cu_q[n_seq] - q_begin) * n_heads_q;
     const int row = live ? (int)(pair / n_heads_q) : 0, h = live ? (int)(pair % n_heads_q) : 0;
     const int n_heads_kv = n_heads_q / G, g = h / G, hh = h % G;
     const i64 row_g = ((i64)row * n_heads_kv + g) * top_k;  // first entry of this (query, group)

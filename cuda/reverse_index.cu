@@ -2,24 +2,31 @@
 //
 // Input: block_indices (rows, Hkv, K) int32 for a range of query rows [q_begin, q_begin+rows).
 // A *bucket* is one (KV head g, global key block B): B = block_off[seq] + b numbers the key
-// blocks of all sequences one after the other, bucket = g * n_blocks_total + B.
+// blocks of all sequences one after the other, bucket = g * n_blocks_total + B (n_blocks_total
+// may be an upper bound: every kernel here and the attention kernels use the same value).
+//
+// Everything runs on the device, into buffers sized by the caller (no allocation, no host
+// sync, no sort library), and the result does not depend on thread timing:
 //
 //   0. block_offsets        block_off[s] = first global key block of sequence s.
 //   1. reverse_index_keys   one thread per entry (row, g, slot): drops -1 and repeated ids
-//                           (and the rows that the tile-outer kernel owns: row_mode),
-//                           writes a unique 64-bit sort key  bucket * rows + row  (invalid
-//                           entries: n_buckets * rows + entry, after every valid one) and
-//                           counts the entries of each bucket.
-//   (host side, CuPy)       perm = argsort(keys): since keys are unique the order is fully
-//                           determined (no dependence on sort stability or thread timing);
-//                           valid entries come first, grouped by bucket, ascending token.
-//   2. reverse_index_fill   one thread per sorted position p: list_q[p] = token of the entry,
+//                           (and the rows that the tile-outer kernel owns: row_mode, and
+//                           rows past the last query token), writes
+//                           the entry's bucket (invalid entries: n_buckets, after every valid
+//                           one) and counts the entries of each bucket.
+//   2. a stable counting sort of the entries by bucket: RADIX_BITS per pass, least significant
+//      digit first; each pass is split_histogram (per warp tile, the count of each digit),
+//      exclusive_scan (digit-major: a digit's elements of tile t follow those of tiles < t)
+//      and split_scatter (each warp walks its tile in order and ranks equal digits with
+//      __match_any_sync).  Entries enter in entry order, i.e. ascending token, so each
+//      bucket's list ascends.
+//   3. reverse_index_fill   one thread per sorted position p: list_q[p] = token of the entry,
 //                           slot_pos[entry] = p (the partial-result row of that pick), or -1.
-//   3. build_work_items     one thread per bucket: cuts its list into items of at most
-//                           max_queries tokens, so that hot blocks (local block, sinks) spread
-//                           over several CTAs.  Item = (bucket, list start, token count).
-//                           Items are then ordered largest first on the host side (CuPy sort
-//                           of a unique key), empty slots of the upper-bound grid last.
+//   4. the work items: each bucket's list cut into items of at most max_queries tokens, so
+//      that hot blocks (local block, sinks) spread over several CTAs; largest first (the full
+//      items in bucket order, then the rest by decreasing size, ties in bucket order: one
+//      more counting-sort pass over the buckets), empty items past the real count.
+//      Item = (bucket, list start, token count).
 #include "attention.cuh"
 
 // block_off[s] = first global key block of sequence s (exclusive scan of ceil(Nk / BK)).
@@ -36,12 +43,25 @@ __global__ void block_offsets(const int* __restrict__ cu_k, int n_seq, int* __re
     block_off[n_seq] = total;
 }
 
+
+constexpr int RADIX_BITS = 8;
+constexpr int RADIX = 1 << RADIX_BITS;
+constexpr int SPLIT_TILE = 2048;  // elements per warp tile: the warp walks them in order
+constexpr int SPLIT_BATCH = 8;    // loads in flight per lane
+
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+fill_int(int* __restrict__ a, int n, int value) {
+    const i64 i = (i64)blockIdx.x * THREADS + threadIdx.x;
+    if (i < n) a[i] = value;
+}
+
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
 reverse_index_keys(const int* __restrict__ block_indices, const int* __restrict__ cu_q,
                    const int* __restrict__ block_off, const unsigned char* __restrict__ row_mode, int n_seq,
                    int q_begin, int rows, int n_heads_kv, int top_k, int n_blocks_total,
-                   i64* __restrict__ keys, int* __restrict__ counts) {
+                   int* __restrict__ bucket_of, int* __restrict__ counts) {
     const i64 n_entries = (i64)rows * n_heads_kv * top_k;
     const i64 e = (i64)blockIdx.x * THREADS + threadIdx.x;
     if (e >= n_entries) return;
@@ -50,29 +70,130 @@ reverse_index_keys(const int* __restrict__ block_indices, const int* __restrict_
     const int g = (int)(row_g % n_heads_kv);
     const int row = (int)(row_g / n_heads_kv);
     const int* picks = block_indices + (e - slot);
-    const i64 n_buckets = (i64)n_heads_kv * n_blocks_total;
-    // row_mode (nullable, tile_schedule.cu): this (row, g) runs tile-outer, none of its picks here
-    if ((row_mode == nullptr || !row_mode[row_g]) && first_occurrence(picks, slot)) {
+    // row_mode (nullable, tile_schedule.cu): this (row, g) runs tile-outer, none of its picks here;
+    // rows at or past cu_q[n_seq] (a prefill plan's q rows past the step's tokens) are not the step's
+    if (q_begin + row < cu_q[n_seq] && (row_mode == nullptr || !row_mode[row_g]) && first_occurrence(picks, slot)) {
         const int seq = sequence_of(cu_q, n_seq, q_begin + row);
         const int bucket = g * n_blocks_total + block_off[seq] + picks[slot];
-        keys[e] = (i64)bucket * rows + row;
+        bucket_of[e] = bucket;
         atomicAdd(counts + bucket, 1);  // a count: its value does not depend on ordering
     } else {
-        keys[e] = n_buckets * rows + e;
+        bucket_of[e] = n_heads_kv * n_blocks_total;
     }
+}
+
+// The digits of a warp tile's elements [begin, end) in order, SPLIT_BATCH x 32 at a time:
+// f(element, digit) on every lane, digit RADIX past the end (the loop is warp-uniform).
+// Element i is order[i], or i itself when order is null (the first pass).
+template <class F>
+__device__ __forceinline__ void for_each_digit(const int* __restrict__ key, const int* __restrict__ order, int begin,
+                                               int end, int shift, int lane, F&& f) {
+    for (int base = begin; base < end; base += 32 * SPLIT_BATCH) {
+        int e[SPLIT_BATCH], d[SPLIT_BATCH];
+#pragma unroll
+        for (int j = 0; j < SPLIT_BATCH; ++j) {
+            const int i = base + j * 32 + lane;
+            e[j] = i >= end ? -1 : order == nullptr ? i : order[i];
+        }
+#pragma unroll
+        for (int j = 0; j < SPLIT_BATCH; ++j) d[j] = e[j] < 0 ? RADIX : (key[e[j]] >> shift) & (RADIX - 1);
+#pragma unroll
+        for (int j = 0; j < SPLIT_BATCH; ++j) f(e[j], d[j]);
+    }
+}
+
+// hist[d * n_tiles + t] = elements of warp tile t whose digit is d.
+template <int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+split_histogram(const int* __restrict__ key, const int* __restrict__ order, int n, int shift,
+                int* __restrict__ hist) {
+    __shared__ int count[WARPS][RADIX];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n_tiles = (n + SPLIT_TILE - 1) / SPLIT_TILE;
+    const int tile = blockIdx.x * WARPS + warp;
+    if (tile >= n_tiles) return;
+    for (int d = lane; d < RADIX; d += 32) count[warp][d] = 0;
+    __syncwarp();
+    const int begin = tile * SPLIT_TILE;
+    for_each_digit(key, order, begin, min(n, begin + SPLIT_TILE), shift, lane, [&](int, int d) {
+        if (d < RADIX) atomicAdd(&count[warp][d], 1);  // a count: its value does not depend on ordering
+    });
+    __syncwarp();
+    for (int d = lane; d < RADIX; d += 32) hist[(i64)d * n_tiles + tile] = count[warp][d];
+}
+
+// order_out[start[d * n_tiles + t] + r] = the r-th element of tile t (in order) whose digit is d.
+template <int WARPS>
+__global__ void __launch_bounds__(WARPS * 32)
+split_scatter(const int* __restrict__ key, const int* __restrict__ order, int n, int shift,
+              const int* __restrict__ start, int* __restrict__ order_out) {
+    __shared__ int next[WARPS][RADIX];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n_tiles = (n + SPLIT_TILE - 1) / SPLIT_TILE;
+    const int tile = blockIdx.x * WARPS + warp;
+    if (tile >= n_tiles) return;
+    for (int d = lane; d < RADIX; d += 32) next[warp][d] = start[(i64)d * n_tiles + tile];
+    __syncwarp();
+    const unsigned below = (1u << lane) - 1;
+    const int begin = tile * SPLIT_TILE;
+    for_each_digit(key, order, begin, min(n, begin + SPLIT_TILE), shift, lane, [&](int e, int d) {
+        const unsigned peers = __match_any_sync(0xffffffffu, d);
+        const int rank = __popc(peers & below);  // lanes below hold earlier elements
+        if (d < RADIX) order_out[next[warp][d] + rank] = e;
+        __syncwarp();
+        if (d < RADIX && rank == 0) next[warp][d] += __popc(peers);
+        __syncwarp();
+    });
+}
+
+// out[i] = a[0] + ... + a[i - 1] for i <= n (out[n]: the total); out may be a.  One CTA, a
+// contiguous segment per thread: n is a histogram or a bucket count (at most a few million).
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+exclusive_scan(const int* a, int n, int* out) {
+    __shared__ int warp_total[THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int seg = (n + THREADS - 1) / THREADS;
+    const int begin = min(n, (int)threadIdx.x * seg), end = min(n, begin + seg);
+    int sum = 0;
+    for (int i = begin; i < end; ++i) sum += a[i];
+    int incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        const int w = lane < THREADS / 32 ? warp_total[lane] : 0;
+        int w_incl = w;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int t = __shfl_up_sync(0xffffffffu, w_incl, o);
+            if (lane >= o) w_incl += t;
+        }
+        if (lane < THREADS / 32) warp_total[lane] = w_incl - w;
+    }
+    __syncthreads();
+    int run = warp_total[warp] + incl - sum;
+    for (int i = begin; i < end; ++i) {
+        const int x = a[i];
+        out[i] = run;
+        run += x;
+    }
+    if (threadIdx.x == THREADS - 1) out[n] = run;
 }
 
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
-reverse_index_fill(const i64* __restrict__ keys, const i64* __restrict__ perm, i64 n_entries,
-                   i64 invalid_base, int rows, int q_begin,
-                   int* __restrict__ list_q, int* __restrict__ slot_pos) {
+reverse_index_fill(const int* __restrict__ bucket_of, const int* __restrict__ perm, int n_entries, int n_buckets,
+                   int entries_per_row, int q_begin, int* __restrict__ list_q, int* __restrict__ slot_pos) {
     const i64 p = (i64)blockIdx.x * THREADS + threadIdx.x;
     if (p >= n_entries) return;
-    const i64 e = perm[p];
-    const i64 key = keys[e];
-    if (key < invalid_base) {
-        list_q[p] = q_begin + (int)(key % rows);
+    const int e = perm[p];
+    if (bucket_of[e] < n_buckets) {
+        list_q[p] = q_begin + e / entries_per_row;
         slot_pos[e] = (int)p;
     } else {
         list_q[p] = -1;
@@ -80,18 +201,49 @@ reverse_index_fill(const i64* __restrict__ keys, const i64* __restrict__ perm, i
     }
 }
 
+// Per bucket: its full items (count / max_queries) and the sort class of its last, partial
+// item: max_queries - size (larger first), or max_queries when it has none (sorted last).
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+item_classes(const int* __restrict__ counts, int n_buckets, int max_queries, int* __restrict__ full_items,
+             int* __restrict__ item_class) {
+    const int b = blockIdx.x * THREADS + threadIdx.x;
+    if (b >= n_buckets) return;
+    const int count = counts[b], rest = count % max_queries;
+    full_items[b] = count / max_queries;
+    item_class[b] = rest ? max_queries - rest : max_queries;
+}
+
+// Thread t: bucket t's full items at full_start[t]; the t-th partial item in class order
+// (class_order; class_start: the scanned histogram of that pass, whose class max_queries
+// starts after the n_partial buckets that have one) after every full item; empty items up to
+// n_items.
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
 build_work_items(const int* __restrict__ counts, const int* __restrict__ list_start,
-                 const int* __restrict__ item_start, int n_buckets, int max_queries,
+                 const int* __restrict__ full_start, const int* __restrict__ class_order,
+                 const int* __restrict__ class_start, int n_buckets, int max_queries, int n_items,
                  int* __restrict__ items) {
-    const int bucket = blockIdx.x * THREADS + threadIdx.x;
-    if (bucket >= n_buckets) return;
-    const int count = counts[bucket];
-    int* item = items + 3 * (i64)item_start[bucket];
-    for (int first = 0; first < count; first += max_queries, item += 3) {
-        item[0] = bucket;
-        item[1] = list_start[bucket] + first;
-        item[2] = min(max_queries, count - first);
+    const int t = blockIdx.x * THREADS + threadIdx.x;
+    const int n_tiles = (n_buckets + SPLIT_TILE - 1) / SPLIT_TILE;
+    const int n_full = full_start[n_buckets], n_partial = class_start[(i64)max_queries * n_tiles];
+    if (t < n_buckets) {
+        int* item = items + 3 * (i64)full_start[t];
+        for (int first = 0; first + max_queries <= counts[t]; first += max_queries, item += 3) {
+            item[0] = t;
+            item[1] = list_start[t] + first;
+            item[2] = max_queries;
+        }
+    }
+    if (t < n_partial) {
+        const int b = class_order[t], count = counts[b], rest = count % max_queries;
+        int* item = items + 3 * ((i64)n_full + t);
+        item[0] = b;
+        item[1] = list_start[b] + count - rest;
+        item[2] = rest;
+    }
+    if (t >= n_full + n_partial && t < n_items) {
+        int* item = items + 3 * (i64)t;
+        item[0] = item[1] = item[2] = 0;
     }
 }

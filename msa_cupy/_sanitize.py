@@ -227,10 +227,11 @@ def _cache(rng, batch, max_len, page_size):
     return cache, n_pages, table, rng.standard_normal(cache).astype(dt), rng.standard_normal(cache).astype(dt)
 
 
-def _prefill_plan(rng, page_size):
+def _prefill_plan(rng, page_size, schedule="auto"):
     """A chunked-prefill plan step (plan_update.cu with query lengths, bound_query_rows,
-    selection, tile_schedule.cu offsets, sparse_prefill_tile.cu) on q rows past the step's
-    tokens, against the reference over the plan's own selection."""
+    selection, then by the schedule tile_schedule.cu and the tile-outer kernel, the device
+    reverse index, the KV-outer kernel and combine.cu) on q rows past the step's tokens,
+    against the reference over the plan's own selection."""
     import msa_cupy
 
     from . import reference
@@ -244,7 +245,7 @@ def _prefill_plan(rng, page_size):
     plan = msa_cupy.PrefillPlan(max_batch=batch, max_cache_len=max_len, max_query_tokens=total + 40,
                                 num_q_heads=hq, num_kv_heads=HKV, head_dim=HEAD_DIM, dtype="bfloat16",
                                 block_size=ATTN_BLOCK, top_k=TOP_K, local_blocks=LOCAL, sink_blocks=SINK,
-                                page_size=page_size, num_pages=n_pages)
+                                page_size=page_size, num_pages=n_pages, schedule=schedule)
     plan.update(*_device(lens, q_lens, *(() if table is None else (table,))))
     out, lse = plan.run(*_device(q, k, v), return_lse=True)
     ids = plan.block_indices.get()[:total]
@@ -332,8 +333,12 @@ def stages(wgmma: bool):
         ("decode plan, paged: plan_update.cu + group_mean.cu + selection + decode.cu + combine.cu; "
          "one-call decode (plan_update.cu uniform_cu_seqlens)", p(_decode_plan, page_size=64, batched_one_call=True)),
         ("decode plan, contiguous cache; one-call decode", p(_decode_plan, page_size=None, batched_one_call=True)),
-        ("prefill plan, paged: plan_update.cu (query lengths) + bound_query_rows + selection + "
-         "tile_schedule.cu + the tile-outer kernel (sparse_prefill_tile_sm90.cu on sm_90)", p(_prefill_plan, page_size=64)),
+        ("prefill plan, paged, schedule tile: plan_update.cu (query lengths) + bound_query_rows + selection + "
+         "tile_schedule.cu + the tile-outer kernel (sparse_prefill_tile_sm90.cu on sm_90)",
+         p(_prefill_plan, page_size=64, schedule="tile")),
+        ("prefill plan, paged, schedule kv: the device reverse index + the KV-outer kernel + combine.cu",
+         p(_prefill_plan, page_size=64, schedule="kv")),
+        ("prefill plan, contiguous, schedule auto: both paths", p(_prefill_plan, page_size=None, schedule="auto")),
     ]
     if wgmma:
         out += [

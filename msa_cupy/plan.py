@@ -49,6 +49,7 @@ UPDATE_THREADS = 256
 MAX_QUERIES_PER_SEQ = 16  # multi-token prediction: up to 16 new queries per sequence
 MAX_QUERY_TOKENS = 1 << 22  # chunked prefill: new tokens of a step (the update's int32 scans stay in range)
 STAGING_BUFFERS = 4  # pinned buffers of host-array updates in flight at once, per plan
+PREFILL_PLAN_SCHEDULE = "auto"  # PrefillPlan's default schedule (docs/perf.md: both selection patterns)
 KEPT_PROGRAMS = 64  # prepared steps (and checked shapes) kept per plan: by batch size, query rows, splits
 _ALIGN = 256  # bytes: every workspace view starts on a 256-byte boundary (16-byte loads need 16)
 _LENS = "seq_lens"  # the check of a device seq_lens array (the batch size comes from it)
@@ -108,11 +109,15 @@ def _aligned(n: int) -> int:
 
 
 def workspace_layout(*, max_batch, rows, num_q_heads, num_kv_heads, head_dim, top_k, max_pages, dtype, splits,
-                     training_free, attention="decode") -> list:
+                     training_free, attention="decode", n_buckets=0, max_queries=0) -> list:
     """The views of a cache plan's workspace, (name, shape, dtype), in allocation order, for
     steps of at most ``rows`` query rows; ``attention``: "decode" (split-K: a partial (o, lse)
-    per pick) or "tile" (tile-outer prefill: bounded cu_q and the query tiles' offsets)."""
+    per pick) or a prefill plan's schedule: "tile" (tile-outer: bounded cu_q and the query
+    tiles' offsets), "kv" (KV-outer: also a partial per pick, and the reverse index over
+    ``n_buckets`` buckets cut into items of ``max_queries`` tokens) or "auto" (both, and the
+    tiles' classification)."""
     group = num_q_heads // num_kv_heads
+    entries = rows * num_kv_heads * top_k
     views = [
         ("cu_q", (max_batch + 1,), np.int32),
         ("cu_k", (max_batch + 1,), np.int32),
@@ -122,11 +127,16 @@ def workspace_layout(*, max_batch, rows, num_q_heads, num_kv_heads, head_dim, to
         ("out", (rows, num_q_heads, head_dim), dtype),
         ("lse", (rows, num_q_heads), np.float32),
     ]
-    if attention == "decode":
-        entries = rows * num_kv_heads * top_k
+    if attention in ("decode", "kv", "auto"):
         views += [("part_lse", (entries * group,), np.float32), ("part_o", (entries * group * head_dim,), dtype)]
-    else:
+    if attention != "decode":
         views += [("cu_q_run", (max_batch + 1,), np.int32), ("tile_off", (max_batch + 1,), np.int32)]
+    if attention in ("kv", "auto"):
+        views += [("block_off", (max_batch + 1,), np.int32), ("list_q", (entries,), np.int32),
+                  ("slot_pos", (entries,), np.int32)]
+        views += sparse.reverse_index_buffers(entries, n_buckets, max_queries)
+    if attention == "auto":
+        views.append(("row_mode", (rows, num_kv_heads), np.uint8))
     if splits > 1:
         views.append(("partial", (rows, num_kv_heads, splits, top_k), np.uint64))
     if training_free:
@@ -457,11 +467,16 @@ class _CachePlan:
         """The cu_q the step's kernels read (a subclass may bound it by the q rows first)."""
         return cu_q
 
+    def _attention_sizes(self) -> dict:
+        """workspace_layout's sizes of the attention stage beyond the plan's maxima."""
+        return {}
+
     def _size_workspace(self, splits: int):
         self._views = workspace_layout(
             max_batch=self.max_batch, rows=self.max_rows, num_q_heads=self.num_q_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, top_k=self.top_k, max_pages=self.max_pages,
-            dtype=self.dtype, splits=splits, training_free=self.training_free, attention=self._attention)
+            dtype=self.dtype, splits=splits, training_free=self.training_free, attention=self._attention,
+            **self._attention_sizes())
         self.workspace_bytes = workspace_bytes(self._views)
         self._offsets = workspace_offsets(self._views)
 
@@ -880,8 +895,8 @@ class DecodePlan(_CachePlan):
         sparse.launch_decode(decode, self._decode_smem, q, k, v, ids, cu_q, cu_k, n_seq, 0, rows, part_o, part_lse,
                              causal=True, scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
         launches.append(decode.launch)
-        record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, None, ids, 0, rows, out, lse,
-               head_dim=self.head_dim, group=self.group_size, decode=True)
+        record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, None, ids, cu_q, n_seq, 0, rows, out,
+               lse, head_dim=self.head_dim, group=self.group_size, decode=True)
 
     @_interop.outside_torch_compile()
     def update(self, seq_lens, block_table=None):
@@ -956,22 +971,27 @@ class PrefillPlan(_CachePlan):
     ``cu_seqlens``), at most ``max_query_tokens`` rows; the outputs of rows past the step's
     tokens are not written, so one captured graph serves every step whose tokens fit its q.
 
-    Attention runs query-tile-outer (``cuda/sparse_prefill_tile.cu``): a CTA per (tile of
-    tokens x G heads, KV head) walks the union of the tile's picked blocks with online
-    softmax and writes out and lse once; no partials, no reverse index, so the step needs no
-    host work and no allocation.  Coherent selections (trained indexes) run at the KV-outer
-    path's speed; on i.i.d. random selections it is slower (docs/perf.md).  Its tiles
-    deduplicate at most ``sparse.TILE_MAX_ENTRIES`` ids: ``top_k`` <= 16 for G <= 2, 32 for
-    G = 4, and the select limit above.
+    ``schedule`` of the attention, as ``msa_cupy.sparse``'s: "auto" (default) classifies each
+    (tile of tokens x G heads, KV head) on the device by how much of its union of picked blocks
+    its tokens picked: shared picks (coherent selections, as trained indexes make) run
+    query-tile-outer (online softmax in registers, out and lse written once), the rest
+    KV-outer (a CTA per picked block and its queries, a partial per pick, merged by a
+    log-sum-exp combine); "tile" and "kv" force one path.  Every step is launches only: the
+    KV-outer path's reverse index is a counting sort on the device into the workspace.  The
+    KV-outer schedules hold a partial result per pick in the workspace (``workspace_bytes``:
+    about max_query_tokens x num_q_heads x top_k x head_dim x 2 bytes).  The tile-outer kernel
+    deduplicates at most ``sparse.TILE_MAX_ENTRIES`` ids per tile: with "auto" and "tile",
+    ``top_k`` <= 16 for G <= 2, 32 for G = 4, and the select limit above.
 
 """ + _INDEX_DOC
 
-    _attention = "tile"
-
     def __init__(self, *, max_batch, max_cache_len, max_query_tokens, num_q_heads, num_kv_heads, head_dim, dtype,
                  index_dim=None, index_k_heads=1, block_size=128, top_k=16, local_blocks=1, sink_blocks=0,
-                 page_size=None, num_pages=None, scale=None):
+                 page_size=None, num_pages=None, scale=None, schedule=PREFILL_PLAN_SCHEDULE):
         self.max_query_tokens = max_query_tokens  # checked in _query_bounds
+        if schedule not in sparse.SCHEDULES:
+            raise ValueError(f"schedule must be one of {sparse.SCHEDULES}, got {schedule!r}")
+        self.schedule = self._attention = schedule
         super().__init__(max_batch=max_batch, max_cache_len=max_cache_len, num_q_heads=num_q_heads,
                          num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, index_dim=index_dim,
                          index_k_heads=index_k_heads, block_size=block_size, top_k=top_k, local_blocks=local_blocks,
@@ -985,23 +1005,42 @@ class PrefillPlan(_CachePlan):
 
     def _check_attention(self):
         tokens = sparse.tile_tokens(self.group_size)
-        if self.top_k > sparse.TILE_MAX_ENTRIES // tokens:
+        if self.schedule != "kv" and self.top_k > sparse.TILE_MAX_ENTRIES // tokens:
             raise ValueError(f"top_k must be <= {sparse.TILE_MAX_ENTRIES // tokens} for PrefillPlan with num_q_heads / "
                              f"num_kv_heads = {self.group_size} (its query tiles of {tokens} tokens deduplicate at "
-                             f"most {sparse.TILE_MAX_ENTRIES} block ids), got {self.top_k}")
+                             f"most {sparse.TILE_MAX_ENTRIES} block ids) and schedule={self.schedule!r}, got "
+                             f"{self.top_k}")
+        self._n_blocks = self.max_batch * -(-self.max_cache_len // self.block_size)  # bucket stride: the most blocks
+        if self.schedule != "tile" and self.num_kv_heads * self._n_blocks >= 2**31 - 1:
+            raise ValueError(f"max_batch x max_cache_len / block_size x num_kv_heads must stay below 2^31 for "
+                             f"schedule={self.schedule!r}: lower max_batch or max_cache_len, or use schedule='tile'")
 
     def _init_attention(self):
         args = (self.dtype, self.head_dim, self.group_size, self.block_size)
-        if not sparse.tile_prefill_kernel(*args, load=False).fits(self.top_k):
-            raise ValueError(f"PrefillPlan: the tile-outer kernel's shared memory for top_k={self.top_k} does not "
-                             f"fit this GPU")
         if self.max_batch * self._select.q_tiles > 2**31 - 1:  # the selection grid: any sequence may hold them all
             raise ValueError(f"max_batch ({self.max_batch}) x max_query_tokens ({self.max_query_tokens}) is too large "
                              f"for one selection grid: lower either")
-        self._tile = sparse.tile_prefill_kernel(*args)
-        self._tile.kernel.reserve_shared(self._tile.smem_bytes(self.top_k))
         self._kernels["bound"] = _jit.kernel("plan_update.cu", "bound_query_rows")
-        self._kernels["tile_offsets"] = _jit.kernel("tile_schedule.cu", "query_tile_offsets")
+        if self.schedule != "kv":
+            if not sparse.tile_prefill_kernel(*args, load=False).fits(self.top_k):
+                raise ValueError(f"PrefillPlan: the tile-outer kernel's shared memory for top_k={self.top_k} does "
+                                 f"not fit this GPU")
+            self._tile = sparse.tile_prefill_kernel(*args)
+            self._tile.kernel.reserve_shared(self._tile.smem_bytes(self.top_k))
+            self._kernels["tile_offsets"] = _jit.kernel("tile_schedule.cu", "query_tile_offsets")
+            self._kernels["classify"] = _jit.kernel("tile_schedule.cu", "classify_query_tiles",
+                                                    (sparse.CLASSIFY_WARPS,))
+        if self.schedule != "tile":
+            self._prefill = sparse.prefill_kernel(*args)
+            self._kernels["block_offsets"] = _jit.kernel("reverse_index.cu", "block_offsets", (self.block_size,))
+            self._kernels["combine"] = sparse.combine_kernel(self.dtype, self.head_dim, self.group_size)
+            sparse.reverse_index_kernels()  # loaded now: a step may be prepared inside a capture
+
+    def _attention_sizes(self):
+        if self.schedule == "tile":
+            return {}
+        return dict(n_buckets=self.num_kv_heads * self._n_blocks,
+                    max_queries=self._prefill.tile_tokens * sparse.TILES_PER_ITEM)
 
     def _prefix(self, batch, q):
         shape = tuple(getattr(q, "shape", ()))
@@ -1016,16 +1055,44 @@ class PrefillPlan(_CachePlan):
         return bounded
 
     def _attention_launches(self, record, launches, *, n_seq, rows, q, k, v, ids, cu_q, cu_k, pages, out, lse):
-        """The query tiles' offsets, then the tile-outer attention (out and lse written once)."""
-        tile_off = _jit.Pointer("tile_off", (n_seq + 1,), np.int32)
-        tile = self._tile
-        record(self._kernels["tile_offsets"], sparse.query_tile_offsets, cu_q, n_seq, 0, rows, tile.tile_tokens,
-               tile_off)
-        recorder = _jit.Recorder(tile.kernel)
-        sparse.launch_tile_prefill(tile._replace(kernel=recorder), q, k, v, ids, cu_q, cu_k, tile_off, n_seq, 0, rows,
-                                   None, out, lse, causal=True, scale_log2=np.float32(self.scale * sparse.LOG2E),
-                                   pages=pages)
-        launches.append(recorder.launch)
+        """By the schedule: the query tiles' offsets and classification; the reverse index,
+        KV-outer attention and combine; the tile-outer attention (out and lse written once)."""
+        P = _jit.Pointer
+        kernel_args = dict(causal=True, scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
+        hkv, row_mode = self.num_kv_heads, None
+        if self.schedule != "kv":
+            tile_off = P("tile_off", (n_seq + 1,), np.int32)
+            record(self._kernels["tile_offsets"], sparse.query_tile_offsets, cu_q, n_seq, 0, rows,
+                   self._tile.tile_tokens, tile_off)
+        if self.schedule == "auto":
+            row_mode = P("row_mode", (rows, hkv), np.uint8)
+            record(self._kernels["classify"], sparse.classify_query_tiles, ids, cu_q, cu_k, tile_off, n_seq, 0, rows,
+                   tile_tokens=self._tile.tile_tokens, min_useful=sparse.TILE_MIN_USEFUL, row_mode=row_mode)
+        if self.schedule != "tile":
+            entries = rows * hkv * self.top_k
+            block_off = P("block_off", (n_seq + 1,), np.int32)
+            list_q, slot_pos = P("list_q", (entries,), np.int32), P("slot_pos", (entries,), np.int32)
+            part_o, part_lse = P("part_o", (0,), self.dtype), P("part_lse", (0,), np.float32)
+            record(self._kernels["block_offsets"], sparse.block_offsets, cu_k, n_seq, self.block_size, block_off)
+            sizes = self._attention_sizes()
+            buffers = {name: P(name, shape, dt) for name, shape, dt in
+                       sparse.reverse_index_buffers(entries, sizes["n_buckets"], sizes["max_queries"])}
+            items = sparse.reverse_index(
+                ids, cu_q, block_off, n_seq, 0, rows, n_blocks_total=self._n_blocks, max_queries=sizes["max_queries"],
+                list_q=list_q, slot_pos=slot_pos, row_mode=row_mode, buffers=buffers,
+                emit=lambda kernel, grid, block, args: launches.append(_jit.Launch(kernel, grid, block, args)))
+            recorder = _jit.Recorder(self._prefill.kernel)
+            sparse.launch_prefill(self._prefill._replace(kernel=recorder), q, k, v, items, list_q, cu_q, cu_k,
+                                  block_off, n_seq, self._n_blocks, part_o, part_lse, **kernel_args)
+            launches.append(recorder.launch)
+        if self.schedule != "kv":
+            recorder = _jit.Recorder(self._tile.kernel)
+            sparse.launch_tile_prefill(self._tile._replace(kernel=recorder), q, k, v, ids, cu_q, cu_k, tile_off, n_seq,
+                                       0, rows, row_mode, out, lse, **kernel_args)
+            launches.append(recorder.launch)
+        if self.schedule != "tile":
+            record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, slot_pos, ids, cu_q, n_seq, 0,
+                   rows, out, lse, head_dim=self.head_dim, group=self.group_size, decode=False, row_mode=row_mode)
 
     @_interop.outside_torch_compile()
     def update(self, seq_lens, query_lens, block_table=None):

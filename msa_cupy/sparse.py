@@ -4,8 +4,9 @@ Two paths, one combine:
 
 * **prefill (KV-outer)** -- ``cuda/reverse_index.cu`` inverts the selection into, per
   (sequence, KV head, key block) = *bucket*, the ascending list of query tokens that picked it
-  (a CSR built with one CuPy sort of unique 64-bit keys: deterministic) and cuts each list into
-  work items of at most ``TILES_PER_ITEM`` query tiles, largest first.  ``cuda/sparse_prefill.cu``
+  (a CSR built on the device by a stable counting sort: deterministic, no allocation, no host
+  sync) and cuts each list into work items of at most ``TILES_PER_ITEM`` query tiles, largest
+  first.  ``cuda/sparse_prefill.cu``
   runs one CTA per item: one K/V block loaded once, its queries streamed through tensor cores
   in row tiles of 16 * PREFILL_MT * PREFILL_WARPS = 64 rows (64 / G tokens x G heads; 64
   rather than 128 so that two CTAs share an SM: +12% measured on H200), writing one partial
@@ -79,6 +80,8 @@ TILE_MAX_ENTRIES = 1024  # tile tokens x top_k ids that a tile-outer CTA dedupli
 CLASSIFY_WARPS = 8  # classify_query_tiles: a warp per (tile, KV head)
 PARTIAL_BUDGET_BYTES = 4 << 30
 SCHEDULE_THREADS = 256
+RADIX_BITS, SPLIT_TILE, SPLIT_WARPS = 8, 2048, 8  # reverse_index.cu counting sort: as the kernels'
+SCAN_THREADS = 1024
 COMBINE_WARPS = 8
 LOG2E = 1.4426950408889634
 
@@ -121,8 +124,11 @@ _jit.declare("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel",
                for _g in SUPPORTED_GROUP_SIZES], arch_specific=True)
 _jit.declare("tile_schedule.cu", "query_tile_offsets")
 _jit.declare("tile_schedule.cu", "classify_query_tiles", (CLASSIFY_WARPS,))
-for _name in ("reverse_index_keys", "reverse_index_fill", "build_work_items"):
+for _name in ("fill_int", "reverse_index_keys", "reverse_index_fill", "item_classes", "build_work_items"):
     _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
+for _name in ("split_histogram", "split_scatter"):
+    _jit.declare("reverse_index.cu", _name, (SPLIT_WARPS,))
+_jit.declare("reverse_index.cu", "exclusive_scan", (SCAN_THREADS,))
 _jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_BLOCK_SIZES])
 
 
@@ -263,13 +269,16 @@ def launch_decode(kernel, smem, q, k, v, block_indices, cu_q, cu_k, n_seq, q_beg
            shared_mem=smem)
 
 
-def block_offsets(cu_k, n_seq: int, block_size: int):
-    """reverse_index.cu block_offsets: int32 (n_seq + 1) device, the global id of each
-    sequence's first key block (one thread: n_seq is small)."""
-    import cupy
+def block_offsets(cu_k, n_seq: int, block_size: int, block_off=None, *, kernel=None):
+    """reverse_index.cu block_offsets: into block_off (int32 (n_seq + 1) device; None: a new
+    array) the global id of each sequence's first key block (one thread: n_seq is small).
+    ``kernel``: a prefill plan passes a recorder."""
+    if block_off is None:
+        import cupy
 
-    block_off = cupy.empty(n_seq + 1, cupy.int32)
-    _jit.kernel("reverse_index.cu", "block_offsets", (block_size,))((1,), (1,), (cu_k, np.int32(n_seq), block_off))
+        block_off = cupy.empty(n_seq + 1, cupy.int32)
+    kernel = kernel if kernel is not None else _jit.kernel("reverse_index.cu", "block_offsets", (block_size,))
+    kernel((1,), (1,), (cu_k, np.int32(n_seq), block_off))
     return block_off
 
 
@@ -277,42 +286,105 @@ def _schedule_grid(n):
     return (int(-(-n // SCHEDULE_THREADS)),)
 
 
+def reverse_index_kernels() -> list:
+    """Every kernel that ``reverse_index`` launches, loaded (a plan loads them before it
+    prepares a step, which may happen inside a graph capture)."""
+    return [_jit.kernel("reverse_index.cu", name, template) for name, template in (
+        ("fill_int", (SCHEDULE_THREADS,)), ("reverse_index_keys", (SCHEDULE_THREADS,)),
+        ("split_histogram", (SPLIT_WARPS,)), ("exclusive_scan", (SCAN_THREADS,)), ("split_scatter", (SPLIT_WARPS,)),
+        ("reverse_index_fill", (SCHEDULE_THREADS,)), ("item_classes", (SCHEDULE_THREADS,)),
+        ("build_work_items", (SCHEDULE_THREADS,)))]
+
+
+def work_item_bound(n_entries: int, n_buckets: int, max_queries: int) -> int:
+    """Work items of a reverse index of n_entries picks (at most one partial item per bucket):
+    the KV-outer kernel's grid, known on the host."""
+    return min(n_entries // max_queries + min(n_buckets, n_entries), n_entries)
+
+
+def reverse_index_buffers(max_entries: int, n_buckets: int, max_queries: int) -> list:
+    """(name, shape, dtype) of the device buffers that ``reverse_index`` works in, for chunks of
+    at most max_entries picks over n_buckets buckets (a plan carves them from its workspace)."""
+    tiles = -(-max(max_entries, n_buckets) // SPLIT_TILE)
+    i32 = np.int32
+    return [("ri_bucket", (max_entries,), i32), ("ri_perm0", (max_entries,), i32), ("ri_perm1", (max_entries,), i32),
+            ("ri_hist", ((1 << RADIX_BITS) * tiles + 1,), i32), ("ri_counts", (n_buckets,), i32),
+            ("ri_list_start", (n_buckets + 1,), i32), ("ri_full", (n_buckets + 1,), i32),
+            ("ri_class", (n_buckets,), i32), ("ri_class_order", (n_buckets,), i32),
+            ("ri_items", (work_item_bound(max_entries, n_buckets, max_queries), 3), i32)]
+
+
+def _head(a, n: int):
+    """The first n rows of a buffer: a CuPy view, or a plan's Pointer of that shape."""
+    if isinstance(a, _jit.Pointer):
+        return _jit.Pointer(a.name, (n,) + a.shape[1:], a.dtype)
+    return a[:n]
+
+
 def reverse_index(block_indices, cu_q, block_off, n_seq: int, q_begin: int, rows: int, *, n_blocks_total: int,
-                  max_queries: int, list_q, slot_pos, row_mode=None):
+                  max_queries: int, list_q, slot_pos, row_mode=None, buffers=None, emit=None):
     """reverse_index.cu for block_indices rows [q_begin, q_begin + rows): per bucket (KV head,
     global key block) the ascending list of the queries that picked it, into list_q, and each
     pick's place in those lists, into slot_pos (for the combine); returns the work items,
     int32 (n_items, 3) (bucket, list start, query count <= max_queries), largest first.
     n_items is an upper bound known on the host (no sync): items past the real count are
     empty and exit at once.  row_mode (uint8 (rows, Hkv), or None): picks of the rows marked
-    1 (tile-outer) are left out."""
-    import cupy
-
+    1 (tile-outer) are left out.  ``buffers``: {name: array} as ``reverse_index_buffers`` (None:
+    allocated here); ``emit``: None launches, a prefill plan passes a function
+    (kernel, grid, block, args) that prepares the launch instead."""
     n_heads_kv, top_k = block_indices.shape[1], block_indices.shape[2]
     n_entries = rows * n_heads_kv * top_k
-    n_buckets = n_heads_kv * n_blocks_total
-    keys = cupy.empty(n_entries, cupy.int64)
-    counts = cupy.zeros(n_buckets, cupy.int32)
-    _jit.kernel("reverse_index.cu", "reverse_index_keys", (SCHEDULE_THREADS,))(
-        _schedule_grid(n_entries), (SCHEDULE_THREADS,),
-        (block_indices, cu_q, block_off, _nullable(row_mode), np.int32(n_seq), np.int32(q_begin), np.int32(rows),
-         np.int32(n_heads_kv), np.int32(top_k), np.int32(n_blocks_total), keys, counts))
-    perm = cupy.argsort(keys)  # unique keys: the order is fully determined
-    _jit.kernel("reverse_index.cu", "reverse_index_fill", (SCHEDULE_THREADS,))(
-        _schedule_grid(n_entries), (SCHEDULE_THREADS,),
-        (keys, perm, np.int64(n_entries), np.int64(n_buckets * rows), np.int32(rows), np.int32(q_begin), list_q,
-         slot_pos))
-    list_start = cupy.cumsum(counts, dtype=cupy.int32) - counts
-    n_chunks = (counts + (max_queries - 1)) // max_queries
-    item_start = cupy.cumsum(n_chunks, dtype=cupy.int32) - n_chunks
-    n_items = min(n_entries // max_queries + min(n_buckets, n_entries), n_entries)
-    raw_items = cupy.zeros((n_items, 3), cupy.int32)
-    _jit.kernel("reverse_index.cu", "build_work_items", (SCHEDULE_THREADS,))(
-        _schedule_grid(n_buckets), (SCHEDULE_THREADS,),
-        (counts, list_start, item_start, np.int32(n_buckets), np.int32(max_queries), raw_items))
-    # largest first; ties (and the empty tail) in item order: a unique key, deterministic
-    order_key = (max_queries - raw_items[:, 2]).astype(cupy.int64) * n_items + cupy.arange(n_items)
-    return raw_items[cupy.argsort(order_key)]
+    n_buckets = n_heads_kv * int(n_blocks_total)
+    if not 0 < max_queries < 1 << RADIX_BITS or n_entries >= 2**31 or n_buckets >= 2**31 - 1:
+        raise ValueError(f"reverse_index: max_queries={max_queries}, {n_entries} entries, {n_buckets} buckets "
+                         f"out of range")
+    if buffers is None:
+        import cupy
+
+        buffers = {name: cupy.empty(shape, dt) for name, shape, dt in
+                   reverse_index_buffers(n_entries, n_buckets, max_queries)}
+    b = buffers
+    i32 = np.int32
+
+    def launch(name, n, args, threads=SCHEDULE_THREADS, per_cta=None):  # per_cta: n's units a CTA takes
+        kernel = _jit.kernel("reverse_index.cu", name, (threads // 32 if per_cta else threads,))
+        grid = (int(-(-n // (per_cta or threads))),)
+        (kernel if emit is None else lambda *a: emit(kernel, *a))(grid, (threads,), args)
+
+    def scan(a, n, out):
+        launch("exclusive_scan", 1, (a, i32(n), out), threads=SCAN_THREADS)
+
+    def split(key, order, n, shift, out):  # one stable counting-sort pass: histogram, scan, scatter
+        tiles, threads = -(-n // SPLIT_TILE), 32 * SPLIT_WARPS
+        launch("split_histogram", tiles, (key, _nullable(order), i32(n), i32(shift), b["ri_hist"]), threads,
+               SPLIT_WARPS)
+        scan(b["ri_hist"], tiles << RADIX_BITS, b["ri_hist"])
+        launch("split_scatter", tiles, (key, _nullable(order), i32(n), i32(shift), b["ri_hist"], out), threads,
+               SPLIT_WARPS)
+
+    launch("fill_int", n_buckets, (b["ri_counts"], i32(n_buckets), i32(0)))
+    launch("reverse_index_keys", n_entries,
+           (block_indices, cu_q, block_off, _nullable(row_mode), i32(n_seq), i32(q_begin), i32(rows), i32(n_heads_kv),
+            i32(top_k), i32(n_blocks_total), b["ri_bucket"], b["ri_counts"]))
+    # the sentinel n_buckets needs n_buckets.bit_length() bits, RADIX_BITS a pass, low digits first
+    order = None
+    for p in range(max(1, -(-n_buckets.bit_length() // RADIX_BITS))):
+        out = b["ri_perm0"] if p % 2 == 0 else b["ri_perm1"]
+        split(b["ri_bucket"], order, n_entries, p * RADIX_BITS, out)
+        order = out
+    launch("reverse_index_fill", n_entries,
+           (b["ri_bucket"], order, i32(n_entries), i32(n_buckets), i32(n_heads_kv * top_k), i32(q_begin), list_q,
+            slot_pos))
+    launch("item_classes", n_buckets, (b["ri_counts"], i32(n_buckets), i32(max_queries), b["ri_full"], b["ri_class"]))
+    scan(b["ri_counts"], n_buckets, b["ri_list_start"])
+    scan(b["ri_full"], n_buckets, b["ri_full"])
+    split(b["ri_class"], None, n_buckets, 0, b["ri_class_order"])
+    n_items = work_item_bound(n_entries, n_buckets, max_queries)
+    items = _head(b["ri_items"], n_items)
+    launch("build_work_items", max(n_buckets, n_items),
+           (b["ri_counts"], b["ri_list_start"], b["ri_full"], b["ri_class_order"], b["ri_hist"], i32(n_buckets),
+            i32(max_queries), i32(n_items), items))
+    return items
 
 
 class PrefillKernel(NamedTuple):
@@ -374,15 +446,17 @@ def chunk_tiles(rows: int, tile_tokens: int, n_seq: int) -> int:
 
 
 def classify_query_tiles(block_indices, cu_q, cu_k, tile_off, n_seq: int, q_begin: int, rows: int, *,
-                         tile_tokens: int, min_useful: float, row_mode):
+                         tile_tokens: int, min_useful: float, row_mode, kernel=None):
     """tile_schedule.cu classify_query_tiles: per (query tile, KV head) of the chunk, a warp
     decides tile-outer (its tokens picked >= min_useful of its token x block pairs) or
     KV-outer, into row_mode (uint8, (rows, Hkv)): 1 where the row's tile runs tile-outer.
-    block_indices: the chunk's rows."""
+    block_indices: the chunk's rows.  ``kernel``: a prefill plan passes a recorder."""
     n_heads_kv, top_k = block_indices.shape[1], block_indices.shape[2]
     n_tiles = chunk_tiles(rows, tile_tokens, n_seq)
     warps = n_tiles * n_heads_kv
-    _jit.kernel("tile_schedule.cu", "classify_query_tiles", (CLASSIFY_WARPS,))(
+    kernel = kernel if kernel is not None else _jit.kernel("tile_schedule.cu", "classify_query_tiles",
+                                                           (CLASSIFY_WARPS,))
+    kernel(
         (-(-warps // CLASSIFY_WARPS),), (32 * CLASSIFY_WARPS,),
         (block_indices, cu_q, cu_k, tile_off, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(n_tiles),
          np.int32(tile_tokens), np.int32(top_k), np.int32(n_heads_kv), np.float32(min_useful), row_mode),
@@ -487,19 +561,20 @@ def combine_kernel(dtype, head_dim: int, group: int):
     return _jit.kernel("combine.cu", "sparse_combine_kernel", (tname, head_dim, group, COMBINE_WARPS))
 
 
-def launch_combine(part_o, part_lse, slot_pos, block_indices, q_begin, rows, out, lse, *, head_dim, group,
-                   decode, row_mode=None, kernel=None):
+def launch_combine(part_o, part_lse, slot_pos, block_indices, cu_q, n_seq, q_begin, rows, out, lse, *, head_dim,
+                   group, decode, row_mode=None, kernel=None):
     """combine.cu: the log-sum-exp merge of the <= K partials of each (query, head) of rows
-    [q_begin, q_begin + rows) into out/lse.  Decode partials sit at their entry of
-    block_indices; prefill partials at slot_pos.  row_mode (uint8 (rows, Hkv), or None): rows
-    marked 1 belong to the tile-outer kernel and are left alone.  ``kernel``:
-    combine_kernel(...) unless given (a decode plan passes a recorder)."""
+    [q_begin, q_begin + rows) into out/lse; rows at or past cu_q[n_seq] are left alone.
+    Decode partials sit at their entry of block_indices; prefill partials at slot_pos.
+    row_mode (uint8 (rows, Hkv), or None): rows marked 1 belong to the tile-outer kernel and
+    are left alone.  ``kernel``: combine_kernel(...) unless given (a plan passes a recorder)."""
     combine = kernel if kernel is not None else combine_kernel(out.dtype, head_dim, group)
     n_heads_q, top_k = out.shape[1], block_indices.shape[-1]
     pairs = rows * n_heads_q
     combine((int(-(-pairs // (2 * COMBINE_WARPS))),), (32 * COMBINE_WARPS,),  # a half-warp per pair
             (part_o, part_lse, block_indices if decode else slot_pos, block_indices, np.int32(decode),
-             _nullable(row_mode), np.int32(q_begin), np.int32(rows), np.int32(n_heads_q), np.int32(top_k), out, lse))
+             _nullable(row_mode), cu_q, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(n_heads_q),
+             np.int32(top_k), out, lse))
 
 
 # --------------------------------------------------------------------------- the operation
@@ -578,6 +653,9 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
         list_q = cupy.empty(max_entries, cupy.int32)
         slot_pos = cupy.empty(max_entries, cupy.int32)
         block_off = block_offsets(cu_k, layout.n_seq, block_size)
+        max_queries = prefill.tile_tokens * TILES_PER_ITEM
+        index_buffers = {name: cupy.empty(shape, dt) for name, shape, dt in
+                         reverse_index_buffers(max_entries, n_heads_kv * n_blocks_total, max_queries)}
     if tile is not None:
         tile_off = cupy.empty(layout.n_seq + 1, cupy.int32)
         if schedule == "auto":
@@ -601,8 +679,8 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
                                          row_mode=row_mode)
             if kv_outer:
                 items = reverse_index(bi, cu_q, block_off, layout.n_seq, q_begin, rows, n_blocks_total=n_blocks_total,
-                                      max_queries=prefill.tile_tokens * TILES_PER_ITEM, list_q=list_q,
-                                      slot_pos=slot_pos, row_mode=row_mode)
+                                      max_queries=max_queries, list_q=list_q, slot_pos=slot_pos, row_mode=row_mode,
+                                      buffers=index_buffers)
             mark("reverse_index")
             if kv_outer:
                 launch_prefill(prefill, q, k, v, items, list_q, cu_q, cu_k, block_off, layout.n_seq, n_blocks_total,
@@ -612,7 +690,7 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
                                     out, lse, **kernel_args)
         mark("attention")
         if kv_outer:
-            launch_combine(part_o, part_lse, slot_pos, bi, q_begin, rows, out, lse, head_dim=head_dim, group=group,
-                           decode=decode, row_mode=row_mode)
+            launch_combine(part_o, part_lse, slot_pos, bi, cu_q, layout.n_seq, q_begin, rows, out, lse,
+                           head_dim=head_dim, group=group, decode=decode, row_mode=row_mode)
         mark("combine")
     return out, lse

@@ -192,9 +192,10 @@ def test_recorded_stage_functions_keep_their_argument_order():
     assert [_cell(launch, i, np.int32) for i in range(7, 16)] == [hkv, 1, 0, 1, top_k, 1, 0, 1, 5]
 
     recorder = _jit.Recorder(_Kernel())
-    sparse.launch_combine(P("part_o"), P("part_lse"), None, ids, 0, rows, P("out", (rows, hq, d), np.float16),
-                          P("lse", (rows, hq), np.float32), head_dim=d, group=hq // hkv, decode=True, kernel=recorder)
-    assert [name for name, _, _ in recorder.launch.slots] == ["part_o", "part_lse", "ids", "ids", "out", "lse"]
+    sparse.launch_combine(P("part_o"), P("part_lse"), None, ids, P("cu_q"), 3, 0, rows,
+                          P("out", (rows, hq, d), np.float16), P("lse", (rows, hq), np.float32), head_dim=d,
+                          group=hq // hkv, decode=True, kernel=recorder)
+    assert [name for name, _, _ in recorder.launch.slots] == ["part_o", "part_lse", "ids", "ids", "cu_q", "out", "lse"]
 
 
 def _kernel_parameters(source: str, name: str) -> list:
@@ -269,8 +270,8 @@ def test_every_stage_function_passes_its_kernels_parameter_list(monkeypatch):
         last(lambda: sparse.query_tile_offsets(cu_q, 2, 0, rows, 8, P("tile_off")))(),
         last(lambda: sparse.classify_query_tiles(ids, cu_q, cu_k, P("tile_off"), 2, 0, rows, tile_tokens=8,
                                                  min_useful=0.3, row_mode=P("mode")))(),
-        last(lambda: sparse.launch_combine(P("po"), P("pl"), None, ids, 0, rows, out, lse, head_dim=d, group=8,
-                                           decode=True))(),
+        last(lambda: sparse.launch_combine(P("po"), P("pl"), None, ids, cu_q, 2, 0, rows, out, lse, head_dim=d,
+                                           group=8, decode=True))(),
         last(lambda: selection.launch_select(
             selection.SelectLaunch(stub("select.cu", "select_kernel"), 128, 0, 1, 1, 1, 32), P("iq", (rows, hkv, d)),
             P("ik", (0, 1, d)), cu_q, cu_k, 2, causal=True, top_k=top_k, ids_out=ids, pages=pages))(),
@@ -282,7 +283,16 @@ def test_every_stage_function_passes_its_kernels_parameter_list(monkeypatch):
         last(lambda: plan.launch_uniform_cu_seqlens(2, 1, 100, cu_q, cu_k))(),
         last(lambda: plan.launch_bound_query_rows(cu_q, 2, rows, P("cu_q_run"), P("errors")))(),
     ]
-    for s in recorded:
+    before = len(stubs)  # the reverse index: a dozen launches of its own kernels
+    sparse.reverse_index(ids, cu_q, P("block_off"), 2, 0, rows, n_blocks_total=9, max_queries=16, list_q=P("list_q"),
+                         slot_pos=P("slot_pos"), row_mode=P("mode"), buffers={
+                             name: P(name, shape, dt) for name, shape, dt in
+                             sparse.reverse_index_buffers(rows * hkv * top_k, hkv * 9, 16)})
+    index_stubs = stubs[before:]
+    assert {s.name for s in index_stubs} == {"fill_int", "reverse_index_keys", "split_histogram", "exclusive_scan",
+                                             "split_scatter", "reverse_index_fill", "item_classes",
+                                             "build_work_items"}
+    for s in recorded + index_stubs:
         params = _kernel_parameters(s.source, s.name)
         assert len(s.args) == len(params), (s.source, s.name, len(s.args), params)
     assert len({(s.source, s.name) for s in recorded}) == len(recorded)

@@ -67,6 +67,26 @@ def test_prefill_workspace_holds_outputs_not_partials():
     assert head == ["cu_q", "cu_k", "block_table"]  # what the pinned staging buffer mirrors
 
 
+@pytest.mark.parametrize("schedule", ["kv", "auto"])
+def test_prefill_workspace_of_kv_outer_schedules_holds_partials_and_the_reverse_index(schedule):
+    from msa_cupy import sparse
+
+    rows, hkv, top_k, buckets, max_queries = 4096, 4, 16, 4 * 4 * 1024, 32
+    views = plan.workspace_layout(max_batch=4, rows=rows, num_q_heads=64, num_kv_heads=hkv, head_dim=128,
+                                  top_k=top_k, max_pages=1024, dtype=np.dtype(np.float16), splits=1,
+                                  training_free=True, attention=schedule, n_buckets=buckets, max_queries=max_queries)
+    sizes = {name: int(np.prod(shape)) * np.dtype(dt).itemsize for name, shape, dt in views}
+    entries = rows * hkv * top_k
+    assert sizes["part_o"] == entries * 16 * 128 * 2 and sizes["list_q"] == sizes["slot_pos"] == entries * 4
+    assert sizes["ri_bucket"] == sizes["ri_perm0"] == sizes["ri_perm1"] == entries * 4
+    assert sizes["ri_counts"] == buckets * 4 and sizes["ri_list_start"] == (buckets + 1) * 4
+    assert sizes["ri_items"] == 3 * 4 * sparse.work_item_bound(entries, buckets, max_queries)
+    assert sizes["ri_hist"] == 4 * (256 * -(-entries // sparse.SPLIT_TILE) + 1)
+    assert sizes["cu_q_run"] == sizes["tile_off"] == sizes["block_off"] == 5 * 4
+    assert ("row_mode" in sizes) == (schedule == "auto")
+    assert len(sizes) == len(views)  # no name twice
+
+
 PREFILL = dict(max_batch=4, max_cache_len=1 << 16, max_query_tokens=4096, num_q_heads=64, num_kv_heads=4,
                head_dim=128, dtype="bfloat16")
 
@@ -76,6 +96,10 @@ PREFILL = dict(max_batch=4, max_cache_len=1 << 16, max_query_tokens=4096, num_q_
     (dict(max_query_tokens=(1 << 22) + 1), ValueError, "max_query_tokens"),
     (dict(max_query_tokens=1.5), TypeError, "max_query_tokens"),
     (dict(num_q_heads=8, top_k=17), ValueError, r"top_k must be <= 16 for PrefillPlan"),
+    (dict(num_q_heads=8, top_k=17, schedule="tile"), ValueError, r"top_k must be <= 16 for PrefillPlan"),
+    (dict(schedule="fast"), ValueError, r"schedule must be one of \('auto', 'kv', 'tile'\)"),
+    (dict(max_batch=1 << 16, max_cache_len=1 << 20, page_size=128, num_pages=1024, schedule="kv"), ValueError,
+     "below 2\\^31 for schedule='kv'"),
     (dict(num_q_heads=16, top_k=32, page_size=64), ValueError, "num_pages"),
     (dict(top_k=33), ValueError, "top_k"),
     (dict(head_dim=96), ValueError, "head_dim"),

@@ -36,13 +36,15 @@ def problems(draw):
                 pad=pad, extra_tokens=draw(st.integers(0, 50)), top_k=draw(st.integers(1, min(8, _most_top_k(g)))),
                 page_size=draw(st.sampled_from([None, 64, 128, 32])), learned=draw(st.booleans()),
                 shared=draw(st.booleans()), dtype=draw(st.sampled_from(sorted(DTYPES))),
-                max_batch=batch + draw(st.integers(0, 2)), seed=draw(st.integers(0, 2**31)))
+                max_batch=batch + draw(st.integers(0, 2)), seed=draw(st.integers(0, 2**31)),
+                schedule=draw(st.sampled_from(sparse.SCHEDULES)))
 
 
 def _setup(p):
     host = cache_case(p, (int(sum(p["q_lens"])) + p["pad"],))
     host["q_lens"] = np.array(p["q_lens"], np.int32)
-    plan = msa_cupy.PrefillPlan(**plan_options(p, host), max_query_tokens=host["q"].shape[0] + p["extra_tokens"])
+    plan = msa_cupy.PrefillPlan(**plan_options(p, host), max_query_tokens=host["q"].shape[0] + p["extra_tokens"],
+                                schedule=p["schedule"])
     return plan, host, to_device(host)
 
 
@@ -92,17 +94,18 @@ def test_prefill_plan_matches_reference(p):
 def _problem(rng, paged=True, **change):
     p = dict(hkv=4, g=16, d=128, block=128, batch=3, max_len=3000, lens=[2999, 1500, 700], q_lens=[600, 1, 700],
              pad=60, extra_tokens=0, top_k=8, page_size=64 if paged else None, learned=False, shared=False,
-             dtype="bfloat16", max_batch=4, seed=int(rng.integers(2**31)))
+             dtype="bfloat16", max_batch=4, seed=int(rng.integers(2**31)), schedule="auto")
     return {**p, **change}
 
 
-def test_prefill_plan_paged_is_bitwise_contiguous_and_host_updates_are_device_updates():
+@pytest.mark.parametrize("schedule", sparse.SCHEDULES)
+def test_prefill_plan_paged_is_bitwise_contiguous_and_host_updates_are_device_updates(schedule):
     import cupy as cp
 
     rng = np.random.default_rng(21)
-    p = _problem(rng, paged=False, learned=True, shared=True)
+    p = _problem(rng, paged=False, learned=True, shared=True, schedule=schedule)
     plan, host, dev = _setup(p)
-    paged_p = _problem(rng, paged=True, learned=True, shared=True, seed=p["seed"])
+    paged_p = _problem(rng, paged=True, learned=True, shared=True, seed=p["seed"], schedule=schedule)
     paged, host_p, dev_p = _setup(paged_p)
     plan.update(host["lens"], host["q_lens"])
     out_c, lse_c = (x.copy() for x in run_plan(plan, dev))
@@ -144,11 +147,12 @@ def test_prefill_plan_counts_what_device_updates_and_short_q_clamp():
         plan.update(host["lens"], dev["q_lens"])
 
 
-def test_prefill_plan_graph_replays_eager_bitwise_for_new_chunks():
+@pytest.mark.parametrize("schedule", sparse.SCHEDULES)
+def test_prefill_plan_graph_replays_eager_bitwise_for_new_chunks(schedule):
     import cupy as cp
 
     rng = np.random.default_rng(23)
-    p = _problem(rng, paged=True)
+    p = _problem(rng, paged=True, schedule=schedule)
     plan, host, dev = _setup(p)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:

@@ -207,54 +207,85 @@ def test_public_api_runs_the_kernels(rng):
     testing.assert_attention_close(out, ref_out, "bfloat16", lse, ref_lse)
 
 
+def reverse_index_model(bi, cu_q, block_off, q_begin, n_blocks_total, max_queries, row_mode=None):
+    """The reverse index of block_indices rows bi (rows, Hkv, K) from q_begin, on the host:
+    list_q, slot_pos and the work items, as reverse_index.cu defines them."""
+    rows, hkv, top_k = bi.shape
+    seq = np.searchsorted(cu_q, q_begin + np.arange(rows), side="right") - 1
+    keyed = []  # (bucket, entry) of every distinct pick of a row that runs KV-outer
+    for r in range(rows):
+        for g in range(hkv):
+            if row_mode is not None and row_mode[r, g]:
+                continue
+            for slot in range(top_k):
+                block = int(bi[r, g, slot])
+                if block >= 0 and block not in bi[r, g, :slot]:
+                    keyed.append((g * n_blocks_total + int(block_off[seq[r]]) + block, (r * hkv + g) * top_k + slot))
+    keyed.sort()
+    n_entries = rows * hkv * top_k
+    list_q = np.full(n_entries, -1, np.int32)
+    slot_pos = np.full(n_entries, -1, np.int32)
+    for p, (_, e) in enumerate(keyed):
+        list_q[p] = q_begin + e // (hkv * top_k)
+        slot_pos[e] = p
+    counts = np.bincount([b for b, _ in keyed], minlength=hkv * n_blocks_total)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    items = []  # (sort key, bucket, start, count): full items first, then by decreasing size, in bucket order
+    for bucket in np.flatnonzero(counts):
+        for first in range(0, counts[bucket], max_queries):
+            size = min(max_queries, counts[bucket] - first)
+            items.append((max_queries - size, len(items), bucket, starts[bucket] + first, size))
+    items.sort()
+    n_items = min(n_entries // max_queries + min(hkv * n_blocks_total, n_entries), n_entries)
+    table = np.zeros((n_items, 3), np.int32)
+    table[:len(items)] = [it[2:] for it in items]
+    return list_q, slot_pos, table
+
+
 @pytest.mark.gpu
-def test_reverse_index_stage(rng):
-    """block_offsets + reverse_index on a chunk of a varlen batch, against a host model: every
-    distinct pick has one list position holding its query, each bucket's list ascends, and the
-    work items tile the lists, at most max_queries each, largest first."""
+@pytest.mark.parametrize("case", ["varlen", "three_passes", "row_mode"])
+def test_reverse_index_stage(rng, case):
+    """block_offsets + reverse_index on a chunk of a varlen batch, equal to the host model: each
+    bucket's list ascends, every distinct pick has its position, the work items tile the lists,
+    at most max_queries each, largest first.  "three_passes": over 2^16 buckets and many warp
+    tiles (the counting sort's passes and tile order), hot blocks (full items)."""
     import cupy
 
     from msa_cupy import sparse
 
-    lengths, hkv, top_k, block_size, max_queries = [(90, 700), (40, 300)], 2, 6, 64, 16
+    if case == "three_passes":
+        lengths, hkv, top_k, block_size, max_queries = [(1500, 1 << 19), (700, 1 << 19)], 4, 16, 64, 32
+        q_begin, rows = 100, 2000
+    else:
+        lengths, hkv, top_k, block_size, max_queries = [(90, 700), (40, 300)], 2, 6, 64, 16
+        q_begin, rows = 50, 70  # a chunk across the sequence boundary
     bi = testing.random_block_indices(rng, lengths, hkv, top_k, block_size, mode="random", causal=False)
     bi[::3, :, -1] = bi[::3, :, 0]  # repeated ids count once
-    cu_q = np.array([0, 90, 130], np.int32)
-    cu_k = np.array([0, 700, 1000], np.int32)
+    if case == "three_passes":
+        hot = rng.random(bi.shape) < 0.5
+        bi[hot] = rng.integers(0, 40, size=int(hot.sum()))
+    row_mode = (rng.random((rows, hkv)) < 0.4).astype(np.uint8) if case == "row_mode" else None
+    cu_q = np.concatenate([[0], np.cumsum([nq for nq, _ in lengths])]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum([nk for _, nk in lengths])]).astype(np.int32)
     layout = varlen_layout(cu_q, cu_k)
     n_blocks_total = sparse._n_blocks_total(layout, block_size)
     block_off = sparse.block_offsets(cupy.asarray(cu_k), layout.n_seq, block_size)
-    assert block_off.get().tolist() == [0, 11, 16]
-    q_begin, rows = 50, 70  # a chunk across the sequence boundary
+    expect_off = np.concatenate([[0], np.cumsum([-(-nk // block_size) for _, nk in lengths])])
+    assert block_off.get().tolist() == expect_off.tolist()
     n_entries = rows * hkv * top_k
     list_q, slot_pos = (cupy.full(n_entries, -7, cupy.int32) for _ in range(2))
-    items = sparse.reverse_index(cupy.asarray(bi[q_begin:q_begin + rows]), cupy.asarray(cu_q), block_off,
-                                 layout.n_seq, q_begin, rows, n_blocks_total=n_blocks_total, max_queries=max_queries,
-                                 list_q=list_q, slot_pos=slot_pos).get()
-    list_q, slot_pos = list_q.get(), slot_pos.get().reshape(rows, hkv, top_k)
-    bucket_at = {}
-    for r in range(rows):
-        token = q_begin + r
-        seq = int(np.searchsorted(cu_q, token, side="right") - 1)
-        for g in range(hkv):
-            kept = slot_pos[r, g][slot_pos[r, g] >= 0]
-            picks = bi[token, g]
-            assert len(kept) == len(set(picks[picks >= 0].tolist()))
-            assert all(list_q[p] == token for p in kept)
-            for p, block in zip(slot_pos[r, g], picks):
-                if p >= 0:
-                    bucket_at[int(p)] = g * n_blocks_total + [0, 11][seq] + int(block)
-    n_valid = len(bucket_at)
-    assert sorted(bucket_at) == list(range(n_valid)), "valid picks fill positions 0 .. n - 1"
-    real = items[items[:, 2] > 0]
-    assert np.all(np.diff(items[:, 2]) <= 0) and real[:, 2].max() <= max_queries
-    covered = np.concatenate([np.arange(s, s + c) for _, s, c in real])
-    assert sorted(covered.tolist()) == list(range(n_valid))
-    for bucket, start, count in real:
-        assert all(bucket_at[int(p)] == bucket for p in range(start, start + count))
-    for p in range(1, n_valid):
-        if bucket_at[p] == bucket_at[p - 1]:
-            assert list_q[p] > list_q[p - 1], "a bucket's queries ascend"
+    chunk = bi[q_begin:q_begin + rows]
+    items = sparse.reverse_index(cupy.asarray(chunk), cupy.asarray(cu_q), block_off, layout.n_seq, q_begin, rows,
+                                 n_blocks_total=n_blocks_total, max_queries=max_queries, list_q=list_q,
+                                 slot_pos=slot_pos, row_mode=None if row_mode is None else cupy.asarray(row_mode))
+    want_list, want_slot, want_items = reverse_index_model(chunk, cu_q, expect_off, q_begin, n_blocks_total,
+                                                           max_queries, row_mode)
+    np.testing.assert_array_equal(list_q.get(), want_list)
+    np.testing.assert_array_equal(slot_pos.get(), want_slot)
+    np.testing.assert_array_equal(items.get(), want_items)
+    if case == "three_passes":
+        assert hkv * n_blocks_total >= 1 << 16 and n_entries > 8 * sparse.SPLIT_TILE
+        assert (want_items[:, 2] == max_queries).sum() > 10 and (want_items[:, 2] == 1).sum() > 10
 
 
 @pytest.mark.gpu

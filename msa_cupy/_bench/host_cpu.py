@@ -76,7 +76,7 @@ def _one_call_program():
     sparse.launch_decode(decode, 0, q, k, v, ids, cu_q, cu_k, 1, 0, rows, P("part_o"), P("part_lse"), causal=True,
                          scale_log2=np.float32(0.1275), pages=_layout.CONTIGUOUS_KEYS)
     launches.append(decode.launch)
-    record(sparse.launch_combine, P("part_o"), P("part_lse"), None, ids, 0, rows, P("out", (rows, HQ, D), BF16),
+    record(sparse.launch_combine, P("part_o"), P("part_lse"), None, ids, cu_q, 1, 0, rows, P("out", (rows, HQ, D), BF16),
            P("lse", (rows, HQ), np.float32), head_dim=D, group=HQ // HKV, decode=True)
     return _jit.Program(launches)
 
