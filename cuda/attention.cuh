@@ -35,14 +35,6 @@ __device__ __forceinline__ int sequence_of(const int* __restrict__ cu_q, int n_s
     return lo;
 }
 
-// How many keys query i (0-based in its sequence of n_q queries and n_k keys) sees: it sits at
-// key position n_k - n_q + i (bottom-right alignment) and sees keys 0 .. position when causal,
-// every key otherwise.  <= 0: none (a query before key 0).  The one visibility rule of the
-// prefill kernels.
-__device__ __forceinline__ int visible_keys(int n_q, int n_k, int i, int causal) {
-    return causal ? min(n_k - n_q + i + 1, n_k) : n_k;
-}
-
 // True when slot `slot` of a (query, group) row holds a block id that is not -1 and not a
 // repeat of an earlier slot: block_indices are a set, duplicates count once.
 __device__ __forceinline__ bool first_occurrence(const int* __restrict__ row, int slot) {

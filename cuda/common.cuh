@@ -67,3 +67,12 @@ struct KeyRows {
         return (i64)block_table[(i64)seq * max_pages + key / page_size] * page_size + key % page_size;
     }
 };
+
+// The one position rule of every kernel (selection and attention): query i (0-based in its
+// sequence of n_q queries and n_k keys) sits at key position n_k - n_q + i (bottom-right
+// alignment; negative: before key 0) and, when causal, sees keys 0 .. position; otherwise
+// every key.  visible_keys <= 0: none.
+__device__ __forceinline__ int query_position(int n_q, int n_k, int i) { return n_k - n_q + i; }
+__device__ __forceinline__ int visible_keys(int n_q, int n_k, int i, int causal) {
+    return causal ? min(query_position(n_q, n_k, i) + 1, n_k) : n_k;
+}

@@ -39,8 +39,7 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     const int key0 = picks[slot] * BK;
     const int q_start = cu_q[seq], n_q = cu_q[seq + 1] - q_start;
     const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
-    const int position = n_k - n_q + (token - q_start);
-    const int lim = (causal ? min(position + 1, n_k) : n_k) - key0;  // visible keys of the block
+    const int lim = visible_keys(n_q, n_k, token - q_start, causal) - key0;  // visible keys of the block
     const KeyRows key_rows{block_table, max_pages, page_size};
 
     extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -54,7 +54,7 @@ struct SelectRows {
         t_end = (int)((i64)(blockIdx.z + 1) * n_tiles / n_splits);
         return true;
     }
-    __device__ __forceinline__ int position(int r) const { return nk - nq + (row0 + r) / rows_per_q; }
+    __device__ __forceinline__ int position(int r) const { return query_position(nq, nk, (row0 + r) / rows_per_q); }
     __device__ __forceinline__ int n_visible(int r) const {  // visible keys of local row r
         return causal ? min(max(position(r) + 1, 0), nk) : nk;
     }

@@ -41,7 +41,7 @@ topk_kernel(const float* __restrict__ scores, const int* __restrict__ cu_q, cons
     }
     const int nq = cu_q[lo + 1] - cu_q[lo];
     const int nk = cu_k[lo + 1] - cu_k[lo];
-    const int pos = nk - nq + (q - cu_q[lo]);
+    const int pos = query_position(nq, nk, q - cu_q[lo]);
     const int n_visible = causal ? min(max(pos + 1, 0), nk) : nk;
     const int n_vis_blocks = (n_visible + block_size - 1) / block_size;
     const int local = min(max(pos, 0), max(nk - 1, 0)) / block_size;
