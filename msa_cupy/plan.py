@@ -1028,6 +1028,7 @@ class PrefillPlan(_CachePlan):
             self._tile = sparse.tile_prefill_kernel(*args)
             self._tile.kernel.reserve_shared(self._tile.smem_bytes(self.top_k))
             self._kernels["tile_offsets"] = _jit.kernel("tile_schedule.cu", "query_tile_offsets")
+        if self.schedule == "auto":
             self._kernels["classify"] = _jit.kernel("tile_schedule.cu", "classify_query_tiles",
                                                     (sparse.CLASSIFY_WARPS,))
         if self.schedule != "tile":
