@@ -16,7 +16,7 @@
 //                           one) and counts the entries of each bucket.
 //   2. a stable counting sort of the entries by bucket: RADIX_BITS per pass, least significant
 //      digit first; each pass is split_histogram (per warp tile, the count of each digit),
-//      exclusive_scan (digit-major: a digit's elements of tile t follow those of tiles < t)
+//      a scan (digit-major: a digit's elements of tile t follow those of tiles < t)
 //      and split_scatter (each warp walks its tile in order and ranks equal digits with
 //      __match_any_sync).  Entries enter in entry order, i.e. ascending token, so each
 //      bucket's list ascends.
@@ -25,7 +25,7 @@
 //   4. the work items: each bucket's list cut into items of at most max_queries tokens, so
 //      that hot blocks (local block, sinks) spread over several CTAs; largest first (the full
 //      items in bucket order, then the rest by decreasing size, ties in bucket order: one
-//      more counting-sort pass over the buckets), empty items past the real count.
+//      more counting sort over the buckets, by class), empty items past the real count.
 //      Item = (bucket, list start, token count).
 #include "attention.cuh"
 
@@ -146,43 +146,94 @@ split_scatter(const int* __restrict__ key, const int* __restrict__ order, int n,
     });
 }
 
-// out[i] = a[0] + ... + a[i - 1] for i <= n (out[n]: the total); out may be a.  One CTA, a
-// contiguous segment per thread: n is a histogram or a bucket count (at most a few million).
+// The exclusive prefix sum of x over the CTA's threads in thread order; total: the sum of
+// all (THREADS <= 1024).  Once per kernel: its shared memory is not reused.
 template <int THREADS>
-__global__ void __launch_bounds__(THREADS)
-exclusive_scan(const int* a, int n, int* out) {
-    __shared__ int warp_total[THREADS / 32];
+__device__ __forceinline__ int cta_exclusive_scan(int x, int& total) {
+    static_assert(THREADS % 32 == 0 && THREADS <= 1024, "a warp's scan of the warp totals");
+    __shared__ int warp_start[THREADS / 32 + 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int seg = (n + THREADS - 1) / THREADS;
-    const int begin = min(n, (int)threadIdx.x * seg), end = min(n, begin + seg);
-    int sum = 0;
-    for (int i = begin; i < end; ++i) sum += a[i];
-    int incl = sum;
+    int incl = x;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
         const int t = __shfl_up_sync(0xffffffffu, incl, o);
         if (lane >= o) incl += t;
     }
-    if (lane == 31) warp_total[warp] = incl;
+    if (lane == 31) warp_start[warp] = incl;
     __syncthreads();
     if (warp == 0) {
-        const int w = lane < THREADS / 32 ? warp_total[lane] : 0;
+        const int w = lane < THREADS / 32 ? warp_start[lane] : 0;
         int w_incl = w;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
             const int t = __shfl_up_sync(0xffffffffu, w_incl, o);
             if (lane >= o) w_incl += t;
         }
-        if (lane < THREADS / 32) warp_total[lane] = w_incl - w;
+        if (lane < THREADS / 32) warp_start[lane] = w_incl - w;
+        if (lane == THREADS / 32 - 1) warp_start[THREADS / 32] = w_incl;
     }
     __syncthreads();
-    int run = warp_total[warp] + incl - sum;
+    total = warp_start[THREADS / 32];
+    return warp_start[warp] + incl - x;
+}
+
+// out[i] = a[0] + ... + a[i - 1] for i <= n (out[n]: the total); out may be a.  One CTA, a
+// contiguous segment per thread: for short arrays (the tile sums of scan_tiles).
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+exclusive_scan(const int* a, int n, int* out) {
+    const int seg = (n + THREADS - 1) / THREADS;
+    const int begin = min(n, (int)threadIdx.x * seg), end = min(n, begin + seg);
+    int sum = 0;
+    for (int i = begin; i < end; ++i) sum += a[i];
+    int total;
+    int run = cta_exclusive_scan<THREADS>(sum, total);
     for (int i = begin; i < end; ++i) {
         const int x = a[i];
         out[i] = run;
         run += x;
     }
-    if (threadIdx.x == THREADS - 1) out[n] = run;
+    if (threadIdx.x == 0) out[n] = total;
+}
+
+// A long scan in three launches (histograms of millions of counts): scan_tile_sums, the
+// exclusive_scan of those sums, scan_tiles.  A CTA takes a tile of THREADS * SCAN_ITEMS
+// elements, SCAN_ITEMS consecutive ones a thread; integer sums, so no order dependence.
+constexpr int SCAN_ITEMS = 8;
+
+// sums[b] = the sum of tile b of a.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+scan_tile_sums(const int* __restrict__ a, int n, int* __restrict__ sums) {
+    const i64 base = ((i64)blockIdx.x * THREADS + threadIdx.x) * SCAN_ITEMS;
+    int x = 0;
+#pragma unroll
+    for (int j = 0; j < SCAN_ITEMS; ++j) x += base + j < n ? a[base + j] : 0;
+    int total;
+    cta_exclusive_scan<THREADS>(x, total);
+    if (threadIdx.x == 0) sums[blockIdx.x] = total;
+}
+
+// out[i] = a[0] + ... + a[i - 1] for i <= n, from tile_start (the scanned tile sums, with the
+// total at [gridDim.x]); out may be a: each thread reads its elements before writing them.
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS)
+scan_tiles(const int* a, int n, const int* __restrict__ tile_start, int* out) {
+    const i64 base = ((i64)blockIdx.x * THREADS + threadIdx.x) * SCAN_ITEMS;
+    int v[SCAN_ITEMS], x = 0;
+#pragma unroll
+    for (int j = 0; j < SCAN_ITEMS; ++j) {
+        v[j] = base + j < n ? a[base + j] : 0;
+        x += v[j];
+    }
+    int total;
+    int run = tile_start[blockIdx.x] + cta_exclusive_scan<THREADS>(x, total);
+#pragma unroll
+    for (int j = 0; j < SCAN_ITEMS; ++j) {
+        if (base + j < n) out[base + j] = run;
+        run += v[j];
+    }
+    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) out[n] = tile_start[gridDim.x];
 }
 
 template <int THREADS>
@@ -214,19 +265,17 @@ item_classes(const int* __restrict__ counts, int n_buckets, int max_queries, int
     item_class[b] = rest ? max_queries - rest : max_queries;
 }
 
-// Thread t: bucket t's full items at full_start[t]; the t-th partial item in class order
-// (class_order; class_start: the scanned histogram of that pass, whose class max_queries
-// starts after the n_partial buckets that have one) after every full item; empty items up to
-// n_items.
+// Thread t: bucket t's full items at full_start[t]; the t-th partial item after every full
+// item, its bucket the t-th in class order (class_order: stable ascending by item_class, so the
+// buckets with a partial item, class < max_queries, come first); empty items up to n_items.
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS)
 build_work_items(const int* __restrict__ counts, const int* __restrict__ list_start,
-                 const int* __restrict__ full_start, const int* __restrict__ class_order,
-                 const int* __restrict__ class_start, int n_buckets, int max_queries, int n_items,
+                 const int* __restrict__ full_start, const int* __restrict__ item_class,
+                 const int* __restrict__ class_order, int n_buckets, int max_queries, int n_items,
                  int* __restrict__ items) {
     const int t = blockIdx.x * THREADS + threadIdx.x;
-    const int n_tiles = (n_buckets + SPLIT_TILE - 1) / SPLIT_TILE;
-    const int n_full = full_start[n_buckets], n_partial = class_start[(i64)max_queries * n_tiles];
+    const int n_full = full_start[n_buckets];
     if (t < n_buckets) {
         int* item = items + 3 * (i64)full_start[t];
         for (int first = 0; first + max_queries <= counts[t]; first += max_queries, item += 3) {
@@ -235,14 +284,15 @@ build_work_items(const int* __restrict__ counts, const int* __restrict__ list_st
             item[2] = max_queries;
         }
     }
-    if (t < n_partial) {
+    if (t < n_buckets && item_class[class_order[t]] < max_queries) {
         const int b = class_order[t], count = counts[b], rest = count % max_queries;
         int* item = items + 3 * ((i64)n_full + t);
         item[0] = b;
         item[1] = list_start[b] + count - rest;
         item[2] = rest;
     }
-    if (t >= n_full + n_partial && t < n_items) {
+    const int p = t - n_full;  // an item slot past the full ones that no partial item takes
+    if (t < n_items && p >= 0 && (p >= n_buckets || item_class[class_order[p]] == max_queries)) {
         int* item = items + 3 * (i64)t;
         item[0] = item[1] = item[2] = 0;
     }

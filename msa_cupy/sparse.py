@@ -81,7 +81,7 @@ CLASSIFY_WARPS = 8  # classify_query_tiles: a warp per (tile, KV head)
 PARTIAL_BUDGET_BYTES = 4 << 30
 SCHEDULE_THREADS = 256
 RADIX_BITS, SPLIT_TILE, SPLIT_WARPS = 8, 2048, 8  # reverse_index.cu counting sort: as the kernels'
-SCAN_THREADS = 1024
+SCAN_THREADS, SCAN_ITEMS = 1024, 8  # reverse_index.cu scans: a CTA takes SCAN_THREADS x SCAN_ITEMS elements
 COMBINE_WARPS = 8
 LOG2E = 1.4426950408889634
 
@@ -128,7 +128,8 @@ for _name in ("fill_int", "reverse_index_keys", "reverse_index_fill", "item_clas
     _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
 for _name in ("split_histogram", "split_scatter"):
     _jit.declare("reverse_index.cu", _name, (SPLIT_WARPS,))
-_jit.declare("reverse_index.cu", "exclusive_scan", (SCAN_THREADS,))
+for _name in ("exclusive_scan", "scan_tile_sums", "scan_tiles"):
+    _jit.declare("reverse_index.cu", _name, (SCAN_THREADS,))
 _jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_BLOCK_SIZES])
 
 
@@ -291,7 +292,8 @@ def reverse_index_kernels() -> list:
     prepares a step, which may happen inside a graph capture)."""
     return [_jit.kernel("reverse_index.cu", name, template) for name, template in (
         ("fill_int", (SCHEDULE_THREADS,)), ("reverse_index_keys", (SCHEDULE_THREADS,)),
-        ("split_histogram", (SPLIT_WARPS,)), ("exclusive_scan", (SCAN_THREADS,)), ("split_scatter", (SPLIT_WARPS,)),
+        ("split_histogram", (SPLIT_WARPS,)), ("exclusive_scan", (SCAN_THREADS,)), ("scan_tile_sums", (SCAN_THREADS,)),
+        ("scan_tiles", (SCAN_THREADS,)), ("split_scatter", (SPLIT_WARPS,)),
         ("reverse_index_fill", (SCHEDULE_THREADS,)), ("item_classes", (SCHEDULE_THREADS,)),
         ("build_work_items", (SCHEDULE_THREADS,)))]
 
@@ -302,15 +304,38 @@ def work_item_bound(n_entries: int, n_buckets: int, max_queries: int) -> int:
     return min(n_entries // max_queries + min(n_buckets, n_entries), n_entries)
 
 
+def _scan_tiles(n: int) -> int:
+    return max(1, -(-n // (SCAN_THREADS * SCAN_ITEMS)))
+
+
+def _launch_index_kernel(emit, name, n, args, threads=SCHEDULE_THREADS, per_cta=None, template=None):
+    """A reverse_index.cu kernel over n units, per_cta of them a CTA (a thread each by
+    default); template: the kernel's (threads by default).  emit: as ``reverse_index``."""
+    kernel = _jit.kernel("reverse_index.cu", name, (template or threads,))
+    grid = (int(-(-n // (per_cta or threads))),)
+    (kernel if emit is None else lambda *a: emit(kernel, *a))(grid, (threads,), args)
+
+
+def exclusive_scan(a, n: int, out, tile_sums, *, emit=None):
+    """out[i] = a[0] + ... + a[i - 1] for i <= n (int32 device arrays; out[n] the total, out may
+    be a), in three launches; tile_sums: int32, at least ``_scan_tiles(n) + 1``."""
+    tiles, i32 = _scan_tiles(n), np.int32
+    _launch_index_kernel(emit, "scan_tile_sums", tiles, (a, i32(n), tile_sums), SCAN_THREADS, 1)
+    _launch_index_kernel(emit, "exclusive_scan", 1, (tile_sums, i32(tiles), tile_sums), SCAN_THREADS, 1)
+    _launch_index_kernel(emit, "scan_tiles", tiles, (a, i32(n), tile_sums, out), SCAN_THREADS, 1)
+
+
 def reverse_index_buffers(max_entries: int, n_buckets: int, max_queries: int) -> list:
     """(name, shape, dtype) of the device buffers that ``reverse_index`` works in, for chunks of
     at most max_entries picks over n_buckets buckets (a plan carves them from its workspace)."""
     tiles = -(-max(max_entries, n_buckets) // SPLIT_TILE)
+    longest_scan = max((1 << RADIX_BITS) * tiles, n_buckets)
     i32 = np.int32
-    return [("ri_bucket", (max_entries,), i32), ("ri_perm0", (max_entries,), i32), ("ri_perm1", (max_entries,), i32),
+    return [("ri_scan", (_scan_tiles(longest_scan) + 1,), i32), ("ri_bucket", (max_entries,), i32), ("ri_perm0", (max_entries,), i32), ("ri_perm1", (max_entries,), i32),
             ("ri_hist", ((1 << RADIX_BITS) * tiles + 1,), i32), ("ri_counts", (n_buckets,), i32),
             ("ri_list_start", (n_buckets + 1,), i32), ("ri_full", (n_buckets + 1,), i32),
-            ("ri_class", (n_buckets,), i32), ("ri_class_order", (n_buckets,), i32),
+            ("ri_class", (n_buckets,), i32), ("ri_class_order0", (n_buckets,), i32),
+            ("ri_class_order1", (n_buckets,), i32),
             ("ri_items", (work_item_bound(max_entries, n_buckets, max_queries), 3), i32)]
 
 
@@ -335,7 +360,7 @@ def reverse_index(block_indices, cu_q, block_off, n_seq: int, q_begin: int, rows
     n_heads_kv, top_k = block_indices.shape[1], block_indices.shape[2]
     n_entries = rows * n_heads_kv * top_k
     n_buckets = n_heads_kv * int(n_blocks_total)
-    if not 0 < max_queries < 1 << RADIX_BITS or n_entries >= 2**31 or n_buckets >= 2**31 - 1:
+    if not 0 < max_queries < 2**31 - 1 or n_entries >= 2**31 or n_buckets >= 2**31 - 1:
         raise ValueError(f"reverse_index: max_queries={max_queries}, {n_entries} entries, {n_buckets} buckets "
                          f"out of range")
     if buffers is None:
@@ -346,43 +371,41 @@ def reverse_index(block_indices, cu_q, block_off, n_seq: int, q_begin: int, rows
     b = buffers
     i32 = np.int32
 
-    def launch(name, n, args, threads=SCHEDULE_THREADS, per_cta=None):  # per_cta: n's units a CTA takes
-        kernel = _jit.kernel("reverse_index.cu", name, (threads // 32 if per_cta else threads,))
-        grid = (int(-(-n // (per_cta or threads))),)
-        (kernel if emit is None else lambda *a: emit(kernel, *a))(grid, (threads,), args)
+    def launch(name, n, args, threads=SCHEDULE_THREADS, per_cta=None, template=None):
+        _launch_index_kernel(emit, name, n, args, threads, per_cta, template)
 
     def scan(a, n, out):
-        launch("exclusive_scan", 1, (a, i32(n), out), threads=SCAN_THREADS)
+        exclusive_scan(a, n, out, b["ri_scan"], emit=emit)
 
-    def split(key, order, n, shift, out):  # one stable counting-sort pass: histogram, scan, scatter
+    def sort(key, n, max_key, outs):  # stable counting sort of n keys in [0, max_key]: the order, in outs[0 or 1]
         tiles, threads = -(-n // SPLIT_TILE), 32 * SPLIT_WARPS
-        launch("split_histogram", tiles, (key, _nullable(order), i32(n), i32(shift), b["ri_hist"]), threads,
-               SPLIT_WARPS)
-        scan(b["ri_hist"], tiles << RADIX_BITS, b["ri_hist"])
-        launch("split_scatter", tiles, (key, _nullable(order), i32(n), i32(shift), b["ri_hist"], out), threads,
-               SPLIT_WARPS)
+        order = None
+        for p in range(max(1, -(-int(max_key).bit_length() // RADIX_BITS))):  # RADIX_BITS a pass, low digits first
+            out, shift = b[outs[p % 2]], i32(p * RADIX_BITS)
+            launch("split_histogram", tiles, (key, _nullable(order), i32(n), shift, b["ri_hist"]), threads,
+                   SPLIT_WARPS, SPLIT_WARPS)
+            scan(b["ri_hist"], tiles << RADIX_BITS, b["ri_hist"])
+            launch("split_scatter", tiles, (key, _nullable(order), i32(n), shift, b["ri_hist"], out), threads,
+                   SPLIT_WARPS, SPLIT_WARPS)
+            order = out
+        return order
 
     launch("fill_int", n_buckets, (b["ri_counts"], i32(n_buckets), i32(0)))
     launch("reverse_index_keys", n_entries,
            (block_indices, cu_q, block_off, _nullable(row_mode), i32(n_seq), i32(q_begin), i32(rows), i32(n_heads_kv),
             i32(top_k), i32(n_blocks_total), b["ri_bucket"], b["ri_counts"]))
-    # the sentinel n_buckets needs n_buckets.bit_length() bits, RADIX_BITS a pass, low digits first
-    order = None
-    for p in range(max(1, -(-n_buckets.bit_length() // RADIX_BITS))):
-        out = b["ri_perm0"] if p % 2 == 0 else b["ri_perm1"]
-        split(b["ri_bucket"], order, n_entries, p * RADIX_BITS, out)
-        order = out
+    order = sort(b["ri_bucket"], n_entries, n_buckets, ("ri_perm0", "ri_perm1"))  # invalid entries: n_buckets
     launch("reverse_index_fill", n_entries,
            (b["ri_bucket"], order, i32(n_entries), i32(n_buckets), i32(n_heads_kv * top_k), i32(q_begin), list_q,
             slot_pos))
     launch("item_classes", n_buckets, (b["ri_counts"], i32(n_buckets), i32(max_queries), b["ri_full"], b["ri_class"]))
     scan(b["ri_counts"], n_buckets, b["ri_list_start"])
     scan(b["ri_full"], n_buckets, b["ri_full"])
-    split(b["ri_class"], None, n_buckets, 0, b["ri_class_order"])
+    class_order = sort(b["ri_class"], n_buckets, max_queries, ("ri_class_order0", "ri_class_order1"))
     n_items = work_item_bound(n_entries, n_buckets, max_queries)
     items = _head(b["ri_items"], n_items)
     launch("build_work_items", max(n_buckets, n_items),
-           (b["ri_counts"], b["ri_list_start"], b["ri_full"], b["ri_class_order"], b["ri_hist"], i32(n_buckets),
+           (b["ri_counts"], b["ri_list_start"], b["ri_full"], b["ri_class"], class_order, i32(n_buckets),
             i32(max_queries), i32(n_items), items))
     return items
 

@@ -290,8 +290,8 @@ def test_every_stage_function_passes_its_kernels_parameter_list(monkeypatch):
                              sparse.reverse_index_buffers(rows * hkv * top_k, hkv * 9, 16)})
     index_stubs = stubs[before:]
     assert {s.name for s in index_stubs} == {"fill_int", "reverse_index_keys", "split_histogram", "exclusive_scan",
-                                             "split_scatter", "reverse_index_fill", "item_classes",
-                                             "build_work_items"}
+                                             "scan_tile_sums", "scan_tiles", "split_scatter", "reverse_index_fill",
+                                             "item_classes", "build_work_items"}
     for s in recorded + index_stubs:
         params = _kernel_parameters(s.source, s.name)
         assert len(s.args) == len(params), (s.source, s.name, len(s.args), params)

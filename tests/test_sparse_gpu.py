@@ -243,12 +243,36 @@ def reverse_index_model(bi, cu_q, block_off, q_begin, n_blocks_total, max_querie
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["varlen", "three_passes", "row_mode"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_exclusive_scan(rng, in_place):
+    """The reverse index's scan: exact prefix sums and the total, at tile edges and over many
+    tiles, in place or not, nothing written past out[n]."""
+    import cupy
+
+    from msa_cupy import sparse
+
+    tile = sparse.SCAN_THREADS * sparse.SCAN_ITEMS
+    for n in (1, 5, tile - 1, tile, tile + 1, 3 * tile + 7, (1 << 20) + 3):
+        a = rng.integers(0, 300, n + 2).astype(np.int32)
+        a[n:] = -5  # past the input: out[n] is overwritten with the total, out[n + 1] untouched
+        dev = cupy.asarray(a)
+        out = dev if in_place else cupy.full(n + 2, -7, cupy.int32)
+        sums = cupy.full(sparse._scan_tiles(n) + 1, -9, cupy.int32)
+        sparse.exclusive_scan(dev, n, out, sums)
+        want = np.concatenate([[0], np.cumsum(a[:n])]).astype(np.int32)
+        got = out.get()
+        np.testing.assert_array_equal(got[:n + 1], want)
+        assert got[n + 1] == (-5 if in_place else -7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["varlen", "three_passes", "row_mode", "wide_items"])
 def test_reverse_index_stage(rng, case):
     """block_offsets + reverse_index on a chunk of a varlen batch, equal to the host model: each
     bucket's list ascends, every distinct pick has its position, the work items tile the lists,
     at most max_queries each, largest first.  "three_passes": over 2^16 buckets and many warp
-    tiles (the counting sort's passes and tile order), hot blocks (full items)."""
+    tiles (the counting sort's passes and tile order), hot blocks (full items).  "wide_items":
+    512 queries an item (64-row tiles, G = 1), so sizes need two passes of the class sort."""
     import cupy
 
     from msa_cupy import sparse
@@ -256,14 +280,17 @@ def test_reverse_index_stage(rng, case):
     if case == "three_passes":
         lengths, hkv, top_k, block_size, max_queries = [(1500, 1 << 19), (700, 1 << 19)], 4, 16, 64, 32
         q_begin, rows = 100, 2000
+    elif case == "wide_items":
+        lengths, hkv, top_k, block_size, max_queries = [(2600, 1 << 15), (900, 1 << 14)], 2, 8, 64, 512
+        q_begin, rows = 300, 3000
     else:
         lengths, hkv, top_k, block_size, max_queries = [(90, 700), (40, 300)], 2, 6, 64, 16
         q_begin, rows = 50, 70  # a chunk across the sequence boundary
     bi = testing.random_block_indices(rng, lengths, hkv, top_k, block_size, mode="random", causal=False)
     bi[::3, :, -1] = bi[::3, :, 0]  # repeated ids count once
-    if case == "three_passes":
+    if case in ("three_passes", "wide_items"):
         hot = rng.random(bi.shape) < 0.5
-        bi[hot] = rng.integers(0, 40, size=int(hot.sum()))
+        bi[hot] = rng.integers(0, 40 if case == "three_passes" else 10, size=int(hot.sum()))
     row_mode = (rng.random((rows, hkv)) < 0.4).astype(np.uint8) if case == "row_mode" else None
     cu_q = np.concatenate([[0], np.cumsum([nq for nq, _ in lengths])]).astype(np.int32)
     cu_k = np.concatenate([[0], np.cumsum([nk for _, nk in lengths])]).astype(np.int32)
@@ -286,6 +313,10 @@ def test_reverse_index_stage(rng, case):
     if case == "three_passes":
         assert hkv * n_blocks_total >= 1 << 16 and n_entries > 8 * sparse.SPLIT_TILE
         assert (want_items[:, 2] == max_queries).sum() > 10 and (want_items[:, 2] == 1).sum() > 10
+    if case == "wide_items":  # partial items of more and of fewer than 256 queries, full ones
+        sizes = want_items[:, 2]
+        assert (sizes == max_queries).any() and ((sizes > 256) & (sizes < max_queries)).any()
+        assert ((sizes > 0) & (sizes < 256)).any()
 
 
 @pytest.mark.gpu
