@@ -95,7 +95,7 @@ PREFILL = dict(max_batch=4, max_cache_len=1 << 16, max_query_tokens=4096, num_q_
     (dict(max_query_tokens=0), ValueError, "max_query_tokens"),
     (dict(max_query_tokens=(1 << 22) + 1), ValueError, "max_query_tokens"),
     (dict(max_query_tokens=1.5), TypeError, "max_query_tokens"),
-    (dict(num_q_heads=8, top_k=17), ValueError, r"top_k must be <= 16 for PrefillPlan"),
+    (dict(num_q_heads=8, top_k=17, schedule="auto"), ValueError, r"top_k must be <= 16 for PrefillPlan"),
     (dict(num_q_heads=8, top_k=17, schedule="tile"), ValueError, r"top_k must be <= 16 for PrefillPlan"),
     (dict(schedule="fast"), ValueError, r"schedule must be one of \('auto', 'kv', 'tile'\)"),
     (dict(max_batch=1 << 16, max_cache_len=1 << 20, page_size=128, num_pages=1024, schedule="kv"), ValueError,
