@@ -49,9 +49,9 @@ UPDATE_THREADS = 256
 MAX_QUERIES_PER_SEQ = 16  # multi-token prediction: up to 16 new queries per sequence
 MAX_QUERY_TOKENS = 1 << 22  # chunked prefill: new tokens of a step (the update's int32 scans stay in range)
 STAGING_BUFFERS = 4  # pinned buffers of host-array updates in flight at once, per plan
-# PrefillPlan's default schedule: measured on 4,096-token chunks (H100, 06257eb; docs/perf.md), graph
-# replay kv / auto / tile 2.57 / 2.59 / 7.54 ms random and 2.58 / 2.63 / 2.38 coherent at 32K cached,
-# 4.29 / 4.33 / 10.3 and 4.23 / 4.43 / 4.14 at 128K: kv is never more than 8% from the best
+# PrefillPlan's default schedule: measured on 4,096-token chunks (H100, c2d72d4; docs/perf.md), graph
+# replay kv / auto / tile 2.45 / 2.53 / 7.62 ms random and 2.45 / 2.60 / 2.37 coherent at 32K cached,
+# 4.25 / 4.28 / 10.4 and 4.20 / 4.42 / 4.20 at 128K: kv is within 4% of the best
 PREFILL_PLAN_SCHEDULE = "kv"
 KEPT_PROGRAMS = 64  # prepared steps (and checked shapes) kept per plan: by batch size, query rows, splits
 _ALIGN = 256  # bytes: every workspace view starts on a 256-byte boundary (16-byte loads need 16)
