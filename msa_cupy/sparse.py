@@ -331,7 +331,8 @@ def reverse_index_buffers(max_entries: int, n_buckets: int, max_queries: int) ->
     tiles = -(-max(max_entries, n_buckets) // SPLIT_TILE)
     longest_scan = max((1 << RADIX_BITS) * tiles, n_buckets)
     i32 = np.int32
-    return [("ri_scan", (_scan_tiles(longest_scan) + 1,), i32), ("ri_bucket", (max_entries,), i32), ("ri_perm0", (max_entries,), i32), ("ri_perm1", (max_entries,), i32),
+    return [("ri_scan", (_scan_tiles(longest_scan) + 1,), i32), ("ri_bucket", (max_entries,), i32),
+            ("ri_perm0", (max_entries,), i32), ("ri_perm1", (max_entries,), i32),
             ("ri_hist", ((1 << RADIX_BITS) * tiles + 1,), i32), ("ri_counts", (n_buckets,), i32),
             ("ri_list_start", (n_buckets + 1,), i32), ("ri_full", (n_buckets + 1,), i32),
             ("ri_class", (n_buckets,), i32), ("ri_class_order0", (n_buckets,), i32),
