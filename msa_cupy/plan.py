@@ -974,12 +974,13 @@ class PrefillPlan(_CachePlan):
     ``cu_seqlens``), at most ``max_query_tokens`` rows; the outputs of rows past the step's
     tokens are not written, so one captured graph serves every step whose tokens fit its q.
 
-    ``schedule`` of the attention, as ``msa_cupy.sparse``'s: "auto" (default) classifies each
-    (tile of tokens x G heads, KV head) on the device by how much of its union of picked blocks
-    its tokens picked: shared picks (coherent selections, as trained indexes make) run
-    query-tile-outer (online softmax in registers, out and lse written once), the rest
-    KV-outer (a CTA per picked block and its queries, a partial per pick, merged by a
-    log-sum-exp combine); "tile" and "kv" force one path.  Every step is launches only: the
+    ``schedule`` of the attention, as ``msa_cupy.sparse``'s: "kv" (default,
+    ``PREFILL_PLAN_SCHEDULE``: KV-outer, a CTA per picked block and its queries, a partial per
+    pick, merged by a log-sum-exp combine), "tile" (query-tile-outer: online softmax in
+    registers over the union of a tile's picked blocks, out and lse written once; fastest on
+    coherent selections, as trained indexes make) or "auto" (classifies each (tile of tokens x
+    G heads, KV head) on the device by how much of its union its tokens picked, and runs it one
+    way or the other).  Every step is launches only: the
     KV-outer path's reverse index is a counting sort on the device into the workspace.  The
     KV-outer schedules hold a partial result per pick in the workspace (``workspace_bytes``:
     about max_query_tokens x num_q_heads x top_k x head_dim x 2 bytes).  The tile-outer kernel

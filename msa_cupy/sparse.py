@@ -124,12 +124,15 @@ _jit.declare("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel",
                for _g in SUPPORTED_GROUP_SIZES], arch_specific=True)
 _jit.declare("tile_schedule.cu", "query_tile_offsets")
 _jit.declare("tile_schedule.cu", "classify_query_tiles", (CLASSIFY_WARPS,))
-for _name in ("fill_int", "reverse_index_keys", "reverse_index_fill", "item_classes", "build_work_items"):
-    _jit.declare("reverse_index.cu", _name, (SCHEDULE_THREADS,))
-for _name in ("split_histogram", "split_scatter"):
-    _jit.declare("reverse_index.cu", _name, (SPLIT_WARPS,))
-for _name in ("exclusive_scan", "scan_tile_sums", "scan_tiles"):
-    _jit.declare("reverse_index.cu", _name, (SCAN_THREADS,))
+# reverse_index.cu's kernels that reverse_index launches: name -> (template argument, threads a CTA)
+_INDEX_KERNELS = {
+    **{name: (SCHEDULE_THREADS, SCHEDULE_THREADS) for name in
+       ("fill_int", "reverse_index_keys", "reverse_index_fill", "item_classes", "build_work_items")},
+    **{name: (SPLIT_WARPS, 32 * SPLIT_WARPS) for name in ("split_histogram", "split_scatter")},
+    **{name: (SCAN_THREADS, SCAN_THREADS) for name in ("exclusive_scan", "scan_tile_sums", "scan_tiles")},
+}
+for _name, (_template, _) in _INDEX_KERNELS.items():
+    _jit.declare("reverse_index.cu", _name, (_template,))
 _jit.declare("reverse_index.cu", "block_offsets", *[(_bk,) for _bk in SUPPORTED_BLOCK_SIZES])
 
 
@@ -283,19 +286,10 @@ def block_offsets(cu_k, n_seq: int, block_size: int, block_off=None, *, kernel=N
     return block_off
 
 
-def _schedule_grid(n):
-    return (int(-(-n // SCHEDULE_THREADS)),)
-
-
 def reverse_index_kernels() -> list:
     """Every kernel that ``reverse_index`` launches, loaded (a plan loads them before it
     prepares a step, which may happen inside a graph capture)."""
-    return [_jit.kernel("reverse_index.cu", name, template) for name, template in (
-        ("fill_int", (SCHEDULE_THREADS,)), ("reverse_index_keys", (SCHEDULE_THREADS,)),
-        ("split_histogram", (SPLIT_WARPS,)), ("exclusive_scan", (SCAN_THREADS,)), ("scan_tile_sums", (SCAN_THREADS,)),
-        ("scan_tiles", (SCAN_THREADS,)), ("split_scatter", (SPLIT_WARPS,)),
-        ("reverse_index_fill", (SCHEDULE_THREADS,)), ("item_classes", (SCHEDULE_THREADS,)),
-        ("build_work_items", (SCHEDULE_THREADS,)))]
+    return [_jit.kernel("reverse_index.cu", name, (template,)) for name, (template, _) in _INDEX_KERNELS.items()]
 
 
 def work_item_bound(n_entries: int, n_buckets: int, max_queries: int) -> int:
@@ -308,10 +302,11 @@ def _scan_tiles(n: int) -> int:
     return max(1, -(-n // (SCAN_THREADS * SCAN_ITEMS)))
 
 
-def _launch_index_kernel(emit, name, n, args, threads=SCHEDULE_THREADS, per_cta=None, template=None):
+def _launch_index_kernel(emit, name, n, args, per_cta=None):
     """A reverse_index.cu kernel over n units, per_cta of them a CTA (a thread each by
-    default); template: the kernel's (threads by default).  emit: as ``reverse_index``."""
-    kernel = _jit.kernel("reverse_index.cu", name, (template or threads,))
+    default).  emit: as ``reverse_index``."""
+    template, threads = _INDEX_KERNELS[name]
+    kernel = _jit.kernel("reverse_index.cu", name, (template,))
     grid = (int(-(-n // (per_cta or threads))),)
     (kernel if emit is None else lambda *a: emit(kernel, *a))(grid, (threads,), args)
 
@@ -320,9 +315,9 @@ def exclusive_scan(a, n: int, out, tile_sums, *, emit=None):
     """out[i] = a[0] + ... + a[i - 1] for i <= n (int32 device arrays; out[n] the total, out may
     be a), in three launches; tile_sums: int32, at least ``_scan_tiles(n) + 1``."""
     tiles, i32 = _scan_tiles(n), np.int32
-    _launch_index_kernel(emit, "scan_tile_sums", tiles, (a, i32(n), tile_sums), SCAN_THREADS, 1)
-    _launch_index_kernel(emit, "exclusive_scan", 1, (tile_sums, i32(tiles), tile_sums), SCAN_THREADS, 1)
-    _launch_index_kernel(emit, "scan_tiles", tiles, (a, i32(n), tile_sums, out), SCAN_THREADS, 1)
+    _launch_index_kernel(emit, "scan_tile_sums", tiles, (a, i32(n), tile_sums), per_cta=1)
+    _launch_index_kernel(emit, "exclusive_scan", 1, (tile_sums, i32(tiles), tile_sums), per_cta=1)
+    _launch_index_kernel(emit, "scan_tiles", tiles, (a, i32(n), tile_sums, out), per_cta=1)
 
 
 def reverse_index_buffers(max_entries: int, n_buckets: int, max_queries: int) -> list:
@@ -372,22 +367,20 @@ def reverse_index(block_indices, cu_q, block_off, n_seq: int, q_begin: int, rows
     b = buffers
     i32 = np.int32
 
-    def launch(name, n, args, threads=SCHEDULE_THREADS, per_cta=None, template=None):
-        _launch_index_kernel(emit, name, n, args, threads, per_cta, template)
+    def launch(name, n, args, per_cta=None):
+        _launch_index_kernel(emit, name, n, args, per_cta)
 
     def scan(a, n, out):
         exclusive_scan(a, n, out, b["ri_scan"], emit=emit)
 
     def sort(key, n, max_key, outs):  # stable counting sort of n keys in [0, max_key]: the order, in outs[0 or 1]
-        tiles, threads = -(-n // SPLIT_TILE), 32 * SPLIT_WARPS
+        tiles = -(-n // SPLIT_TILE)
         order = None
         for p in range(max(1, -(-int(max_key).bit_length() // RADIX_BITS))):  # RADIX_BITS a pass, low digits first
             out, shift = b[outs[p % 2]], i32(p * RADIX_BITS)
-            launch("split_histogram", tiles, (key, _nullable(order), i32(n), shift, b["ri_hist"]), threads,
-                   SPLIT_WARPS, SPLIT_WARPS)
+            launch("split_histogram", tiles, (key, _nullable(order), i32(n), shift, b["ri_hist"]), SPLIT_WARPS)
             scan(b["ri_hist"], tiles << RADIX_BITS, b["ri_hist"])
-            launch("split_scatter", tiles, (key, _nullable(order), i32(n), shift, b["ri_hist"], out), threads,
-                   SPLIT_WARPS, SPLIT_WARPS)
+            launch("split_scatter", tiles, (key, _nullable(order), i32(n), shift, b["ri_hist"], out), SPLIT_WARPS)
             order = out
         return order
 
