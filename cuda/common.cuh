@@ -76,3 +76,45 @@ __device__ __forceinline__ int query_position(int n_q, int n_k, int i) { return 
 __device__ __forceinline__ int visible_keys(int n_q, int n_k, int i, int causal) {
     return causal ? min(query_position(n_q, n_k, i) + 1, n_k) : n_k;
 }
+
+// Loads that bypass L1 (ld.global.cg): data other CTAs of the same launch wrote (L1 is not
+// coherent across SMs; these addresses may sit in no other cache but L2).
+__device__ __forceinline__ unsigned long long load_cg(const unsigned long long* p) {
+    unsigned long long x;
+    asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(x) : "l"(p));
+    return x;
+}
+__device__ __forceinline__ float load_cg(const float* p) {
+    float x;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(x) : "l"(p));
+    return x;
+}
+__device__ __forceinline__ uint4 load_cg(const uint4* p) {
+    uint4 x;
+    asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w) : "l"(p));
+    return x;
+}
+__device__ __forceinline__ uint2 load_cg(const uint2* p) {
+    uint2 x;
+    asm volatile("ld.global.cg.v2.u32 {%0,%1}, [%2];" : "=r"(x.x), "=r"(x.y) : "l"(p));
+    return x;
+}
+
+// "The last CTA finishes the job": each of `count` CTAs calls this once, with all its threads,
+// after its writes; it returns true in the CTA that arrives last, which then sees every other
+// CTA's writes (read them with load_cg) and does the reduction that would otherwise take
+// another launch.  That CTA sets the counter back to 0, so the next launch (a graph replay
+// included) starts from zero without a memset; the counters start zeroed with the workspace.
+// Whoever arrives last, the reduction reads the same data in a fixed order: deterministic.
+__device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned count) {
+    __threadfence();  // this thread's writes are visible before its CTA arrives
+    __syncthreads();
+    unsigned prev = 0;
+    if (threadIdx.x == 0) prev = atomicAdd(counter, 1u);
+    const bool last = __syncthreads_or(threadIdx.x == 0 && prev == count - 1) != 0;
+    if (last) {
+        __threadfence();
+        if (threadIdx.x == 0) *counter = 0u;
+    }
+    return last;
+}

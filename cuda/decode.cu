@@ -3,44 +3,30 @@
 // One CTA per entry e = (query row, KV head g, slot) of block_indices, read directly: no
 // reverse index, no sort, no schedule kernel (with 1-16 queries per sequence there is almost
 // no key block shared between queries to reuse, and K * Hkv CTAs per query token keep the card
-// busy even at batch 1).  Unused (-1) and repeated slots exit at once; the combine kernel
-// derives the same slot -> partial-row map (row e, or none) from block_indices.
-#include "attention.cuh"
+// busy even at batch 1).  Each distinct pick writes a partial (o, lse); unused (-1) and
+// repeated slots write none.  The CTA of a (row, g) that finishes last (a counter per (row, g))
+// combines the row's partials into out and lse (combine.cuh), in slot order: no combine launch,
+// whose latency would cost as much as the attention itself at batch 1.
+#include "combine.cuh"
 
-// Split-K decode attention: one CTA per distinct pick, WARPS warps; warp w owns keys
-// [w * BK / WARPS, (w + 1) * BK / WARPS) of the block and the G query heads of the token (one
-// m16 tile: rows >= G are zero and never written).  Keys the token does not see are never
-// loaded (zero-filled), so a NaN or Inf in them cannot reach it.  Each warp loads
-// its own K/V slice and its own copy of the query with cp.async and waits only for its own
-// copies, so loads of all warps overlap and no CTA barrier sits between load and math; the
-// WARPS partial softmax states (m, l, O) are merged once through shared memory.  Decode is
-// bound by the bytes of the selected K/V: the split keeps 4x more loads in flight per CTA
-// than one warp would, and the math of one warp shrinks to a quarter.
 template <typename T, int D, int G, int BK, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
-sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                     const int* __restrict__ block_indices, const int* __restrict__ cu_q,
-                     const int* __restrict__ cu_k, int n_seq, int q_begin, int n_heads_q, int n_heads_kv,
-                     int top_k, T* __restrict__ part_o, float* __restrict__ part_lse, int causal,
-                     float scale_log2, const int* __restrict__ block_table, int max_pages, int page_size) {
+__device__ __forceinline__ void decode_pick(const T* __restrict__ q, const T* __restrict__ k,
+                                            const T* __restrict__ v, int block, const int* __restrict__ cu_q,
+                                            const int* __restrict__ cu_k, int n_seq, int token, int g,
+                                            int n_heads_q, int n_heads_kv, i64 entry, T* __restrict__ part_o,
+                                            float* __restrict__ part_lse, int causal, float scale_log2,
+                                            const KeyRows& key_rows) {
     constexpr int KW = BK / WARPS;   // keys per warp
     constexpr int CH = D / 8;        // 16-byte chunks per row
     constexpr int NT = KW / 8;       // n-tiles of S per warp
     constexpr int DK = D / 16, DN = D / 8;
     static_assert(KW % 16 == 0 && G <= 16, "warp key slice must be a multiple of 16, G <= 16");
 
-    const i64 entry = blockIdx.x;  // partial row block of this pick: entry * G + head
-    const int slot = (int)(entry % top_k);
-    const int* picks = block_indices + (entry - slot);
-    if (!first_occurrence(picks, slot)) return;
-    const int g = (int)((entry / top_k) % n_heads_kv);
-    const int token = q_begin + (int)(entry / ((i64)top_k * n_heads_kv));
     const int seq = sequence_of(cu_q, n_seq, token);
-    const int key0 = picks[slot] * BK;
+    const int key0 = block * BK;
     const int q_start = cu_q[seq], n_q = cu_q[seq + 1] - q_start;
     const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
     const int lim = visible_keys(n_q, n_k, token - q_start, causal) - key0;  // visible keys of the block
-    const KeyRows key_rows{block_table, max_pages, page_size};
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -177,5 +163,49 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
         const i64 prow = (i64)entry * G + row;
         store2<T>(part_o + prow * D + col, x0 * inv, x1 * inv);
         if (col == 0) part_lse[prow] = row_lse(mt, lt);
+    }
+}
+
+// Split-K decode attention of one pick per CTA (decode_pick), then the combine of its
+// (row, g) in the CTA that finishes last (counters: one per (row, g) of the launch, zero
+// before it and after it).  Rows at or past cu_q[n_seq] (a plan's rows past the step's
+// tokens) are not combined: their out and lse are left alone.
+// (at least 4 CTAs of 4 warps per SM, as shared memory allows for BK = 64: at most 128
+// registers; left to itself ptxas chose 72 and spilled)
+template <typename T, int D, int G, int BK, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 4)
+sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                     const int* __restrict__ block_indices, const int* __restrict__ cu_q,
+                     const int* __restrict__ cu_k, int n_seq, int q_begin, int n_heads_q, int n_heads_kv,
+                     int top_k, T* __restrict__ part_o, float* __restrict__ part_lse, unsigned* __restrict__ counters,
+                     T* __restrict__ out, float* __restrict__ lse_out, int causal, float scale_log2,
+                     const int* __restrict__ block_table, int max_pages, int page_size) {
+    const i64 entry = blockIdx.x;  // partial row block of this pick: entry * G + head
+    const int slot = (int)(entry % top_k);
+    const i64 row_g = entry - slot;  // first entry of this (row, g)
+    const int* picks = block_indices + row_g;
+    const int g = (int)((entry / top_k) % n_heads_kv);
+    const int token = q_begin + (int)(entry / ((i64)top_k * n_heads_kv));
+    if (first_occurrence(picks, slot))
+        decode_pick<T, D, G, BK, WARPS>(q, k, v, picks[slot], cu_q, cu_k, n_seq, token, g, n_heads_q, n_heads_kv,
+                                        entry, part_o, part_lse, causal, scale_log2,
+                                        KeyRows{block_table, max_pages, page_size});
+    if (!last_to_arrive(counters + row_g / top_k, top_k)) return;
+    // the slot -> partial row map of this (row, g), once, in shared memory (the K/V space is free)
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    int* ids = reinterpret_cast<int*>(smem_raw);
+    int* slot_row = ids + top_k;
+    for (int s = threadIdx.x; s < top_k; s += WARPS * 32) ids[s] = picks[s];
+    __syncthreads();
+    for (int s = threadIdx.x; s < top_k; s += WARPS * 32) slot_row[s] = first_occurrence(ids, s) ? (int)(row_g + s) : -1;
+    __syncthreads();
+    const bool live = token < cu_q[n_seq];
+    for (int h0 = 0; h0 < G; h0 += WARPS * 32 / COMBINE_LANES) {  // warp-uniform trip count
+        const int hh = h0 + (int)threadIdx.x / COMBINE_LANES;
+        const bool write = live && hh < G;
+        const i64 dst = (i64)token * n_heads_q + g * G + (write ? hh : 0);
+        combine_pair<T, D, G>(part_o, part_lse,
+                              [&](int s) { return write ? slot_row[s] : -1; },
+                              top_k, write ? hh : 0, write, out + dst * D, lse_out + dst);
     }
 }

@@ -23,11 +23,14 @@
 // with WN > 1 the warps' partial maxima meet in shared memory first.
 #include "select_tile.cuh"
 
+// (minimum 1 CTA per SM: left to itself ptxas capped the decode grids at 80 registers and
+// spilled; split_count sizes those grids for 2 CTAs per SM, which 128 registers still allow)
 template <int DI, int BS, int WM, int WN, int MT, int EPI, typename T>
-__global__ void __launch_bounds__(32 * WM * WN)
+__global__ void __launch_bounds__(32 * WM * WN, 1)
 select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
               const int* __restrict__ cu_q, const int* __restrict__ cu_k,
               float* __restrict__ scores_out, int* __restrict__ ids_out, u64* __restrict__ partial_out,
+              unsigned* __restrict__ counters,
               int n_heads, int k_heads, int width, int q_tiles, int top_k, int local_blocks,
               int sink_blocks, int causal, int n_splits,
               const int* __restrict__ block_table, int max_pages, int page_size) {
@@ -208,5 +211,5 @@ select_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         // the next iteration's first barrier orders these reads of red before its writes
     }
 
-    row_owner.template finish<BM, THREADS>(rows, scores_out, ids_out, partial_out, width, top_k, n_splits);
+    row_owner.template finish<BM, THREADS>(rows, scores_out, ids_out, partial_out, counters, width, top_k, n_splits);
 }

@@ -23,6 +23,7 @@ __global__ void __launch_bounds__(256, 1)
 select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                    const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                    float* __restrict__ scores_out, int* __restrict__ ids_out, u64* __restrict__ partial_out,
+                   unsigned* __restrict__ counters,
                    int n_heads, int k_heads, int width, int q_tiles, int top_k, int local_blocks,
                    int sink_blocks, int causal, int n_splits,
               const int* __restrict__ block_table, int max_pages, int page_size) {
@@ -145,5 +146,5 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                 row_owner.consume(key0 / BS + lb, owned_max(mx, lb, quad), scores_out, width, local_blocks, sink_blocks);
         }
     }
-    row_owner.template finish<BM, THREADS>(rows, scores_out, ids_out, partial_out, width, top_k, n_splits);
+    row_owner.template finish<BM, THREADS>(rows, scores_out, ids_out, partial_out, counters, width, top_k, n_splits);
 }

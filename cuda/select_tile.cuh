@@ -7,9 +7,9 @@
 // one key tile feeds Hkv groups (decode reads the index keys once).  With per-group index_k
 // (Hkv heads) a CTA holds one group (grid.y) and its rows are queries.
 // Grid: x = sequence * q_tiles + row tile (heaviest causal tiles first), y = group (per-group
-// index_k) or 1, z = split of the CTA's key range (split-K for decode; partial lists are merged
-// by topk_merge_kernel).  Keys stream in KEY_TILE-key tiles; causal CTAs visit only the tiles
-// up to their last row's position.
+// index_k) or 1, z = split of the CTA's key range (split-K for decode: each split writes a
+// partial list, and the last split of a row tile to finish merges them, merge_splits).  Keys
+// stream in KEY_TILE-key tiles; causal CTAs visit only the tiles up to their last row's position.
 #pragma once
 #include "common.cuh"
 #include "mma.cuh"
@@ -110,6 +110,52 @@ __device__ __forceinline__ float owned_max(const float (&mx)[2][2][NB], int b, i
     return quad == 0 ? mx[0][0][b] : quad == 1 ? mx[0][1][b] : quad == 2 ? mx[1][0][b] : mx[1][1][b];
 }
 
+// Split-K: the merge of a row tile's partial lists (n_splits lists of top_k keys per row, each
+// list's best key first) into ids, a warp per row.  A split whose best key is not among the
+// top_k best keys of all splits holds nothing of the row's top-k (its other keys are smaller
+// still), so the warp reads the splits' best keys, keeps their top_k, and reads whole lists
+// only of those top_k splits: 2 x top_k lists, not n_splits (4,096 keys at batch 1 over 128K).
+// Split z's list holds the blocks of key tiles [z n / S, (z + 1) n / S) (n tiles, S splits):
+// tile t is in split ceil((t + 1) S / n) - 1.
+template <int BS, int BM, int THREADS>
+__device__ __forceinline__ void merge_splits(const SelectRows<BM>& s, const u64* partial, int* ids_out,
+                                             int n_splits, int top_k) {
+    constexpr int PER_LANE = 8;  // keys in flight per lane
+    constexpr int TB = KEY_TILE / BS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    for (int r = warp; r < s.rows_here; r += THREADS / 32) {
+        const i64 row = s.global_row(r);
+        const u64* lists = partial + row * n_splits * top_k;
+        WarpTopK best;
+        best.init(top_k, lane);
+        for (int z0 = 0; z0 < n_splits; z0 += 32 * PER_LANE) {
+            u64 c[PER_LANE];
+#pragma unroll
+            for (int j = 0; j < PER_LANE; ++j) {
+                const int z = z0 + j * 32 + lane;
+                c[j] = z < n_splits ? load_cg(lists + (i64)z * top_k) : 0ull;
+            }
+            best.offer_batch(c);
+        }
+        // lane i < top_k: the split of the i-th best key (-1: none)
+        const u64 mine = lane < top_k ? best.entry : 0ull;
+        const int tile = msa_key_block(mine) / TB;
+        const int split = mine == 0ull ? -1 : (int)(((i64)(tile + 1) * n_splits + s.n_tiles - 1) / s.n_tiles) - 1;
+        for (int f0 = 0; f0 < top_k * top_k; f0 += 32 * PER_LANE) {  // (list i, position p) = f
+            u64 c[PER_LANE];
+#pragma unroll
+            for (int j = 0; j < PER_LANE; ++j) {
+                const int f = f0 + j * 32 + lane, i = f / top_k, p = f % top_k;
+                const int z = __shfl_sync(MSA_FULL_MASK, split, i & 31);
+                // position 0 is the best key, already offered
+                c[j] = (f < top_k * top_k && p > 0 && z >= 0) ? load_cg(lists + (i64)z * top_k + p) : 0ull;
+            }
+            best.offer_batch(c);
+        }
+        best.write_sorted(ids_out + row * top_k);
+    }
+}
+
 // The epilogue of one row, run by the thread that owns it: every block score of the row
 // passes through consume(); finish() writes the ids (or the split's partial list).
 template <int BS, int EPI>
@@ -137,11 +183,13 @@ struct SelectRowOwner {
             best.offer(msa_block_key(m, blk, msa_is_forced(blk, local, local_blocks, sink_blocks)));
         }
     }
-    // after the last key tile: ids (one split) or this split's partial keys (top-k); for
-    // scores, the blocks after the CTA's key range get -inf (written by the last split)
+    // after the last key tile: ids (one split), or this split's partial keys (top-k) and, in the
+    // split that finishes last, the merge of the tile's lists into ids; for scores, the blocks
+    // after the CTA's key range get -inf (written by the last split)
     template <int BM, int THREADS>
     __device__ __forceinline__ void finish(const SelectRows<BM>& s, float* scores_out, int* ids_out,
-                                           u64* partial_out, int width, int top_k, int n_splits) {
+                                           u64* partial_out, unsigned* counters, int width, int top_k,
+                                           int n_splits) {
         if (EPI == EPI_SCORES) {
             if (blockIdx.z == n_splits - 1) {
                 const int fill0 = min(s.n_tiles * (KEY_TILE / BS), width);
@@ -151,9 +199,12 @@ struct SelectRowOwner {
                     scores_out[s.global_row(r) * width + blk] = MSA_NEG_INF;
                 }
             }
-        } else if (owner) {
-            if (n_splits == 1) best.write_sorted(ids_out + row * top_k);
-            else best.write_keys(partial_out + (row * n_splits + blockIdx.z) * top_k);
+        } else if (n_splits == 1) {
+            if (owner) best.write_sorted(ids_out + row * top_k);
+        } else {
+            if (owner) best.write_keys(partial_out + (row * n_splits + blockIdx.z) * top_k);
+            if (last_to_arrive(counters + (i64)blockIdx.y * gridDim.x + blockIdx.x, n_splits))
+                merge_splits<BS, BM, THREADS>(s, partial_out, ids_out, n_splits, top_k);
         }
     }
 };

@@ -12,14 +12,10 @@
 //   survivors are inserted one by one (ballot + shfl_up).  No sort of the row, no exponentials.  Forced
 //   (local, sink) blocks enter first with the top key and are hidden from the scan.
 //   Output: ascending ids, -1 padding.
-//
-// topk_merge_kernel: partial keys (rows, n_cand) u64 (from select.cu's split-K) -> ids.
-//   Same warp list, one row per warp.
 #include "common.cuh"
 #include "warp_topk.cuh"
 
 constexpr int TOPK_UNROLL = 4;     // independent loads per lane before the first use (8 measured slower)
-constexpr int TOPK_MERGE_MIN = 3;  // more new lane maxima than this: one sort-merge, not inserts
 
 template <int VEC, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32)
@@ -89,7 +85,7 @@ topk_kernel(const float* __restrict__ scores, const int* __restrict__ cu_q, cons
             if (v[j] > lane_max) { lane_max = v[j]; lane_arg = j; }
         const u64 lane_key = msa_block_key(lane_max, block_of(lane_arg), false);
         const unsigned want = __ballot_sync(MSA_FULL_MASK, lane_key > best.thresh);
-        if (__popc(want) > TOPK_MERGE_MIN) best.merge(lane_key);
+        if (__popc(want) > WarpTopK::MERGE_MIN) best.merge(lane_key);
         else if (want) best.offer(lane_key);
         // 2. the rest: only scores at or above the threshold's score can still enter
         float floor_score = best.thresh_score();
@@ -103,53 +99,4 @@ topk_kernel(const float* __restrict__ scores, const int* __restrict__ cu_q, cons
         }
     }
     best.write_sorted(out + row * top_k);
-}
-
-// ROW_WARPS warps share a row (WARPS / ROW_WARPS rows per CTA): each merges every
-// ROW_WARPS-th chunk of the row's candidates into its own list, then the first warp of the row
-// merges the others' lists (each sorted, best first) through shared memory.  Few rows with many
-// candidates (decode: split-K over a long cache) would otherwise leave one warp walking
-// thousands of keys in a chain of dependent loads.
-template <int WARPS, int ROW_WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
-topk_merge_kernel(const u64* __restrict__ partial, int* __restrict__ out, i64 n_rows, int n_cand, int top_k) {
-    constexpr int PER_LANE = 8;  // keys in flight per lane
-    constexpr int CHUNK = 32 * PER_LANE;
-    static_assert(WARPS % ROW_WARPS == 0, "whole rows per CTA");
-    __shared__ u64 lists[WARPS][32];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int part = warp % ROW_WARPS;
-    const i64 row = (i64)blockIdx.x * (WARPS / ROW_WARPS) + warp / ROW_WARPS;
-    WarpTopK best;
-    best.init(top_k, lane);
-    const u64* cands = partial + row * (i64)n_cand;
-    for (int base = part * CHUNK; row < n_rows && base < n_cand; base += ROW_WARPS * CHUNK) {
-        u64 c[PER_LANE];
-        u64 top = 0ull;
-        int arg = 0;
-#pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) {
-            const int e = base + j * 32 + lane;
-            c[j] = e < n_cand ? cands[e] : 0ull;
-        }
-#pragma unroll
-        for (int j = 0; j < PER_LANE; ++j)
-            if (c[j] > top) { top = c[j]; arg = j; }
-        // the lane maxima first (they raise the threshold fastest), then the rest; a batch that
-        // many lanes beat is one sort-merge (early chunks: the list is still empty)
-#pragma unroll
-        for (int j = -1; j < PER_LANE; ++j) {
-            const u64 x = j < 0 ? top : (j != arg ? c[j] : 0ull);
-            const unsigned want = __ballot_sync(MSA_FULL_MASK, x > best.thresh);
-            if (__popc(want) > TOPK_MERGE_MIN) best.merge(x);
-            else if (want) best.offer(x);
-        }
-    }
-    if constexpr (ROW_WARPS > 1) {
-        lists[warp][lane] = best.entry;
-        __syncthreads();
-        if (part != 0) return;
-        for (int w = 1; w < ROW_WARPS; ++w) best.merge(lists[warp + w][lane]);  // keys unique: order-free
-    }
-    if (row < n_rows) best.write_sorted(out + row * top_k);
 }

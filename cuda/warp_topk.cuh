@@ -62,6 +62,7 @@ __device__ __forceinline__ T warp_bitonic_sort(T v, int lane) {
 
 // Top-k of one row held by one warp: lane i holds the i-th best key (descending).
 struct WarpTopK {
+    static constexpr int MERGE_MIN = 3;  // more candidates than this in one round: a sort-merge, not inserts
     u64 entry;    // this lane's list entry
     u64 thresh;   // key of entry top_k-1: a candidate must beat it
     int top_k;
@@ -108,6 +109,25 @@ struct WarpTopK {
             entry = low ? (entry > other ? entry : other) : (entry < other ? entry : other);
         }
         thresh = __shfl_sync(MSA_FULL_MASK, entry, top_k - 1);
+    }
+
+    // Every lane offers N candidates (0 = none): the lane maxima first (they raise the threshold
+    // fastest), then the rest; a round that many lanes beat is one sort-merge (early rounds: the
+    // list is still empty), else a few inserts.
+    template <int N>
+    __device__ __forceinline__ void offer_batch(const u64 (&c)[N]) {
+        u64 top = 0ull;
+        int arg = 0;
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+            if (c[j] > top) { top = c[j]; arg = j; }
+#pragma unroll
+        for (int j = -1; j < N; ++j) {
+            const u64 x = j < 0 ? top : (j != arg ? c[j] : 0ull);
+            const unsigned want = __ballot_sync(MSA_FULL_MASK, x > thresh);
+            if (__popc(want) > MERGE_MIN) merge(x);
+            else if (want) offer(x);
+        }
     }
 
     // Score of the threshold key (-inf while the list has fewer than top_k entries): a cheap
@@ -175,7 +195,14 @@ struct ThreadTopK {
         for (int i = n_valid; i < top_k; ++i) out[i] = -1;
     }
 
+    // The list's keys, its best key first (merge_splits reads only that one of most lists).
     __device__ __forceinline__ void write_keys(u64* out) const {
-        for (int i = 0; i < top_k; ++i) out[i] = list[i * stride];
+        u64 hi = 0ull;
+        int best = 0;
+        for (int i = 0; i < top_k; ++i) {
+            const u64 v = list[i * stride];
+            if (v > hi) { hi = v; best = i; }
+        }
+        for (int i = 0; i < top_k; ++i) out[i] = list[(i == 0 ? best : i == best ? 0 : i) * stride];
     }
 };

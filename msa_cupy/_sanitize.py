@@ -260,8 +260,8 @@ def _prefill_plan(rng, page_size, schedule="auto"):
 
 def _decode_plan(rng, page_size, batched_one_call=False):
     """A decode plan over a paged (or contiguous) cache with the training-free index:
-    plan_update.cu from device arrays, group_mean.cu, the selection, decode.cu and combine.cu
-    over block_table pages, against the reference; and a batched one-call decode
+    plan_update.cu from device arrays, group_mean.cu, the selection and decode.cu over
+    block_table pages, against the reference; and a batched one-call decode
     (uniform_cu_seqlens)."""
     import msa_cupy
 
@@ -313,9 +313,9 @@ def stages(wgmma: bool):
     out = [
         ("select.cu scores epilogue, 256-row CTAs", p(_select_scores, warps=PREFILL_WARPS)),
         ("select.cu top-k epilogue, 256-row CTAs", p(_select_topk, warps=PREFILL_WARPS, splits=1, seqs=PREFILL_SEQS)),
-        ("select.cu top-k epilogue, 32-row CTAs, split-K + topk.cu merge",
+        ("select.cu top-k epilogue, 32-row CTAs, split-K (merged by the last split)",
          p(_select_topk, warps=DECODE_WARPS, splits=2, seqs=DECODE_SEQS)),
-        ("select.cu top-k epilogue, 16-row CTAs (one m-tile a warp), split-K + topk.cu merge",
+        ("select.cu top-k epilogue, 16-row CTAs (one m-tile a warp), split-K (merged by the last split)",
          p(_select_topk, warps=DECODE_WARPS_16, splits=3, seqs=DECODE_SEQS)),
         ("topk.cu over scores, 1-wide loads", p(_topk, seqs=PREFILL_SEQS)),
         ("topk.cu over scores, 4-wide loads", p(_topk, seqs=WIDE_SEQS)),
@@ -326,11 +326,11 @@ def stages(wgmma: bool):
         ("tile_schedule.cu classification + sparse_prefill_tile.cu + reverse_index.cu + sparse_prefill.cu + "
          "combine.cu (schedule auto: both paths)",
          p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="mma", schedule="auto", min_useful=0.9)),
-        ("decode.cu + combine.cu", p(_sparse_kernels, seqs=DECODE_SEQS, path="decode")),
+        ("decode.cu (combined by the last CTA of each row)", p(_sparse_kernels, seqs=DECODE_SEQS, path="decode")),
         ("block_max.cu causal (plain path)", p(_block_max, causal=True)),
         ("block_max.cu non-causal (plain path)", p(_block_max, causal=False)),
         ("plain path end to end", _plain_end_to_end),
-        ("decode plan, paged: plan_update.cu + group_mean.cu + selection + decode.cu + combine.cu; "
+        ("decode plan, paged: plan_update.cu + group_mean.cu + selection + decode.cu; "
          "one-call decode (plan_update.cu uniform_cu_seqlens)", p(_decode_plan, page_size=64, batched_one_call=True)),
         ("decode plan, contiguous cache; one-call decode", p(_decode_plan, page_size=None, batched_one_call=True)),
         ("prefill plan, paged, schedule tile: plan_update.cu (query lengths) + bound_query_rows + selection + "
@@ -344,6 +344,8 @@ def stages(wgmma: bool):
         out += [
             ("select_sm90.cu scores epilogue", p(_select_scores, warps=WGMMA)),
             ("select_sm90.cu top-k epilogue", p(_select_topk, warps=WGMMA, splits=1, seqs=PREFILL_SEQS)),
+            ("select_sm90.cu top-k epilogue, split-K (merged by the last split)",
+             p(_select_topk, warps=WGMMA, splits=3, seqs=DECODE_SEQS)),
             ("reverse_index.cu + sparse_prefill_sm90.cu (wgmma) + combine.cu",
              p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="wgmma")),
             ("tile_schedule.cu + sparse_prefill_tile_sm90.cu (wgmma, every tile tile-outer)",

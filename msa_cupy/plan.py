@@ -8,8 +8,10 @@ every step with kernel launches only, so that one captured CUDA graph serves eve
     out = plan.run(q, k_cache, v_cache)   # launches only: no sync, no allocation, capturable
 
 A step is: (training-free index) the group mean of q, one launch; the fused selection over the
-cached index keys (split-K, then the merge of the partial lists); the split-K decode attention
-over the picked blocks; the log-sum-exp combine.  Grids depend on the batch size that
+cached index keys (split-K: the last split of a row tile merges the partial lists); the split-K
+decode attention over the picked blocks, whose last CTA per (row, KV head) does the
+log-sum-exp combine.  Those merges count arrivals in the workspace (counters that start at
+zero with it and are left at zero by every launch).  Grids depend on the batch size that
 ``update`` sets and on the plan's maxima, never on lengths: the kernels read the step's
 lengths from ``cu_q``/``cu_k`` on the device, so nothing in ``run`` depends on host-side
 lengths.
@@ -55,6 +57,7 @@ STAGING_BUFFERS = 4  # pinned buffers of host-array updates in flight at once, p
 PREFILL_PLAN_SCHEDULE = "kv"
 KEPT_PROGRAMS = 64  # prepared steps (and checked shapes) kept per plan: by batch size, query rows, splits
 _ALIGN = 256  # bytes: every workspace view starts on a 256-byte boundary (16-byte loads need 16)
+COUNTER_VIEWS = ("errors", "select_count", "decode_count")  # adjacent workspace views, zero at the start
 _LENS = "seq_lens"  # the check of a device seq_lens array (the batch size comes from it)
 _RUN = ("q", "k", "v", "out", "lse")  # what a step binds (the rest: the workspace, bound once)
 _RUN_INDEX = _RUN + ("iq", "ik")
@@ -112,10 +115,11 @@ def _aligned(n: int) -> int:
 
 
 def workspace_layout(*, max_batch, rows, num_q_heads, num_kv_heads, head_dim, top_k, max_pages, dtype, splits,
-                     training_free, attention="decode", n_buckets=0, max_queries=0) -> list:
+                     training_free, attention="decode", n_buckets=0, max_queries=0, select_tiles=0) -> list:
     """The views of a cache plan's workspace, (name, shape, dtype), in allocation order, for
-    steps of at most ``rows`` query rows; ``attention``: "decode" (split-K: a partial (o, lse)
-    per pick) or a prefill plan's schedule: "tile" (tile-outer: bounded cu_q and the query
+    steps of at most ``rows`` query rows; ``select_tiles``: the selection's row tiles (its
+    merge counters, with split-K); ``attention``: "decode" (split-K: a partial (o, lse) per
+    pick, and a combine counter per (row, KV head)) or a prefill plan's schedule: "tile" (tile-outer: bounded cu_q and the query
     tiles' offsets), "kv" (KV-outer: also a partial per pick, and the reverse index over
     ``n_buckets`` buckets cut into items of ``max_queries`` tokens) or "auto" (both, and the
     tiles' classification)."""
@@ -125,7 +129,9 @@ def workspace_layout(*, max_batch, rows, num_q_heads, num_kv_heads, head_dim, to
         ("cu_q", (max_batch + 1,), np.int32),
         ("cu_k", (max_batch + 1,), np.int32),
         ("block_table", (max_batch, max_pages), np.int32),
-        ("errors", (1,), np.int32),
+        ("errors", (1,), np.int32),  # zeroed with the counters after it (COUNTER_VIEWS)
+        ("select_count", (select_tiles if splits > 1 else 0,), np.uint32),
+        ("decode_count", (rows * num_kv_heads if attention == "decode" else 0,), np.uint32),
         ("ids", (rows, num_kv_heads, top_k), np.int32),
         ("out", (rows, num_q_heads, head_dim), dtype),
         ("lse", (rows, num_q_heads), np.float32),
@@ -425,10 +431,7 @@ class _CachePlan:
             "update": _jit.kernel("plan_update.cu", "plan_update_kernel", (UPDATE_THREADS,)),
             "mean": (_jit.kernel("group_mean.cu", "group_mean_kernel", (_jit.dtype_template(self.dtype),))
                      if self.training_free else None),
-            "merge": None,  # below: the variant for the plan's most rows
         }
-        self._kernels["merge"], self._merge_per_cta = selection.merge_kernel(
-            self.max_rows * self.num_kv_heads, self._select.splits * self.top_k)
         self._select.kernel.reserve_shared(self._select.smem)
         self._init_attention()
         cache = (self.num_pages, self.page_size) if self.paged else (self.max_batch, self.max_cache_len)
@@ -479,7 +482,7 @@ class _CachePlan:
             max_batch=self.max_batch, rows=self.max_rows, num_q_heads=self.num_q_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, top_k=self.top_k, max_pages=self.max_pages,
             dtype=self.dtype, splits=splits, training_free=self.training_free, attention=self._attention,
-            **self._attention_sizes())
+            select_tiles=selection.merge_counters(self._select, self.max_batch), **self._attention_sizes())
         self.workspace_bytes = workspace_bytes(self._views)
         self._offsets = workspace_offsets(self._views)
 
@@ -492,7 +495,7 @@ class _CachePlan:
         cp = self._cp
         with cp.cuda.Device(self.device):
             self._use(cp.empty(self.workspace_bytes, cp.uint8))
-            self._zero_errors()
+            self._zero_counters(self._base, cp.cuda.get_current_stream().ptr)
         return self
 
     @_interop.outside_torch_compile()
@@ -501,7 +504,7 @@ class _CachePlan:
         array of at least ``workspace_bytes`` on the plan's device (e.g. a buffer XLA or
         PyTorch's allocator handed out), owned by the caller and live while queued work reads
         it.  Nothing is kept from an earlier workspace: call :meth:`update` next.  Allocates
-        nothing; one memset on the caller's stream zeroes the clamp counter.
+        nothing; one memset on the caller's stream zeroes the clamp and merge counters.
 
         ``carry_over=True``: ``raw`` holds a copy of the current workspace's bytes (a framework
         moved the buffer); the step set by the last :meth:`update` and the counter carry over,
@@ -522,7 +525,7 @@ class _CachePlan:
             else:
                 self._use(arr)
             if not carry_over:
-                self._zero_errors()
+                self._zero_counters(self._base, cp.cuda.get_current_stream().ptr)
                 self._batch = self._last_prefix = None
         return self
 
@@ -530,9 +533,12 @@ class _CachePlan:
         self._raw, self._base, self._ws = raw, raw.data.ptr, None
         self._results.clear()
 
-    def _zero_errors(self):
-        cp = self._cp
-        cp.cuda.runtime.memsetAsync(self._base + self._offsets["errors"], 0, 4, cp.cuda.get_current_stream().ptr)
+    def _zero_counters(self, base: int, stream: int):
+        """One memset of the clamp counter and the merge counters (adjacent views) of the
+        workspace at base."""
+        sizes = {name: _aligned(math.prod(shape) * np.dtype(dt).itemsize) for name, shape, dt in self._views}
+        first, last = self._offsets[COUNTER_VIEWS[0]], self._offsets[COUNTER_VIEWS[-1]]
+        self._cp.cuda.runtime.memsetAsync(base + first, 0, last + sizes[COUNTER_VIEWS[-1]] - first, stream)
 
     def _carve(self, raw) -> dict:
         ws = {}
@@ -706,7 +712,7 @@ class _CachePlan:
     def _step_launches(self, n_seq, rows, splits, *, paged_keys, uniform) -> list:
         """The launches of one step through the stage functions, with Pointer stand-ins for
         every array: [cu_seqlens (uniform one-call)], [the cu_q bound], [group mean], select,
-        [merge], the attention stage.  Keys through the plan's block table (paged_keys), or
+        the attention stage.  Keys through the plan's block table (paged_keys), or
         contiguous by cu_k."""
         P, dt = _jit.Pointer, self.dtype
         hq, hkv, d, top_k = self.num_q_heads, self.num_kv_heads, self.head_dim, self.top_k
@@ -731,17 +737,15 @@ class _CachePlan:
         else:
             index_q = P("iq", (rows, hkv, self.index_dim), dt)
             index_k = P("ik", (0, self.index_k_heads, self.index_dim), dt)
-        partial = P("partial", (rows, hkv, splits, top_k), np.uint64) if splits > 1 else None
+        split_k = splits > 1
+        partial = P("partial", (rows, hkv, splits, top_k), np.uint64) if split_k else None
         select = _jit.Recorder(self._select.kernel)
         width = 0 if paged_keys else _jit.Scalar("width", np.int32)  # one-call: as the earlier path passes it
         selection.launch_select(self._select._replace(kernel=select, splits=splits), index_q, index_k, cu_q, cu_k,
                                 n_seq, causal=True, width=width, top_k=top_k, local_blocks=self.local_blocks,
-                                sink_blocks=self.sink_blocks, ids_out=ids if partial is None else None,
-                                partial=partial, pages=pages)
+                                sink_blocks=self.sink_blocks, ids_out=ids, partial=partial,
+                                counters=P("select_count") if split_k else None, pages=pages)
         launches.append(select.launch)
-        if partial is not None:
-            record(self._kernels["merge"], selection.launch_topk_merge, partial, ids, rows * hkv, splits, top_k,
-                   per_cta=self._merge_per_cta)
         self._attention_launches(record, launches, n_seq=n_seq, rows=rows, q=q, k=k, v=v, ids=ids, cu_q=cu_q,
                                  cu_k=cu_k, pages=pages, out=P("out", (rows, hq, d), dt),
                                  lse=P("lse", (rows, hq), np.float32))
@@ -884,22 +888,20 @@ class DecodePlan(_CachePlan):
         self._decode, self._decode_smem = sparse.decode_kernel(self.dtype, self.head_dim, self.group_size,
                                                                self.block_size)
         self._decode.reserve_shared(self._decode_smem)
-        self._kernels["combine"] = sparse.combine_kernel(self.dtype, self.head_dim, self.group_size)
         self._kernels["uniform"] = _jit.kernel("plan_update.cu", "uniform_cu_seqlens")
 
     def _prefix(self, batch, q):
         return (batch, self.queries_per_seq)
 
     def _attention_launches(self, record, launches, *, n_seq, rows, q, k, v, ids, cu_q, cu_k, pages, out, lse):
-        """Split-K decode (a partial per pick) and the log-sum-exp combine."""
+        """Split-K decode: a partial per pick, combined by the last CTA of each (row, KV head)."""
         P = _jit.Pointer
         part_o, part_lse = P("part_o", (0,), self.dtype), P("part_lse", (0,), np.float32)
         decode = _jit.Recorder(self._decode)
         sparse.launch_decode(decode, self._decode_smem, q, k, v, ids, cu_q, cu_k, n_seq, 0, rows, part_o, part_lse,
-                             causal=True, scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
+                             P("decode_count"), out, lse, causal=True,
+                             scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
         launches.append(decode.launch)
-        record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, None, ids, cu_q, n_seq, 0, rows, out,
-               lse, head_dim=self.head_dim, group=self.group_size, decode=True)
 
     @_interop.outside_torch_compile()
     def update(self, seq_lens, block_table=None):
@@ -955,6 +957,7 @@ class DecodePlan(_CachePlan):
         offsets = self._offsets
         if k_len is not None:  # batched: the uniform launch writes the scratch's cu_seqlens
             cu_q, cu_k = base + offsets["cu_q"], base + offsets["cu_k"]
+        self._zero_counters(base, stream)  # a fresh scratch
         program.binder(_CALL)(q, k, v, index_q, index_k, out, lse or base + offsets["lse"],
                               ids or base + offsets["ids"], cu_q, cu_k, k_len or 0, -(-max_k // self.block_size))
         _jit.launch_ready(self.device)
@@ -1096,8 +1099,8 @@ class PrefillPlan(_CachePlan):
                                        0, rows, row_mode, out, lse, **kernel_args)
             launches.append(recorder.launch)
         if self.schedule != "tile":
-            record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, slot_pos, ids, cu_q, n_seq, 0,
-                   rows, out, lse, head_dim=self.head_dim, group=self.group_size, decode=False, row_mode=row_mode)
+            record(self._kernels["combine"], sparse.launch_combine, part_o, part_lse, slot_pos, cu_q, n_seq, 0, rows,
+                   out, lse, head_dim=self.head_dim, group=self.group_size, top_k=self.top_k, row_mode=row_mode)
 
     @_interop.outside_torch_compile()
     def update(self, seq_lens, query_lens, block_table=None):

@@ -3,12 +3,13 @@
 Kernels: ``cuda/select.cu`` (tensor-core index GEMM with a block-max epilogue that either
 writes block scores or feeds a running top-k; mma.sync, sm_80+), ``cuda/select_sm90.cu`` (the
 same on wgmma, for prefill on sm_90), ``cuda/topk.cu`` (warp top-k over materialized
-scores, and the merge of split-K partial lists).  Inputs arrive validated, contiguous and in
+scores).  With split-K the last split CTA of a row tile merges the splits' partial lists
+(``select_tile.cuh``: a counter per tile, zero before and after each launch).  Inputs arrive validated, contiguous and in
 varlen form: ``index_q`` (total_q, Hkv, Di), ``index_k`` (total_k, 1 | Hkv, Di), fp16/bf16,
 ``cu_q``/``cu_k`` device int32 (n_seq + 1), ``layout`` the host-side :class:`Layout`.
 
-Launch code: ``select_config`` (kernel and grid) with ``launch_select`` and
-``launch_topk_merge``, which decode plans also call, and ``launch_topk``; the public functions
+Launch code: ``select_config`` (kernel and grid) with ``launch_select``, which decode plans
+also call, and ``launch_topk``; the public functions
 configure from the layout, allocate their outputs and run these.  Tuning and test choices
 travel in one :class:`SelectTuning`.
 """
@@ -38,7 +39,6 @@ WGMMA = "wgmma"              # `warps` value of select_sm90.cu: two warpgroups, 
 WGMMA_ROWS = 256
 WGMMA_STAGES = (4, 3)        # key-ring depths, deepest first that fits shared memory (prefetch distance 2 or 1)
 EPI_SCORES, EPI_TOPK = 0, 1
-MERGE_ROW_WARPS = 8          # warps per row of topk_merge_kernel when rows are few and lists long (decode)
 MIN_TILES_PER_SPLIT = 4      # split-K never gives a CTA fewer key tiles than this
 CTAS_PER_SM_TARGET = 2       # split-K until the grid has about this many CTAs per SM
 
@@ -57,7 +57,6 @@ _jit.declare("select_sm90.cu", "select_sm90_kernel", *[
     (_di, _bs, _st, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES for _st in WGMMA_STAGES
     for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")], arch_specific=True)
 _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
-_jit.declare("topk.cu", "topk_merge_kernel", (TOPK_WARPS, 1), (TOPK_WARPS, MERGE_ROW_WARPS))
 
 
 def supports_block_scores(*, block_size: int, index_dim: int) -> bool:
@@ -220,35 +219,23 @@ def _ptr(x):
 
 
 def launch_select(cfg: SelectLaunch, index_q, index_k, cu_q, cu_k, n_seq: int, *, causal, width=0, top_k=1,
-                  local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, partial=None,
+                  local_blocks=0, sink_blocks=0, scores_out=None, ids_out=None, partial=None, counters=None,
                   pages=CONTIGUOUS_KEYS):
-    """select_kernel / select_sm90_kernel: block scores into scores_out, or (one split) ids into
-    ids_out, or (split-K) each split's top-k keys into partial (total_q, Hkv, splits, top_k) for
-    launch_topk_merge.  ``pages``: where index_k's rows live (_layout.key_rows)."""
+    """select_kernel / select_sm90_kernel: block scores into scores_out, or ids into ids_out;
+    with split-K each split's top-k keys go to partial (total_q, Hkv, splits, top_k) and the
+    last split of a row tile merges them into ids_out, counting in ``counters`` (uint32, at
+    least :func:`merge_counters` of them, zero before the launch and left zero after it).
+    ``pages``: where index_k's rows live (_layout.key_rows)."""
     n_heads, k_heads = index_q.shape[1], index_k.shape[-2]
     cfg.kernel((n_seq * cfg.q_tiles, cfg.group_grid, cfg.splits), (cfg.threads,), (
-        index_q, index_k, cu_q, cu_k, _ptr(scores_out), _ptr(ids_out), _ptr(partial),
+        index_q, index_k, cu_q, cu_k, _ptr(scores_out), _ptr(ids_out), _ptr(partial), _ptr(counters),
         _i32(n_heads), _i32(k_heads), _i32(width), _i32(cfg.q_tiles), _i32(top_k), _i32(local_blocks),
         _i32(sink_blocks), _i32(1 if causal else 0), _i32(cfg.splits), *pages), shared_mem=cfg.smem)
 
 
-def merge_kernel(rows: int, n_cand: int):
-    """(topk_merge_kernel, rows per CTA) for ``rows`` lists of ``n_cand`` keys: few rows with long
-    lists (decode over a long cache: 4 rows x 4096 keys at batch 1) get MERGE_ROW_WARPS warps a
-    row, many rows a warp each.  Loaded here, so a plan can hold it before any capture."""
-    row_warps = MERGE_ROW_WARPS if rows < 2 * _sm_count() and n_cand >= MERGE_ROW_WARPS * 256 else 1
-    return _jit.kernel("topk.cu", "topk_merge_kernel", (TOPK_WARPS, row_warps)), TOPK_WARPS // row_warps
-
-
-def launch_topk_merge(partial, ids_out, rows: int, splits: int, top_k: int, *, kernel=None, per_cta=None):
-    """topk_merge_kernel: the split-K partial lists of each (query, group) row -> its ids.
-    ``kernel``/``per_cta``: a :func:`merge_kernel` result fixed in advance (a decode plan, which
-    may pass a recorder; rows per CTA default to a warp a row), else chosen here."""
-    if kernel is None:
-        kernel, per_cta = merge_kernel(rows, splits * top_k)
-    per_cta = per_cta or TOPK_WARPS  # a kernel given alone: a warp a row
-    kernel((-(-rows // per_cta),), (32 * TOPK_WARPS,),
-           (partial, ids_out, np.int64(rows), _i32(splits * top_k), _i32(top_k)))
+def merge_counters(cfg: SelectLaunch, n_seq: int) -> int:
+    """Counters a split-K launch of ``cfg`` over ``n_seq`` sequences needs: one per row tile."""
+    return n_seq * cfg.q_tiles * cfg.group_grid
 
 
 def launch_topk(scores, cu_q, cu_k, ids_out, n_seq: int, *, top_k, block_size, local_blocks, sink_blocks,
@@ -317,12 +304,13 @@ def select_blocks(index_q, index_k, layout: Layout, cu_q, cu_k, *, top_k, block_
                                 tuning=tuning)
     total_q, n_heads = index_q.shape[:2]
     out = out if out is not None else cupy.empty((total_q, n_heads, top_k), cupy.int32)
-    partial = cupy.empty((total_q, n_heads, cfg.splits, top_k), cupy.uint64) if cfg.splits > 1 else None
     if total_q == 0 or layout.n_seq == 0:
         return out
+    partial = counters = None
+    if cfg.splits > 1:
+        partial = cupy.empty((total_q, n_heads, cfg.splits, top_k), cupy.uint64)
+        counters = cupy.zeros(merge_counters(cfg, layout.n_seq), cupy.uint32)
     launch_select(cfg, index_q, index_k, cu_q, cu_k, layout.n_seq, causal=causal, width=width, top_k=top_k,
-                  local_blocks=local_blocks, sink_blocks=sink_blocks, ids_out=out if partial is None else None,
-                  partial=partial)
-    if partial is not None:
-        launch_topk_merge(partial, out, total_q * n_heads, cfg.splits, top_k)
+                  local_blocks=local_blocks, sink_blocks=sink_blocks, ids_out=out, partial=partial,
+                  counters=counters)
     return out

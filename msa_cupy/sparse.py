@@ -1,6 +1,6 @@
 """Block-sparse attention on the GPU (MSA main branch): launch code of the CUDA kernels.
 
-Two paths, one combine:
+Three paths:
 
 * **prefill (KV-outer)** -- ``cuda/reverse_index.cu`` inverts the selection into, per
   (sequence, KV head, key block) = *bucket*, the ascending list of query tokens that picked it
@@ -14,8 +14,9 @@ Two paths, one combine:
   items on wgmma (one warpgroup, 64-row tiles, two CTAs per SM; 13% faster on H200).
 * **decode (query-outer split-K)** -- for at most ``DECODE_MAX_QUERIES`` queries per sequence,
   ``cuda/decode.cu`` makes every distinct pick its own CTA straight from block_indices (no
-  sort, no reverse index, no schedule kernel: two launches in all), its key block split once
-  more across the CTA's 4 warps, merged in shared memory.
+  sort, no reverse index, no schedule kernel: one launch in all), its key block split once
+  more across the CTA's 4 warps, merged in shared memory; the last CTA of each (query, KV
+  head) to finish combines its partials (a counter per pair, zero before and after the launch).
 * **prefill (tile-outer)** -- ``cuda/sparse_prefill_tile.cu`` runs one CTA per (query tile,
   KV head): TILE_ROWS rows = tile tokens x G heads (G = 16: 8 consecutive tokens), walking
   the sorted union of the tile's picked blocks with online softmax in registers and a per-row
@@ -29,13 +30,13 @@ Two paths, one combine:
   classify each (tile, KV head) by the share of its token x block pairs that its tokens
   picked (>= ``TILE_MIN_USEFUL``: tile-outer); the other tiles' picks go KV-outer, whose
   reverse index and combine skip the tile-outer rows; "tile" forces the tile-outer path.
-* ``cuda/combine.cu`` merges the <= K partials of each (query, head) by log-sum-exp.
+* ``cuda/combine.cu`` merges the <= K partials of each (query, head) of the KV-outer path by
+  log-sum-exp (``cuda/combine.cuh``: the math, which the decode kernel shares).
 
 Launch code: one stage function per kernel file (``decode_kernel``/``launch_decode``,
 ``block_offsets``/``reverse_index``, ``prefill_kernel``/``launch_prefill``,
 ``query_tile_offsets``/``classify_query_tiles``, ``tile_prefill_kernel``/``launch_tile_prefill``,
-``combine_kernel``/``launch_combine``; decode plans call the decode and combine ones
-directly); ``sparse_attention`` chooses the path, cuts the queries into chunks and runs the
+``combine_kernel``/``launch_combine``; plans call them directly); ``sparse_attention`` chooses the path, cuts the queries into chunks and runs the
 stages on each.  Tuning and test choices travel in one :class:`SparseTuning`.
 
 Partials are stored in the input dtype (half the bytes of fp32; the extra rounding is one
@@ -262,15 +263,17 @@ def decode_kernel(dtype, head_dim: int, group: int, block_size: int):
     return kernel, _smem_bytes(head_dim, block_size, DECODE_WARPS, group, True)
 
 
-def launch_decode(kernel, smem, q, k, v, block_indices, cu_q, cu_k, n_seq, q_begin, rows, part_o, part_lse, *,
-                  causal, scale_log2, pages=CONTIGUOUS_KEYS):
+def launch_decode(kernel, smem, q, k, v, block_indices, cu_q, cu_k, n_seq, q_begin, rows, part_o, part_lse, counters,
+                  out, lse, *, causal, scale_log2, pages=CONTIGUOUS_KEYS):
     """decode.cu: one CTA per entry of block_indices rows [q_begin, q_begin + rows), each a
-    partial (o, lse) at partial row entry * G + head."""
+    partial (o, lse) at partial row entry * G + head; the last CTA of each (row, KV head)
+    combines them into out/lse (rows at or past cu_q[n_seq] are left alone).  ``counters``:
+    uint32, one per (row, KV head), zero before the launch and left zero after it."""
     n_heads_q, n_heads_kv, top_k = q.shape[1], k.shape[-2], block_indices.shape[-1]
     kernel((rows * n_heads_kv * top_k,), (32 * DECODE_WARPS,),
            (q, k, v, block_indices, cu_q, cu_k, np.int32(n_seq), np.int32(q_begin), np.int32(n_heads_q),
-            np.int32(n_heads_kv), np.int32(top_k), part_o, part_lse, np.int32(bool(causal)), scale_log2, *pages),
-           shared_mem=smem)
+            np.int32(n_heads_kv), np.int32(top_k), part_o, part_lse, counters, out, lse, np.int32(bool(causal)),
+            scale_log2, *pages), shared_mem=smem)
 
 
 def block_offsets(cu_k, n_seq: int, block_size: int, block_off=None, *, kernel=None):
@@ -578,20 +581,19 @@ def combine_kernel(dtype, head_dim: int, group: int):
     return _jit.kernel("combine.cu", "sparse_combine_kernel", (tname, head_dim, group, COMBINE_WARPS))
 
 
-def launch_combine(part_o, part_lse, slot_pos, block_indices, cu_q, n_seq, q_begin, rows, out, lse, *, head_dim,
-                   group, decode, row_mode=None, kernel=None):
+def launch_combine(part_o, part_lse, slot_pos, cu_q, n_seq, q_begin, rows, out, lse, *, head_dim, group, top_k,
+                   row_mode=None, kernel=None):
     """combine.cu: the log-sum-exp merge of the <= K partials of each (query, head) of rows
-    [q_begin, q_begin + rows) into out/lse; rows at or past cu_q[n_seq] are left alone.
-    Decode partials sit at their entry of block_indices; prefill partials at slot_pos.
-    row_mode (uint8 (rows, Hkv), or None): rows marked 1 belong to the tile-outer kernel and
-    are left alone.  ``kernel``: combine_kernel(...) unless given (a plan passes a recorder)."""
+    [q_begin, q_begin + rows) into out/lse, the partial rows at slot_pos (rows, Hkv, top_k);
+    rows at or past cu_q[n_seq] are left alone.  row_mode (uint8 (rows, Hkv), or None): rows
+    marked 1 belong to the tile-outer kernel and are left alone.  ``kernel``:
+    combine_kernel(...) unless given (a plan passes a recorder)."""
     combine = kernel if kernel is not None else combine_kernel(out.dtype, head_dim, group)
-    n_heads_q, top_k = out.shape[1], block_indices.shape[-1]
+    n_heads_q = out.shape[1]
     pairs = rows * n_heads_q
     combine((int(-(-pairs // (2 * COMBINE_WARPS))),), (32 * COMBINE_WARPS,),  # a half-warp per pair
-            (part_o, part_lse, block_indices if decode else slot_pos, block_indices, np.int32(decode),
-             _nullable(row_mode), cu_q, np.int32(n_seq), np.int32(q_begin), np.int32(rows), np.int32(n_heads_q),
-             np.int32(top_k), out, lse))
+            (part_o, part_lse, slot_pos, _nullable(row_mode), cu_q, np.int32(n_seq), np.int32(q_begin),
+             np.int32(rows), np.int32(n_heads_q), np.int32(top_k), out, lse))
 
 
 # --------------------------------------------------------------------------- the operation
@@ -666,6 +668,8 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     if kv_outer:
         part_o = _empty((max_entries * group * head_dim,), q.dtype)
         part_lse = _empty((max_entries * group,), np.float32)
+    if decode:
+        counters = cupy.zeros(chunk * n_heads_kv, cupy.uint32)  # left zero by each chunk's launch
     if kv_outer and not decode:
         list_q = cupy.empty(max_entries, cupy.int32)
         slot_pos = cupy.empty(max_entries, cupy.int32)
@@ -686,7 +690,7 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
         if decode:  # one CTA per entry of block_indices: no reverse index
             mark("reverse_index")
             launch_decode(attn, smem, q, k, v, bi, cu_q, cu_k, layout.n_seq, q_begin, rows, part_o, part_lse,
-                          **kernel_args)
+                          counters, out, lse, **kernel_args)
         else:
             if tile is not None:  # the query tiles, and which of them run tile-outer
                 query_tile_offsets(cu_q, layout.n_seq, q_begin, rows, tile.tile_tokens, tile_off)
@@ -706,8 +710,8 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
                 launch_tile_prefill(tile, q, k, v, bi, cu_q, cu_k, tile_off, layout.n_seq, q_begin, rows, row_mode,
                                     out, lse, **kernel_args)
         mark("attention")
-        if kv_outer:
-            launch_combine(part_o, part_lse, slot_pos, bi, cu_q, layout.n_seq, q_begin, rows, out, lse,
-                           head_dim=head_dim, group=group, decode=decode, row_mode=row_mode)
+        if kv_outer and not decode:
+            launch_combine(part_o, part_lse, slot_pos, cu_q, layout.n_seq, q_begin, rows, out, lse,
+                           head_dim=head_dim, group=group, top_k=top_k, row_mode=row_mode)
         mark("combine")
     return out, lse

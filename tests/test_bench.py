@@ -141,5 +141,5 @@ def test_host_pieces_are_timed_without_a_gpu():
     program = host_cpu._one_call_program()
     assert [launch.block for launch in program.launches][0] == (256, 1, 1)
     assert {"q", "k", "v", "iq", "ik", "out", "lse", "ids", "cu_q", "cu_k", "k_len", "width", "partial", "part_o",
-            "part_lse"} == set(program.slots)
+            "part_lse", "select_count", "decode_count"} == set(program.slots)
     assert host_cpu._us(lambda: None, number=10, repeat=2) >= 0

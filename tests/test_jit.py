@@ -171,31 +171,33 @@ def test_recorded_stage_functions_keep_their_argument_order():
     ids = P("ids", (rows, hkv, top_k), np.int32)
     pages = _layout.key_rows(P("block_table"), 7, 64)
     recorder = _jit.Recorder(_Kernel())
+    out, lse = P("out", (rows, hq, d), np.float16), P("lse", (rows, hq), np.float32)
     sparse.launch_decode(recorder, 1000, q, k, v, ids, P("cu_q"), P("cu_k"), 3, 0, rows, P("part_o"), P("part_lse"),
-                         causal=True, scale_log2=np.float32(0.125), pages=pages)
+                         P("decode_count"), out, lse, causal=True, scale_log2=np.float32(0.125), pages=pages)
     launch = recorder.launch
     assert launch.grid == (rows * hkv * top_k, 1, 1) and launch.shared_mem == 1000
     assert [name for name, _, _ in launch.slots] == ["q", "k", "v", "ids", "cu_q", "cu_k", "part_o", "part_lse",
-                                                      "block_table"]
-    ints = [_cell(launch, i, np.int32) for i in (6, 7, 8, 9, 10, 13, 16, 17)]
-    assert ints == [3, 0, hq, hkv, top_k, 1, 7, 64] and _cell(launch, 14, np.float32) == np.float32(0.125)
+                                                      "decode_count", "out", "lse", "block_table"]
+    ints = [_cell(launch, i, np.int32) for i in (6, 7, 8, 9, 10, 16, 19, 20)]
+    assert ints == [3, 0, hq, hkv, top_k, 1, 7, 64] and _cell(launch, 17, np.float32) == np.float32(0.125)
 
     recorder = _jit.Recorder(_Kernel())
     cfg = selection.SelectLaunch(None, 128, 2048, 1, 1, 5, 32)
     selection.launch_select(cfg._replace(kernel=recorder), P("iq", (rows, hkv, d)), P("ik", (0, 1, d)), P("cu_q"),
                             P("cu_k"), 3, causal=True, top_k=top_k, local_blocks=1, sink_blocks=0,
-                            partial=P("partial"), pages=_layout.CONTIGUOUS_KEYS)
+                            ids_out=ids, partial=P("partial"), counters=P("select_count"),
+                            pages=_layout.CONTIGUOUS_KEYS)
     launch = recorder.launch
-    assert launch.grid == (3, 1, 5) and [name for name, _, _ in launch.slots] == ["iq", "ik", "cu_q", "cu_k",
-                                                                                  "partial"]
-    assert int(launch.values[4]) == 0 and int(launch.values[5]) == 0 and int(launch.values[16]) == 0  # null pointers
-    assert [_cell(launch, i, np.int32) for i in range(7, 16)] == [hkv, 1, 0, 1, top_k, 1, 0, 1, 5]
+    assert launch.grid == (3, 1, 5) and [name for name, _, _ in launch.slots] == ["iq", "ik", "cu_q", "cu_k", "ids",
+                                                                                  "partial", "select_count"]
+    assert int(launch.values[4]) == 0 and int(launch.values[17]) == 0  # null pointers
+    assert [_cell(launch, i, np.int32) for i in range(8, 17)] == [hkv, 1, 0, 1, top_k, 1, 0, 1, 5]
 
     recorder = _jit.Recorder(_Kernel())
-    sparse.launch_combine(P("part_o"), P("part_lse"), None, ids, P("cu_q"), 3, 0, rows,
-                          P("out", (rows, hq, d), np.float16), P("lse", (rows, hq), np.float32), head_dim=d,
-                          group=hq // hkv, decode=True, kernel=recorder)
-    assert [name for name, _, _ in recorder.launch.slots] == ["part_o", "part_lse", "ids", "ids", "cu_q", "out", "lse"]
+    sparse.launch_combine(P("part_o"), P("part_lse"), P("slot_pos"), P("cu_q"), 3, 0, rows, out, lse, head_dim=d,
+                          group=hq // hkv, top_k=top_k, kernel=recorder)
+    assert [name for name, _, _ in recorder.launch.slots] == ["part_o", "part_lse", "slot_pos", "cu_q", "out", "lse"]
+    assert int(recorder.launch.values[3]) == 0  # no row_mode
 
 
 def _kernel_parameters(source: str, name: str) -> list:
@@ -260,7 +262,7 @@ def test_every_stage_function_passes_its_kernels_parameter_list(monkeypatch):
 
     recorded = [
         last(lambda: sparse.launch_decode(stub("decode.cu", "sparse_decode_kernel"), 0, q, k, v, ids, cu_q, cu_k, 2,
-                                          0, rows, P("po"), P("pl"), **kw))(),
+                                          0, rows, P("po"), P("pl"), P("count"), out, lse, **kw))(),
         last(lambda: sparse.launch_prefill(
             sparse.PrefillKernel(stub("sparse_prefill.cu", "sparse_prefill_kernel"), 128, 0, 4), q, k, v,
             P("items", (5, 3)), P("list_q"), cu_q, cu_k, P("block_off"), 2, 9, P("po"), P("pl"), **kw))(),
@@ -270,13 +272,12 @@ def test_every_stage_function_passes_its_kernels_parameter_list(monkeypatch):
         last(lambda: sparse.query_tile_offsets(cu_q, 2, 0, rows, 8, P("tile_off")))(),
         last(lambda: sparse.classify_query_tiles(ids, cu_q, cu_k, P("tile_off"), 2, 0, rows, tile_tokens=8,
                                                  min_useful=0.3, row_mode=P("mode")))(),
-        last(lambda: sparse.launch_combine(P("po"), P("pl"), None, ids, cu_q, 2, 0, rows, out, lse, head_dim=d,
-                                           group=8, decode=True))(),
+        last(lambda: sparse.launch_combine(P("po"), P("pl"), P("slot_pos"), cu_q, 2, 0, rows, out, lse, head_dim=d,
+                                           group=8, top_k=top_k))(),
         last(lambda: selection.launch_select(
             selection.SelectLaunch(stub("select.cu", "select_kernel"), 128, 0, 1, 1, 1, 32), P("iq", (rows, hkv, d)),
-            P("ik", (0, 1, d)), cu_q, cu_k, 2, causal=True, top_k=top_k, ids_out=ids, pages=pages))(),
-        last(lambda: selection.launch_topk_merge(P("partial"), ids, rows * hkv, 2, top_k,
-                                                 kernel=stub("topk.cu", "topk_merge_kernel"), per_cta=8))(),
+            P("ik", (0, 1, d)), cu_q, cu_k, 2, causal=True, top_k=top_k, ids_out=ids, partial=P("partial"),
+            counters=P("count"), pages=pages))(),
         last(lambda: selection.launch_topk(P("scores", (rows, hkv, 9), np.float32), cu_q, cu_k, ids, 2, top_k=top_k,
                                            block_size=64, local_blocks=1, sink_blocks=0, causal=True))(),
         last(lambda: plan.group_mean(q, P("iq", (rows, hkv, d)), hkv))(),

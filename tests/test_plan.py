@@ -55,6 +55,22 @@ def test_workspace_layout_at_the_paper_shapes():
     assert total >= sum(sizes.values()) and total % 256 == 0 and total - sum(sizes.values()) < 256 * len(views)
 
 
+@pytest.mark.parametrize("attention, splits", [("decode", 4), ("decode", 1), ("kv", 3), ("tile", 1)])
+def test_merge_counters_sit_together_after_the_clamp_counter(attention, splits):
+    """The split-K merge counters (one per selection row tile) and the decode combine counters
+    (one per row and KV head) follow the clamp counter, so that one memset zeroes them all."""
+    rows, hkv = 8, 4
+    views = plan.workspace_layout(max_batch=8, rows=rows, num_q_heads=64, num_kv_heads=hkv, head_dim=128, top_k=16,
+                                  max_pages=64, dtype=np.dtype(np.float16), splits=splits, training_free=True,
+                                  attention=attention, n_buckets=64, max_queries=32, select_tiles=5)
+    names = [name for name, _, _ in views]
+    first = names.index(plan.COUNTER_VIEWS[0])
+    assert tuple(names[first:first + len(plan.COUNTER_VIEWS)]) == plan.COUNTER_VIEWS
+    shapes = {name: shape for name, shape, _ in views}
+    assert shapes["select_count"] == ((5,) if splits > 1 else (0,))
+    assert shapes["decode_count"] == ((rows * hkv,) if attention == "decode" else (0,))
+
+
 def test_prefill_workspace_holds_outputs_not_partials():
     views = plan.workspace_layout(max_batch=4, rows=8192, num_q_heads=64, num_kv_heads=4, head_dim=128, top_k=16,
                                   max_pages=1024, dtype=np.dtype(np.float16), splits=1, training_free=True,

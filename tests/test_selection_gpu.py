@@ -203,7 +203,7 @@ def test_select_blocks_prefill(case):
 @settings(max_examples=40, **SETTINGS)
 @given(case=selection_case(decode=True))
 def test_select_blocks_decode_split(case):
-    """Few queries, long caches: split-K partial lists + merge kernel."""
+    """Few queries, long caches: split-K partial lists, merged by the last split."""
     _check_fused(case)
 
 
@@ -212,6 +212,37 @@ def test_select_blocks_decode_split(case):
 def test_select_blocks_splits_and_warp_grids(case, splits, warps):
     """Every warp grid (prefill/decode shapes and the tuning variants) with split-K forced."""
     _check_fused(case, splits=splits, warps=warps)
+
+
+@pytest.mark.parametrize("splits", [7, 64, 300])
+@pytest.mark.parametrize("order", ["random", "descending", "ascending"])
+def test_select_blocks_merge_of_many_splits(order, splits):
+    """The merge in the last split CTA (merge_splits reads every split's best key, then whole
+    lists only of the best top_k splits) with many splits (300: some of one key tile) and scores
+    that put the whole top-k in one split (keys whose score falls or rises with their position)
+    or spread it (random)."""
+    import cupy
+
+    from msa_cupy import selection
+
+    rng = np.random.default_rng(splits)
+    layout = _layout([(1, 40_000), (3, 70_001), (2, 900)])
+    hkv, di, dt = 4, 64, testing.DTYPES["bfloat16"]
+    iq = testing.randn(rng, (layout.total_q, hkv, di), dt)
+    ik = testing.randn(rng, (layout.total_k, 1, di), dt)
+    if order != "random":  # score of key j ~ +-j: strictly ordered blocks, the query's own rows vary little
+        ramp = np.concatenate([np.arange(nk) / nk for _, _, _, nk in layout.sequences()])
+        ik[:, 0, :] = (ik[:, 0, :].astype(np.float32) * 0.01).astype(dt)
+        ik[:, 0, 0] = ((1 if order == "ascending" else -1) * 8 * ramp).astype(dt)
+        iq[..., 0] = np.asarray(1 + rng.random(iq.shape[:2]), np.float32).astype(dt)
+    cu_q, cu_k = _device_cu(layout)
+    opts = dict(top_k=16, block_size=64, local_blocks=1, sink_blocks=1, causal=True)
+    tuning = selection.SelectTuning(splits=splits)
+    got = run_poisoned_twice(
+        lambda out: selection.select_blocks(cupy.asarray(iq), cupy.asarray(ik), layout, cu_q, cu_k, out=out,
+                                            tuning=tuning, **opts),
+        lambda: cupy.empty((layout.total_q, hkv, 16), cupy.int32), ID_POISON)
+    testing.assert_selection_matches(got, iq, ik, **opts, **_cu(layout))
 
 
 @settings(max_examples=40, **SETTINGS)

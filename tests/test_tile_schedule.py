@@ -133,3 +133,27 @@ def test_tile_smem_counts_the_union():
     assert mma.smem_bytes(3) == 2 * 2 * 64 * 128 * 2 + 416  # 24 * 17 = 408, rounded to 16
     wgmma = mma._replace(threads=256, chunk_keys=128, align=1024)  # sparse_prefill_tile_sm90.cu: whole blocks
     assert wgmma.smem_bytes(16) == 1024 + 2 * 2 * 128 * 128 * 2 + 8 * 16 * 17
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_with_no_local_memory():
+    """Every kernel of every source, at its paper-shape variant or its first declared one, through
+    NVRTC for sm_80 and sm_90 (sm_90a for the wgmma kernels): no stack frame, no spills.  (Every
+    variant: `python -m msa_cupy check`, too slow for this suite.)"""
+    pytest.importorskip("cuda.bindings")
+    from msa_cupy.__main__ import _declared_variants, parse_ptxas
+
+    paper = ("bf16, 128, 16, 128", "128, 128, 1, 8, 1, 1, bf16", "128, 128, 4, 1, bf16")  # decode/prefill, select
+    for source, variants in sorted(_declared_variants().items()):
+        chosen = {}
+        for expr, arch_specific in variants.items():
+            kernel = expr.split("<")[0]
+            if kernel not in chosen or any(p in expr for p in paper):
+                chosen[kernel] = (expr, arch_specific)
+        names = [expr for expr, _ in chosen.values()]
+        archs = ("sm_90a",) if any(a for _, a in chosen.values()) else ("sm_80", "sm_90")
+        for arch in archs:
+            _, lowered, log = _jit.compile_cubin(source, arch, names, verbose=True, frontend=_jit._nvrtc_cuda_python)
+            stats = parse_ptxas(log)
+            for name in names:
+                regs, frame, spill_st, spill_ld = stats[lowered[name]]
+                assert (frame, spill_st, spill_ld) == (0, 0, 0), (source, arch, name, frame, spill_st, spill_ld)

@@ -10,7 +10,7 @@ from msa_cupy import selection, sparse
 
 HOOKS = {"tuning", "stats", "force_path", "prefill_kernel", "prefill_warps", "prefill_stages", "prefill_mt", "schedule",
          "tile_rows", "tile_stages", "tile_min_useful", "tile_kernel"}
-SELECT_HOOKS = {"splits", "warps"}  # launch_topk_merge takes the split count of a config: data, not a choice
+SELECT_HOOKS = {"splits", "warps"}
 
 
 def test_sparse_tuning_defaults_are_the_module_constants():
@@ -69,7 +69,7 @@ def test_select_tuning_accepts_every_warp_grid_of_the_module():
                                 sparse.launch_prefill, sparse.combine_kernel, sparse.launch_combine,
                                 sparse.query_tile_offsets, sparse.classify_query_tiles, sparse.tile_prefill_kernel,
                                 sparse.launch_tile_prefill,
-                                selection.launch_select, selection.launch_topk, selection.launch_topk_merge])
+                                selection.launch_select, selection.launch_topk])
 def test_stage_functions_take_no_tuning_or_stats(fn):
     assert HOOKS.isdisjoint(inspect.signature(fn).parameters), fn.__name__
 

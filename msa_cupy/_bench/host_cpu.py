@@ -52,8 +52,8 @@ class _Handle:
 
 
 def _one_call_program():
-    """A program with the one-call decode's launches and arguments (cu_seqlens, select, merge,
-    decode, combine), built by the stage functions with Pointer stand-ins."""
+    """A program with the one-call decode's launches and arguments (cu_seqlens, split-K select
+    with its merge, decode with its combine), built by the stage functions with Pointer stand-ins."""
     P, rows = _jit.Pointer, 1
     q, k, v = P("q", (rows, HQ, D), BF16), P("k", (0, HKV, D), BF16), P("v", (0, HKV, D), BF16)
     ids, cu_q, cu_k = P("ids", (rows, HKV, TOP_K), np.int32), P("cu_q"), P("cu_k")
@@ -69,15 +69,14 @@ def _one_call_program():
     cfg = selection.SelectLaunch(select, 128, 0, 1, 1, 66, 32)
     selection.launch_select(cfg, P("iq", (rows, HKV, D)), P("ik", (0, 1, D)), cu_q, cu_k, 1, causal=True,
                             width=_jit.Scalar("width", np.int32), top_k=TOP_K, local_blocks=1, sink_blocks=0,
-                            partial=P("partial"), pages=_layout.CONTIGUOUS_KEYS)
+                            ids_out=ids, partial=P("partial"), counters=P("select_count"),
+                            pages=_layout.CONTIGUOUS_KEYS)
     launches.append(select.launch)
-    record(selection.launch_topk_merge, P("partial"), ids, rows * HKV, 66, TOP_K)
     decode = _jit.Recorder(_Handle())
-    sparse.launch_decode(decode, 0, q, k, v, ids, cu_q, cu_k, 1, 0, rows, P("part_o"), P("part_lse"), causal=True,
-                         scale_log2=np.float32(0.1275), pages=_layout.CONTIGUOUS_KEYS)
+    sparse.launch_decode(decode, 0, q, k, v, ids, cu_q, cu_k, 1, 0, rows, P("part_o"), P("part_lse"),
+                         P("decode_count"), P("out", (rows, HQ, D), BF16), P("lse", (rows, HQ), np.float32),
+                         causal=True, scale_log2=np.float32(0.1275), pages=_layout.CONTIGUOUS_KEYS)
     launches.append(decode.launch)
-    record(sparse.launch_combine, P("part_o"), P("part_lse"), None, ids, cu_q, 1, 0, rows, P("out", (rows, HQ, D), BF16),
-           P("lse", (rows, HQ), np.float32), head_dim=D, group=HQ // HKV, decode=True)
     return _jit.Program(launches)
 
 
