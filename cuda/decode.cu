@@ -9,6 +9,15 @@
 // whose latency would cost as much as the attention itself at batch 1.
 #include "combine.cuh"
 
+// Split-K decode attention of one pick: WARPS warps; warp w owns keys
+// [w * BK / WARPS, (w + 1) * BK / WARPS) of the block and the G query heads of the token (one
+// m16 tile: rows >= G are zero and never written).  Keys the token does not see are never
+// loaded (zero-filled), so a NaN or Inf in them cannot reach it.  Each warp loads
+// its own K/V slice and its own copy of the query with cp.async and waits only for its own
+// copies, so loads of all warps overlap and no CTA barrier sits between load and math; the
+// WARPS partial softmax states (m, l, O) are merged once through shared memory.  Decode is
+// bound by the bytes of the selected K/V: the split keeps 4x more loads in flight per CTA
+// than one warp would, and the math of one warp shrinks to a quarter.
 template <typename T, int D, int G, int BK, int WARPS>
 __device__ __forceinline__ void decode_pick(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, int block, const int* __restrict__ cu_q,

@@ -119,10 +119,10 @@ def workspace_layout(*, max_batch, rows, num_q_heads, num_kv_heads, head_dim, to
     """The views of a cache plan's workspace, (name, shape, dtype), in allocation order, for
     steps of at most ``rows`` query rows; ``select_tiles``: the selection's row tiles (its
     merge counters, with split-K); ``attention``: "decode" (split-K: a partial (o, lse) per
-    pick, and a combine counter per (row, KV head)) or a prefill plan's schedule: "tile" (tile-outer: bounded cu_q and the query
-    tiles' offsets), "kv" (KV-outer: also a partial per pick, and the reverse index over
-    ``n_buckets`` buckets cut into items of ``max_queries`` tokens) or "auto" (both, and the
-    tiles' classification)."""
+    pick, and a combine counter per (row, KV head)) or a prefill plan's schedule: "tile"
+    (tile-outer: bounded cu_q and the query tiles' offsets), "kv" (KV-outer: also a partial per
+    pick, and the reverse index over ``n_buckets`` buckets cut into items of ``max_queries``
+    tokens) or "auto" (both, and the tiles' classification)."""
     group = num_q_heads // num_kv_heads
     entries = rows * num_kv_heads * top_k
     views = [
@@ -485,6 +485,9 @@ class _CachePlan:
             select_tiles=selection.merge_counters(self._select, self.max_batch), **self._attention_sizes())
         self.workspace_bytes = workspace_bytes(self._views)
         self._offsets = workspace_offsets(self._views)
+        # (offset, bytes) of the adjacent counter views: one memset zeroes them all
+        self._counter_span = (self._offsets[COUNTER_VIEWS[0]],
+                              workspace_bytes([v for v in self._views if v[0] in COUNTER_VIEWS]))
 
     # ------------------------------------------------------------------ workspace
 
@@ -536,9 +539,8 @@ class _CachePlan:
     def _zero_counters(self, base: int, stream: int):
         """One memset of the clamp counter and the merge counters (adjacent views) of the
         workspace at base."""
-        sizes = {name: _aligned(math.prod(shape) * np.dtype(dt).itemsize) for name, shape, dt in self._views}
-        first, last = self._offsets[COUNTER_VIEWS[0]], self._offsets[COUNTER_VIEWS[-1]]
-        self._cp.cuda.runtime.memsetAsync(base + first, 0, last + sizes[COUNTER_VIEWS[-1]] - first, stream)
+        offset, nbytes = self._counter_span
+        self._cp.cuda.runtime.memsetAsync(base + offset, 0, nbytes, stream)
 
     def _carve(self, raw) -> dict:
         ws = {}

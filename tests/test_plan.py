@@ -66,6 +66,10 @@ def test_merge_counters_sit_together_after_the_clamp_counter(attention, splits):
     names = [name for name, _, _ in views]
     first = names.index(plan.COUNTER_VIEWS[0])
     assert tuple(names[first:first + len(plan.COUNTER_VIEWS)]) == plan.COUNTER_VIEWS
+    offsets = plan.workspace_offsets(views)
+    after = names[first + len(plan.COUNTER_VIEWS)]
+    assert plan.workspace_bytes([v for v in views if v[0] in plan.COUNTER_VIEWS]) == (
+        offsets[after] - offsets[plan.COUNTER_VIEWS[0]])  # the one memset's span ends where the next view starts
     shapes = {name: shape for name, shape, _ in views}
     assert shapes["select_count"] == ((5,) if splits > 1 else (0,))
     assert shapes["decode_count"] == ((rows * hkv,) if attention == "decode" else (0,))
