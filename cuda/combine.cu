@@ -9,8 +9,10 @@
 // rows at or past cu_q[n_seq].  (Decode combines in its own kernel: decode.cu.)
 #include "combine.cuh"
 
+// (6 CTAs of 8 warps per SM, at most 40 registers: many pairs in flight, the kernel is bound by
+// the bytes of the partials)
 template <typename T, int D, int G, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32)
+__global__ void __launch_bounds__(WARPS * 32, 6)
 sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ part_lse,
                       const int* __restrict__ slot_pos, const unsigned char* __restrict__ row_mode,
                       const int* __restrict__ cu_q, int n_seq, int q_begin, int rows, int n_heads_q, int top_k,
@@ -24,7 +26,14 @@ sparse_combine_kernel(const T* __restrict__ part_o, const float* __restrict__ pa
     const i64 row_g = ((i64)row * n_heads_kv + g) * top_k;  // first entry of this (query, group)
     const bool tile_row = live && row_mode != nullptr && row_mode[(i64)row * n_heads_kv + g];  // written by the tile kernel
     const bool write = live && !tile_row;
+    auto row_of = [&](int s) { return write ? slot_pos[row_g + s] : -1; };
+    auto lse_of = [&](int s) {
+        const int p = row_of(s);
+        return p >= 0 ? part_lse[(i64)p * G + hh] : MSA_NEG_INF;
+    };
+    PairCombine<T, D, G> pc;
+    pc.weigh(lse_of, top_k);
+    pc.add(part_o, row_of, lse_of, hh, 0, top_k);
     const i64 dst = (i64)(q_begin + row) * n_heads_q + h;
-    combine_pair<T, D, G>(part_o, part_lse, [&](int s) { return write ? slot_pos[row_g + s] : -1; }, top_k, hh,
-                          write, out + dst * D, lse_out + dst);
+    if (write) pc.store(out + dst * D, lse_out + dst);
 }

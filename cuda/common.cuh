@@ -100,6 +100,21 @@ __device__ __forceinline__ uint2 load_cg(const uint2* p) {
     return x;
 }
 
+// Programmatic dependent launch (sm_90 and later; no-ops before): a kernel launched with the
+// programmatic-serialization attribute may start while the kernel before it in the stream
+// finishes, once every CTA of that kernel has let it (or exited).  It must wait before it reads
+// anything that kernel writes; what earlier launches wrote it may read at once.
+__device__ __forceinline__ void let_next_launch_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // "The last CTA finishes the job": each of `count` CTAs calls this once, with all its threads,
 // after its writes; it returns true in the CTA that arrives last, which then sees every other
 // CTA's writes (read them with load_cg) and does the reduction that would otherwise take

@@ -20,22 +20,18 @@
 // than one warp would, and the math of one warp shrinks to a quarter.
 template <typename T, int D, int G, int BK, int WARPS>
 __device__ __forceinline__ void decode_pick(const T* __restrict__ q, const T* __restrict__ k,
-                                            const T* __restrict__ v, int block, const int* __restrict__ cu_q,
-                                            const int* __restrict__ cu_k, int n_seq, int token, int g,
-                                            int n_heads_q, int n_heads_kv, i64 entry, T* __restrict__ part_o,
-                                            float* __restrict__ part_lse, int causal, float scale_log2,
-                                            const KeyRows& key_rows) {
+                                            const T* __restrict__ v, int block, int seq, int k_start, int n_k,
+                                            int visible, int token, int g, int n_heads_q, int n_heads_kv,
+                                            i64 entry, T* __restrict__ part_o, float* __restrict__ part_lse,
+                                            float scale_log2, const KeyRows& key_rows) {
     constexpr int KW = BK / WARPS;   // keys per warp
     constexpr int CH = D / 8;        // 16-byte chunks per row
     constexpr int NT = KW / 8;       // n-tiles of S per warp
     constexpr int DK = D / 16, DN = D / 8;
     static_assert(KW % 16 == 0 && G <= 16, "warp key slice must be a multiple of 16, G <= 16");
 
-    const int seq = sequence_of(cu_q, n_seq, token);
     const int key0 = block * BK;
-    const int q_start = cu_q[seq], n_q = cu_q[seq + 1] - q_start;
-    const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
-    const int lim = visible_keys(n_q, n_k, token - q_start, causal) - key0;  // visible keys of the block
+    const int lim = visible - key0;  // visible keys of the block
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -179,6 +175,10 @@ __device__ __forceinline__ void decode_pick(const T* __restrict__ q, const T* __
 // (row, g) in the CTA that finishes last (counters: one per (row, g) of the launch, zero
 // before it and after it).  Rows at or past cu_q[n_seq] (a plan's rows past the step's
 // tokens) are not combined: their out and lse are left alone.
+// The combine is one CTA's latency at batch 1, so it makes one trip to L2 where it can: the
+// (row, g)'s picks are read before the arrival; then every used slot's G partial rows (cp.async)
+// and lse values are staged in the K/V space at once (in chunks of slots when they do not fit:
+// BK = 64 with D = 128 and G = 16), and the half-warps combine from shared memory.
 // (at least 4 CTAs of 4 warps per SM, as shared memory allows for BK = 64: at most 128
 // registers; left to itself ptxas chose 72 and spilled)
 template <typename T, int D, int G, int BK, int WARPS>
@@ -189,32 +189,92 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
                      int top_k, T* __restrict__ part_o, float* __restrict__ part_lse, unsigned* __restrict__ counters,
                      T* __restrict__ out, float* __restrict__ lse_out, int causal, float scale_log2,
                      const int* __restrict__ block_table, int max_pages, int page_size) {
+    constexpr int THREADS = WARPS * 32;
+    constexpr int HALF_WARPS = THREADS / COMBINE_LANES;
+    constexpr int HP = (G + HALF_WARPS - 1) / HALF_WARPS;  // heads per half-warp in the combine
     const i64 entry = blockIdx.x;  // partial row block of this pick: entry * G + head
     const int slot = (int)(entry % top_k);
     const i64 row_g = entry - slot;  // first entry of this (row, g)
     const int* picks = block_indices + row_g;
     const int g = (int)((entry / top_k) % n_heads_kv);
     const int token = q_begin + (int)(entry / ((i64)top_k * n_heads_kv));
+    // the step's lengths are inputs of the step, not the selection's: read before waiting for the
+    // selection (launched programmatically, this kernel may start while the selection finishes)
+    const int seq = sequence_of(cu_q, n_seq, token);
+    const int q_start = cu_q[seq], n_q = cu_q[seq + 1] - q_start;
+    const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
+    const bool live = token < cu_q[n_seq];
+    wait_for_previous_launch();
     if (first_occurrence(picks, slot))
-        decode_pick<T, D, G, BK, WARPS>(q, k, v, picks[slot], cu_q, cu_k, n_seq, token, g, n_heads_q, n_heads_kv,
-                                        entry, part_o, part_lse, causal, scale_log2,
+        decode_pick<T, D, G, BK, WARPS>(q, k, v, picks[slot], seq, k_start, n_k,
+                                        visible_keys(n_q, n_k, token - q_start, causal), token, g, n_heads_q,
+                                        n_heads_kv, entry, part_o, part_lse, scale_log2,
                                         KeyRows{block_table, max_pages, page_size});
-    if (!last_to_arrive(counters + row_g / top_k, top_k)) return;
-    // the slot -> partial row map of this (row, g), once, in shared memory (the K/V space is free)
+    const int pick = threadIdx.x < top_k ? picks[threadIdx.x] : -1;  // in flight during the arrival
+    if (!last_to_arrive(counters + row_g / top_k, top_k) || !live) return;
+
+    // shared memory (the K/V space is free): ids [top_k], used [top_k] (the slot holds a partial:
+    // the first occurrence of its id), lse [top_k][G] (-inf for unused slots), the staged rows
     extern __shared__ __align__(16) unsigned char smem_raw[];
     int* ids = reinterpret_cast<int*>(smem_raw);
-    int* slot_row = ids + top_k;
-    for (int s = threadIdx.x; s < top_k; s += WARPS * 32) ids[s] = picks[s];
+    int* used = ids + top_k;
+    float* lse_s = reinterpret_cast<float*>(used + top_k);
+    const int header = ((2 * top_k + top_k * G) * 4 + 15) & ~15;
+    T* rows_s = reinterpret_cast<T*>(smem_raw + header);
+    unsigned smem_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+    const int chunk = ((int)smem_bytes - header) / (G * D * (int)sizeof(T));  // slots staged at once (>= 1)
+    for (int s = threadIdx.x; s < top_k; s += THREADS) ids[s] = s < THREADS ? pick : picks[s];
     __syncthreads();
-    for (int s = threadIdx.x; s < top_k; s += WARPS * 32) slot_row[s] = first_occurrence(ids, s) ? (int)(row_g + s) : -1;
+    for (int s = threadIdx.x; s < top_k; s += THREADS) used[s] = first_occurrence(ids, s);
     __syncthreads();
-    const bool live = token < cu_q[n_seq];
-    for (int h0 = 0; h0 < G; h0 += WARPS * 32 / COMBINE_LANES) {  // warp-uniform trip count
-        const int hh = h0 + (int)threadIdx.x / COMBINE_LANES;
-        const bool write = live && hh < G;
-        const i64 dst = (i64)token * n_heads_q + g * G + (write ? hh : 0);
-        combine_pair<T, D, G>(part_o, part_lse,
-                              [&](int s) { return write ? slot_row[s] : -1; },
-                              top_k, write ? hh : 0, write, out + dst * D, lse_out + dst);
+    auto stage = [&](int c0) {  // the G partial rows of the used slots [c0, c0 + chunk)
+        constexpr int CH = G * D * (int)sizeof(T) / 16;  // 16-byte pieces of a slot's rows
+        const int c1 = min(c0 + chunk, top_k);
+        for (int i = threadIdx.x; i < (c1 - c0) * CH; i += THREADS) {
+            const int s = c0 + i / CH, piece = i % CH;
+            if (used[s])
+                cp_async_16(rows_s + (i64)(s - c0) * G * D + piece * 8, part_o + (row_g + s) * G * D + piece * 8);
+        }
+        cp_async_commit();
+    };
+    stage(0);
+    for (int i = threadIdx.x; i < top_k * G; i += THREADS) {  // issued behind the rows: one trip for both
+        const int s = i / G;
+        lse_s[i] = used[s] ? load_cg(part_lse + (row_g + s) * G + i % G) : MSA_NEG_INF;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // half-warp w combines heads w, w + HALF_WARPS, ... of the group (G < HALF_WARPS: some idle,
+    // with no slot: they only join the shuffles)
+    const int hw = (int)threadIdx.x / COMBINE_LANES;
+    PairCombine<T, D, G> pc[HP];
+#pragma unroll
+    for (int j = 0; j < HP; ++j) {
+        const int hh = min(hw + j * HALF_WARPS, G - 1);
+        const bool mine = hw + j * HALF_WARPS < G;
+        pc[j].weigh([&](int s) { return mine ? lse_s[s * G + hh] : MSA_NEG_INF; }, top_k);
+    }
+    for (int c0 = 0; c0 < top_k; c0 += chunk) {
+        if (c0 > 0) {
+            __syncthreads();  // every half-warp is done with the previous chunk
+            stage(c0);
+            cp_async_wait<0>();
+            __syncthreads();
+        }
+#pragma unroll
+        for (int j = 0; j < HP; ++j) {
+            const int hh = min(hw + j * HALF_WARPS, G - 1);
+            const bool mine = hw + j * HALF_WARPS < G;
+            pc[j].add(rows_s, [&](int s) { return mine && used[s] ? s - c0 : -1; },
+                      [&](int s) { return lse_s[s * G + hh]; }, hh, c0, min(c0 + chunk, top_k));
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < HP; ++j) {
+        const int hh = hw + j * HALF_WARPS;
+        const i64 dst = (i64)token * n_heads_q + g * G + hh;
+        if (hh < G) pc[j].store(out + dst * D, lse_out + dst);
     }
 }

@@ -185,11 +185,13 @@ struct SelectRowOwner {
     }
     // after the last key tile: ids (one split), or this split's partial keys (top-k) and, in the
     // split that finishes last, the merge of the tile's lists into ids; for scores, the blocks
-    // after the CTA's key range get -inf (written by the last split)
+    // after the CTA's key range get -inf (written by the last split).  A CTA with no rows exits
+    // early, which lets the next launch start as well.
     template <int BM, int THREADS>
     __device__ __forceinline__ void finish(const SelectRows<BM>& s, float* scores_out, int* ids_out,
                                            u64* partial_out, unsigned* counters, int width, int top_k,
                                            int n_splits) {
+        let_next_launch_start();  // the key stream is done: the attention may start its prologue
         if (EPI == EPI_SCORES) {
             if (blockIdx.z == n_splits - 1) {
                 const int fill0 = min(s.n_tiles * (KEY_TILE / BS), width);

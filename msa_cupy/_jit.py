@@ -11,6 +11,7 @@ modules are memoized per device.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -636,8 +637,34 @@ class Launch:
             raise TypeError(f"argument {i}: a prepared launch takes arrays, NumPy scalars, None, Pointer or Scalar, "
                             f"got {type(a).__name__} (a Python int or float has no fixed width)")
 
+    def overlapping_previous(self, device: int) -> "Launch":
+        """Launch programmatically after the previous kernel of the stream (PDL): this launch
+        may start while that one finishes, and its kernel waits for it before it reads what
+        it wrote (``wait_for_previous_launch`` in common.cuh).  Only where the device (sm_90
+        and later) and the driver (12.3 and later, graph capture included) take it, and
+        ``PROGRAMMATIC_LAUNCH`` is on; elsewhere an ordinary launch."""
+        if PROGRAMMATIC_LAUNCH and not self.empty and _programmatic_launch_ready(device):
+            config = _LaunchConfig()
+            config.grid[:] = self.grid
+            config.block[:] = self.block
+            config.shared = self.shared_mem
+            config.attrs = ctypes.pointer(_SERIALIZATION)
+            config.n_attrs = 1
+            self._config = config
+            self._config_address = ctypes.addressof(config)
+        return self
+
+    _config = None  # the cuLaunchKernelEx configuration of a programmatic launch
+
     def __call__(self, stream: int):
-        if not self.empty:
+        if self._config is not None:
+            self._config.stream = stream
+            status = _launch_ex(self._config_address, self.function, self._args, None)
+            if status:
+                from cupy.cuda import driver
+
+                raise driver.CUDADriverError(status)
+        elif not self.empty:
             g, b = self.grid, self.block
             (_driver_launch or _load_driver_launch())(self.function, g[0], g[1], g[2], b[0], b[1], b[2],
                                                       self.shared_mem, stream, self._args, 0)
@@ -652,6 +679,50 @@ def _load_driver_launch():
 
     _driver_launch = driver.launchKernel
     return _driver_launch
+
+
+# Programmatic dependent launch: cuLaunchKernelEx through ctypes (CuPy binds only cuLaunchKernel),
+# with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION.  The structures as cuda.h lays
+# them out: CUlaunchAttribute is an int id padded to 8 bytes and a 64-byte value union.
+PROGRAMMATIC_LAUNCH = os.environ.get("MSA_CUPY_PROGRAMMATIC_LAUNCH", "1") != "0"
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+
+
+_SERIALIZATION = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
+_SERIALIZATION.value[0] = 1  # programmaticStreamSerializationAllowed
+_launch_ex = None
+_programmatic_devices: dict = {}
+
+
+def _programmatic_launch_ready(device: int) -> bool:
+    """Whether launches on device may be programmatic (compute capability 9.0+, driver 12.3+,
+    libcuda's cuLaunchKernelEx found); asked once per device."""
+    global _launch_ex
+    ready = _programmatic_devices.get(device)
+    if ready is None:
+        import cupy
+
+        ready = False
+        if device_capability(device) >= (9, 0) and cupy.cuda.runtime.driverGetVersion() >= 12030:
+            try:
+                fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+            except (OSError, AttributeError):
+                fn = None
+            if fn is not None:
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                fn.restype = ctypes.c_int
+                _launch_ex, ready = fn, True
+        _programmatic_devices[device] = ready
+    return ready
 
 
 class Recorder:

@@ -903,7 +903,7 @@ class DecodePlan(_CachePlan):
         sparse.launch_decode(decode, self._decode_smem, q, k, v, ids, cu_q, cu_k, n_seq, 0, rows, part_o, part_lse,
                              P("decode_count"), out, lse, causal=True,
                              scale_log2=np.float32(self.scale * sparse.LOG2E), pages=pages)
-        launches.append(decode.launch)
+        launches.append(decode.launch.overlapping_previous(self.device))  # starts during the selection's merge
 
     @_interop.outside_torch_compile()
     def update(self, seq_lens, block_table=None):

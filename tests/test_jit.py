@@ -146,6 +146,43 @@ def test_launch_refuses_arguments_without_a_fixed_width():
             _jit.Launch(_Kernel(), (1,), (32,), (bad,))
 
 
+def test_programmatic_launch_config_is_laid_out_as_cuda_h(monkeypatch):
+    """cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out (no
+    header here: the offsets are written down); a programmatic launch passes its stream, grid,
+    block, shared memory and argument block, and refuses nothing on its own."""
+    import ctypes
+
+    import numpy as np
+
+    cfg, attr = _jit._LaunchConfig, _jit._LaunchAttribute
+    assert ctypes.sizeof(attr) == 72 and attr.value.offset == 8
+    assert ctypes.sizeof(cfg) == 56
+    assert [getattr(cfg, f).offset for f in ("grid", "block", "shared", "stream", "attrs", "n_attrs")] == \
+        [0, 12, 24, 32, 40, 48]
+    assert _jit._SERIALIZATION.id == 6 and _jit._SERIALIZATION.value[0] == 1
+
+    calls = []
+
+    def fake_launch_ex(config, function, args, extra):
+        c = cfg.from_address(config)
+        calls.append((tuple(c.grid), tuple(c.block), c.shared, c.stream, c.attrs.contents.id, c.n_attrs, function,
+                      args, extra))
+        return 0
+
+    monkeypatch.setattr(_jit, "_programmatic_launch_ready", lambda device: True)
+    monkeypatch.setattr(_jit, "_launch_ex", fake_launch_ex)
+    launch = _jit.Launch(_Kernel(), (5, 2), (128,), (np.int32(3),), shared_mem=81920)
+    assert launch.overlapping_previous(0) is launch
+    launch(0xABC0)
+    assert calls == [((5, 2, 1), (128, 1, 1), 81920, 0xABC0, 6, 1, 0xF00D, launch._args, None)]
+    monkeypatch.setattr(_jit, "_launch_ex", lambda *a: 1)  # CUDA_ERROR_INVALID_VALUE: raised (CuPy's driver
+    with pytest.raises(Exception):                         # error; without libcuda, CuPy's load error)
+        launch(0)
+    monkeypatch.setattr(_jit, "PROGRAMMATIC_LAUNCH", False)  # switched off: an ordinary launch
+    assert _jit.Launch(_Kernel(), (1,), (32,), ())._config is None
+    assert _jit.Launch(_Kernel(), (1,), (32,), ()).overlapping_previous(0)._config is None
+
+
 def test_empty_grids_launch_nothing():
     import numpy as np
 

@@ -183,6 +183,52 @@ def test_cupy_graph_replays_eager_bitwise():
         assert all(bool((a == i).all()) for i, a in enumerate(later))
 
 
+def test_programmatic_attention_launch_gives_the_ordinary_launch_bitwise(monkeypatch):
+    """On sm_90 the decode attention is launched programmatically after the selection (it may
+    start while the selection merges, and waits for it before reading the ids): its results,
+    eager and replayed in a CUDA graph over changing lengths, are bitwise those of ordinary
+    launches, on the paper's group size and a training-free index (the group mean launch
+    comes first)."""
+    import cupy as cp
+
+    from msa_cupy import _jit
+
+    rng = np.random.default_rng(13)
+    p = _graph_problem(rng, paged=True)
+    plans = {}
+    for programmatic in (True, False):
+        monkeypatch.setattr(_jit, "PROGRAMMATIC_LAUNCH", programmatic)
+        plans[programmatic], host, dev = _setup(p)
+        plans[programmatic].update(dev["lens"], dev["table"])
+        plans[programmatic].run(dev["q"], dev["k"], dev["v"])  # the launches are prepared here
+    def attention_launch(plan):
+        return next(program for key, program in plan._programs.items() if key[0] == "run").launches[-1]
+
+    assert (attention_launch(plans[True])._config is not None) == (_jit.device_capability() >= (9, 0))
+    assert attention_launch(plans[False])._config is None
+    stream = cp.cuda.Stream(non_blocking=True)
+    results = {}
+    with stream:
+        for programmatic, plan in plans.items():
+            out = cp.empty_like(dev["q"])
+            lse = cp.empty(dev["q"].shape[:-1], cp.float32)
+            stream.begin_capture()
+            plan.run(dev["q"], dev["k"], dev["v"], out=out, lse=lse)
+            graph = stream.end_capture()
+            steps = []
+            for step in range(6):
+                lens = cp.asarray(np.array([2999 - 97 * step, 1 + 131 * step, 3000, 129 + step], np.int32))
+                plan.update(lens, dev["table"])
+                eager = [x.copy() for x in plan.run(dev["q"], dev["k"], dev["v"], return_lse=True)]
+                graph.launch(stream)
+                steps.append((eager, out.copy(), lse.copy()))
+            results[programmatic] = steps
+        stream.synchronize()
+    for (eager, out, lse), (eager0, out0, lse0) in zip(results[True], results[False]):
+        for a, b in ((eager[0], eager0[0]), (eager[1], eager0[1]), (out, out0), (lse, lse0), (out, eager0[0])):
+            assert cp.array_equal(bits(a), bits(b))
+
+
 _SPIN = r"""
 extern "C" __global__ void spin(long long cycles) {
     const long long start = clock64();
