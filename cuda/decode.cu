@@ -184,7 +184,7 @@ __device__ __forceinline__ void decode_pick(const T* __restrict__ q, const T* __
 template <typename T, int D, int G, int BK, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 4)
 sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                     const int* __restrict__ block_indices, const int* __restrict__ cu_q,
+                     const int* block_indices, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int n_seq, int q_begin, int n_heads_q, int n_heads_kv,
                      int top_k, T* __restrict__ part_o, float* __restrict__ part_lse, unsigned* __restrict__ counters,
                      T* __restrict__ out, float* __restrict__ lse_out, int causal, float scale_log2,
@@ -199,7 +199,9 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     const int g = (int)((entry / top_k) % n_heads_kv);
     const int token = q_begin + (int)(entry / ((i64)top_k * n_heads_kv));
     // the step's lengths are inputs of the step, not the selection's: read before waiting for the
-    // selection (launched programmatically, this kernel may start while the selection finishes)
+    // selection (launched programmatically, this kernel may start while the selection finishes).
+    // block_indices, which the selection writes, is not __restrict__: ptxas may move read-only
+    // (ld.global.nc) loads above griddepcontrol.wait, and on an H100 it did (stale picks).
     const int seq = sequence_of(cu_q, n_seq, token);
     const int q_start = cu_q[seq], n_q = cu_q[seq + 1] - q_start;
     const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
