@@ -5,7 +5,8 @@ a growing-cache loop with no host sync and no memory growth, and queued one-call
 distinct lengths (cu_seqlens lifetime).  The host fast path: host-array updates through pinned
 staging, arguments checked again when their layout changes; the one-call decode through cached
 plans bitwise equal to the earlier path (shapes drawn by hypothesis, growing caches, PyTorch),
-plans dropped while their work is queued, and 200 queued steps with no host sync."""
+plans dropped while their work is queued, and 200 queued steps with no host sync.  The
+programmatic launch of the attention (sm_90) against ordinary launches, bitwise."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
