@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib
 import os
 import platform
@@ -100,7 +101,8 @@ def _clip_log(text: str, lines: int = LOG_LINES) -> str:
 
 def cmd_check(args):
     """Compile every declared kernel variant (default sm_80 and sm_90) with cuda-python's NVRTC (no GPU
-    needed); a variant that uses local memory (stack frame or spills) fails."""
+    needed), a program per source and arch, --jobs at once (threads: NVRTC releases the GIL); a
+    variant that uses local memory (stack frame or spills) fails."""
     from msa_cupy import _jit
 
     accepted = check_archs()
@@ -115,20 +117,30 @@ def cmd_check(args):
     if missing:
         print(f"FAIL: sources with no declared kernel variant: {', '.join(missing)}")
         failures += 1
-    print(f"{'kernel':<64} {'arch':<7} {'regs':>4} {'stack':>5} {'spill st/ld':>11}")
+    jobs = []  # (source, arch, names): one NVRTC program each
     for source in sorted(variants):
         for cap in args.arch:
             cap = cap.removesuffix("a")  # sm_90a: as sm_90, which builds sm_90a where a kernel needs it
             names = [n for n, specific in variants[source].items() if cap == "sm_90" or not specific]
             if not names:  # an sm_90a-only source (wgmma) has nothing to build for other archs
                 continue
-            arch = cap + ("a" if cap == "sm_90" and any(variants[source][n] for n in names) else "")
-            t0 = time.perf_counter()
-            try:
-                _, lowered, log = _jit.compile_cubin(source, arch, names, verbose=True,
-                                                     frontend=_jit._nvrtc_cuda_python)
-            except _jit.CompileError as exc:
-                print(f"FAIL {source} [{arch}]:\n{_clip_log(str(exc))}")
+            jobs.append((source, cap + ("a" if cap == "sm_90" and any(variants[source][n] for n in names) else ""), names))
+
+    def compile_job(job):  # NVRTC releases the GIL: threads compile in parallel
+        source, arch, names = job
+        t0 = time.perf_counter()
+        try:
+            _, lowered, log = _jit.compile_cubin(source, arch, names, verbose=True, frontend=_jit._nvrtc_cuda_python)
+        except _jit.CompileError as exc:
+            return exc, None, time.perf_counter() - t0
+        return lowered, log, time.perf_counter() - t0
+
+    print(f"{'kernel':<64} {'arch':<7} {'regs':>4} {'stack':>5} {'spill st/ld':>11}")
+    workers = max(1, min(args.jobs or os.cpu_count() or 1, len(jobs)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for (source, arch, names), (lowered, log, seconds) in zip(jobs, pool.map(compile_job, jobs)):
+            if isinstance(lowered, _jit.CompileError):
+                print(f"FAIL {source} [{arch}]:\n{_clip_log(str(lowered))}")
                 failures += 1
                 continue
             stats = parse_ptxas(log)
@@ -139,7 +151,7 @@ def cmd_check(args):
                 flag = "  <- FAIL: local memory" if stack or st or ld else ""
                 failures += bool(flag)
                 print(f"{source + ':' + expr:<64} {arch:<7} {regs:>4} {stack:>5} {st:>5}/{ld:<5}{flag}")
-            print(f"  ({source} {arch}: {time.perf_counter() - t0:.1f} s)")
+            print(f"  ({source} {arch}: {seconds:.1f} s)")
     print("check:", "FAILED" if failures else "all kernels compiled")
     if args.sanitize:
         from msa_cupy import _sanitize
@@ -151,7 +163,6 @@ def cmd_check(args):
 def cmd_warmup(args):
     """Compile every declared kernel variant for this GPU into the kernel cache, in parallel
     processes, so that first calls load instead of compiling."""
-    import concurrent.futures
     import multiprocessing
 
     from msa_cupy import _interop, _jit
@@ -320,6 +331,7 @@ def main(argv=None):
     demo.add_argument("--tokens", type=int, default=32768)
     check = sub.add_parser("check", help="compile every kernel with NVRTC (no GPU needed); registers, spills")
     check.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
+    check.add_argument("--jobs", type=int, help="compiles at once (default: one per CPU)")
     check.add_argument("--sanitize", action="store_true",
                        help="then run every kernel on small shapes under compute-sanitizer memcheck, racecheck, "
                             "synccheck (GPU)")
