@@ -89,16 +89,6 @@ __device__ __forceinline__ float load_cg(const float* p) {
     asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(x) : "l"(p));
     return x;
 }
-__device__ __forceinline__ uint4 load_cg(const uint4* p) {
-    uint4 x;
-    asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(x.x), "=r"(x.y), "=r"(x.z), "=r"(x.w) : "l"(p));
-    return x;
-}
-__device__ __forceinline__ uint2 load_cg(const uint2* p) {
-    uint2 x;
-    asm volatile("ld.global.cg.v2.u32 {%0,%1}, [%2];" : "=r"(x.x), "=r"(x.y) : "l"(p));
-    return x;
-}
 
 // Programmatic dependent launch (sm_90 and later; no-ops before): a kernel launched with the
 // programmatic-serialization attribute may start while the kernel before it in the stream

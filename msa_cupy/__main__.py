@@ -124,7 +124,8 @@ def cmd_check(args):
             names = [n for n, specific in variants[source].items() if cap == "sm_90" or not specific]
             if not names:  # an sm_90a-only source (wgmma) has nothing to build for other archs
                 continue
-            jobs.append((source, cap + ("a" if cap == "sm_90" and any(variants[source][n] for n in names) else ""), names))
+            wgmma = cap == "sm_90" and any(variants[source][n] for n in names)
+            jobs.append((source, cap + ("a" if wgmma else ""), names))
 
     def compile_job(job):  # NVRTC releases the GIL: threads compile in parallel
         source, arch, names = job

@@ -5,12 +5,13 @@ writes block scores or feeds a running top-k; mma.sync, sm_80+), ``cuda/select_s
 same on wgmma, for prefill on sm_90), ``cuda/topk.cu`` (warp top-k over materialized
 scores).  With split-K the last split CTA of a row tile merges the splits' partial lists
 (``select_tile.cuh``: a counter per tile, zero before and after each launch).  Inputs arrive
-validated, contiguous and in varlen form: ``index_q`` (total_q, Hkv, Di), ``index_k`` (total_k, 1 | Hkv, Di), fp16/bf16,
-``cu_q``/``cu_k`` device int32 (n_seq + 1), ``layout`` the host-side :class:`Layout`.
+validated, contiguous and in varlen form: ``index_q`` (total_q, Hkv, Di), ``index_k``
+(total_k, 1 | Hkv, Di), fp16/bf16, ``cu_q``/``cu_k`` device int32 (n_seq + 1), ``layout`` the
+host-side :class:`Layout`.
 
 Launch code: ``select_config`` (kernel and grid) with ``launch_select``, which decode plans
-also call, and ``launch_topk``; the public functions
-configure from the layout, allocate their outputs and run these.  Tuning and test choices
+also call, and ``launch_topk``; the public functions configure from the layout, allocate their
+outputs and run these.  Tuning and test choices
 travel in one :class:`SelectTuning`.
 """
 from __future__ import annotations

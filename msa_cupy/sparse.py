@@ -36,8 +36,9 @@ Three paths:
 Launch code: one stage function per kernel file (``decode_kernel``/``launch_decode``,
 ``block_offsets``/``reverse_index``, ``prefill_kernel``/``launch_prefill``,
 ``query_tile_offsets``/``classify_query_tiles``, ``tile_prefill_kernel``/``launch_tile_prefill``,
-``combine_kernel``/``launch_combine``; plans call them directly); ``sparse_attention`` chooses the path, cuts the queries into chunks and runs the
-stages on each.  Tuning and test choices travel in one :class:`SparseTuning`.
+``combine_kernel``/``launch_combine``; plans call them directly); ``sparse_attention``
+chooses the path, cuts the queries into chunks and runs the stages on each.  Tuning and test
+choices travel in one :class:`SparseTuning`.
 
 Partials are stored in the input dtype (half the bytes of fp32; the extra rounding is one
 ulp of a normalised output, far inside the tolerances) with fp32 lse.  Queries are processed
