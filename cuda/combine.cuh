@@ -79,6 +79,13 @@ struct PairCombine {
     // loaded nor added
     template <typename RowOf, typename LseOf>
     __device__ __forceinline__ void add(const T* o, RowOf row_of, LseOf lse_of, int hh, int s_begin, int s_end) {
+        add_blocks([&](int p) { return o + (i64)p * G * D; }, row_of, lse_of, hh, s_begin, s_end);
+    }
+    // add() with partial row block p at block_at(p), wherever it is (the decode cluster: in the
+    // shared memory of the cluster's CTA p)
+    template <typename BlockAt, typename RowOf, typename LseOf>
+    __device__ __forceinline__ void add_blocks(BlockAt block_at, RowOf row_of, LseOf lse_of, int hh, int s_begin,
+                                               int s_end) {
         const int lane = threadIdx.x & (LANES - 1);
         for (int s0 = s_begin; s0 < s_end; s0 += LANES) {  // uniform trip count across the warp
             const int s = s0 + lane;
@@ -91,7 +98,7 @@ struct PairCombine {
                 const float wj = __shfl_sync(MSA_FULL_MASK, w, j, LANES);
                 if (pj >= 0 && !empty()) {
                     Partial<T, PER_LANE> part;
-                    part.load(o + ((i64)pj * G + hh) * D + lane * PER_LANE);
+                    part.load(block_at(pj) + hh * D + lane * PER_LANE);
 #pragma unroll
                     for (int i = 0; i < PER_LANE; ++i) acc[i] += wj * part.x[i];
                 }

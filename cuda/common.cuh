@@ -105,6 +105,22 @@ __device__ __forceinline__ void wait_for_previous_launch() {
 #endif
 }
 
+// Thread-block clusters (sm_90): the CTAs of a cluster read each other's shared memory.
+// cluster_sync: every thread of every CTA of the cluster arrives (its shared-memory writes
+// released) and waits for all (acquiring theirs).  cluster_map: the address of the same
+// shared-memory object in the cluster's CTA `rank` (a generic address, read with plain loads).
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+template <typename P>
+__device__ __forceinline__ P* cluster_map(P* p, unsigned rank) {
+    unsigned long long out;
+    asm("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(p), "r"(rank));
+    return reinterpret_cast<P*>(out);
+}
+#endif
+
 // "The last CTA finishes the job": each of `count` CTAs calls this once, with all its threads,
 // after its writes; it returns true in the CTA that arrives last, which then sees every other
 // CTA's writes (read them with load_cg) and does the reduction that would otherwise take

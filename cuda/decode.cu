@@ -3,10 +3,11 @@
 // One CTA per entry e = (query row, KV head g, slot) of block_indices, read directly: no
 // reverse index, no sort, no schedule kernel (with 1-16 queries per sequence there is almost
 // no key block shared between queries to reuse, and K * Hkv CTAs per query token keep the card
-// busy even at batch 1).  Each distinct pick writes a partial (o, lse); unused (-1) and
-// repeated slots write none.  The CTA of a (row, g) that finishes last (a counter per (row, g))
-// combines the row's partials into out and lse (combine.cuh), in slot order: no combine launch,
-// whose latency would cost as much as the attention itself at batch 1.
+// busy even at batch 1).  Each distinct pick makes a partial (o, lse); unused (-1) and
+// repeated slots none.  The row's partials are combined into out and lse (combine.cuh), in slot
+// order, inside this launch: on sm_90 by the cluster of the (row, g)'s top_k CTAs through
+// distributed shared memory, elsewhere by the CTA that finishes last (a counter per (row, g)).
+// No combine launch, whose latency would cost as much as the attention itself at batch 1.
 #include "combine.cuh"
 
 // Split-K decode attention of one pick: WARPS warps; warp w owns keys
@@ -22,7 +23,7 @@ template <typename T, int D, int G, int BK, int WARPS>
 __device__ __forceinline__ void decode_pick(const T* __restrict__ q, const T* __restrict__ k,
                                             const T* __restrict__ v, int block, int seq, int k_start, int n_k,
                                             int visible, int token, int g, int n_heads_q, int n_heads_kv,
-                                            i64 entry, T* __restrict__ part_o, float* __restrict__ part_lse,
+                                            T* __restrict__ pick_o, float* __restrict__ pick_lse,
                                             float scale_log2, const KeyRows& key_rows) {
     constexpr int KW = BK / WARPS;   // keys per warp
     constexpr int CH = D / 8;        // 16-byte chunks per row
@@ -148,7 +149,8 @@ __device__ __forceinline__ void decode_pick(const T* __restrict__ q, const T* __
         *reinterpret_cast<float2*>(ow + (grp + 8) * D + col) = make_float2(o[n][2] * sc_b, o[n][3] * sc_b);
     }
     __syncthreads();
-    // rows < G: sum the warps, normalise, write the pick's partial (o, lse)
+    // rows < G: sum the warps, normalise, write the pick's partial (o, lse): G rows at pick_o,
+    // G values at pick_lse (global memory, or beyond the merge space in shared memory)
     for (int i = threadIdx.x; i < G * D / 2; i += WARPS * 32) {
         const int row = (2 * i) / D, col = (2 * i) % D;
         float mt = MSA_NEG_INF, lt = 0.f, x0 = 0.f, x1 = 0.f;
@@ -165,24 +167,40 @@ __device__ __forceinline__ void decode_pick(const T* __restrict__ q, const T* __
         // lt = 0: no weight (no seen key, or every seen score -inf), lse -inf; NaN lt
         // (a NaN or +inf score): NaN o and lse
         const float inv = lt == 0.f ? 0.f : 1.f / lt;
-        const i64 prow = (i64)entry * G + row;
-        store2<T>(part_o + prow * D + col, x0 * inv, x1 * inv);
-        if (col == 0) part_lse[prow] = row_lse(mt, lt);
+        store2<T>(pick_o + row * D + col, x0 * inv, x1 * inv);
+        if (col == 0) pick_lse[row] = row_lse(mt, lt);
     }
 }
 
+template <int D, int WARPS>
+constexpr int decode_merge_bytes() { return (2 * WARPS * 16 + WARPS * 16 * D) * 4; }  // decode_pick's m_s, l_s, o_s
+
+// Compile-time cluster dims where clusters exist (sm_90): CLUSTER CTAs, or 1 (each CTA its own).
+#if __CUDA_ARCH__ >= 900
+#define MSA_DECODE_CLUSTER_DIMS(n) __cluster_dims__((n) > 0 ? (n) : 1, 1, 1)
+#else
+#define MSA_DECODE_CLUSTER_DIMS(n)
+#endif
+
 // Split-K decode attention of one pick per CTA (decode_pick), then the combine of its
-// (row, g) in the CTA that finishes last (counters: one per (row, g) of the launch, zero
-// before it and after it).  Rows at or past cu_q[n_seq] (a plan's rows past the step's
-// tokens) are not combined: their out and lse are left alone.
-// The combine is one CTA's latency at batch 1, so it makes one trip to L2 where it can: the
-// (row, g)'s picks are read before the arrival; then every used slot's G partial rows (cp.async)
-// and lse values are staged in the K/V space at once (in chunks of slots when they do not fit:
-// BK = 64 with D = 128 and G = 16), and the half-warps combine from shared memory.
+// (row, g) into out and lse.  Rows at or past cu_q[n_seq] (a plan's rows past the step's tokens)
+// are not combined: their out and lse are left alone.  Two ways to combine (CLUSTER):
+// - 0: the CTA that finishes last (counters: one per (row, g) of the launch, zero before it and
+//   after it) combines the partials, which every pick wrote to part_o / part_lse.  It is one
+//   CTA's latency at batch 1, so it makes one trip to L2 where it can: the (row, g)'s picks are
+//   read before the arrival; then every used slot's G partial rows (cp.async) and lse values are
+//   staged in the K/V space at once (in chunks of slots when they do not fit: BK = 64 with
+//   D = 128 and G = 16), and the half-warps combine from shared memory.
+// - CLUSTER = top_k (sm_90): the top_k CTAs of a (row, g) are one thread-block cluster; each
+//   keeps its partial in its own shared memory, and after a cluster barrier CTA s combines heads
+//   s, s + CLUSTER, ... reading the slots' rows from the other CTAs' shared memory: no partials
+//   in global memory, no counter, and the combine spread over the cluster instead of one CTA.
+//   The same sums in the same order as CLUSTER = 0 (PairCombine over the slots in order, the
+//   partials rounded to T alike): the two give the same bits.
 // (at least 4 CTAs of 4 warps per SM, as shared memory allows for BK = 64: at most 128
 // registers; left to itself ptxas chose 72 and spilled)
-template <typename T, int D, int G, int BK, int WARPS>
-__global__ void __launch_bounds__(WARPS * 32, 4)
+template <typename T, int D, int G, int BK, int WARPS, int CLUSTER>
+__global__ void MSA_DECODE_CLUSTER_DIMS(CLUSTER) __launch_bounds__(WARPS * 32, 4)
 sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                      const int* block_indices, const int* __restrict__ cu_q,
                      const int* __restrict__ cu_k, int n_seq, int q_begin, int n_heads_q, int n_heads_kv,
@@ -191,9 +209,8 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
                      const int* __restrict__ block_table, int max_pages, int page_size) {
     constexpr int THREADS = WARPS * 32;
     constexpr int HALF_WARPS = THREADS / COMBINE_LANES;
-    constexpr int HP = (G + HALF_WARPS - 1) / HALF_WARPS;  // heads per half-warp in the combine
     const i64 entry = blockIdx.x;  // partial row block of this pick: entry * G + head
-    const int slot = (int)(entry % top_k);
+    const int slot = (int)(entry % top_k);  // with CLUSTER: the CTA's rank in its cluster
     const i64 row_g = entry - slot;  // first entry of this (row, g)
     const int* picks = block_indices + row_g;
     const int g = (int)((entry / top_k) % n_heads_kv);
@@ -207,76 +224,110 @@ sparse_decode_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* 
     const int k_start = cu_k[seq], n_k = cu_k[seq + 1] - k_start;
     const bool live = token < cu_q[n_seq];
     wait_for_previous_launch();
-    if (first_occurrence(picks, slot))
+    const bool used = first_occurrence(picks, slot);
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // CLUSTER: the pick's partial beyond decode_pick's merge space (the host sizes for it)
+    T* pick_o = CLUSTER ? reinterpret_cast<T*>(smem_raw + decode_merge_bytes<D, WARPS>()) : part_o + entry * G * D;
+    float* pick_lse = CLUSTER ? reinterpret_cast<float*>(pick_o + G * D) : part_lse + entry * G;
+    if (used)
         decode_pick<T, D, G, BK, WARPS>(q, k, v, picks[slot], seq, k_start, n_k,
                                         visible_keys(n_q, n_k, token - q_start, causal), token, g, n_heads_q,
-                                        n_heads_kv, entry, part_o, part_lse, scale_log2,
+                                        n_heads_kv, pick_o, pick_lse, scale_log2,
                                         KeyRows{block_table, max_pages, page_size});
-    const int pick = threadIdx.x < top_k ? picks[threadIdx.x] : -1;  // in flight during the arrival
-    if (!last_to_arrive(counters + row_g / top_k, top_k) || !live) return;
+    if constexpr (CLUSTER == 0) {
+        const int pick = threadIdx.x < top_k ? picks[threadIdx.x] : -1;  // in flight during the arrival
+        if (!last_to_arrive(counters + row_g / top_k, top_k) || !live) return;
 
-    // shared memory (the K/V space is free): ids [top_k], used [top_k] (the slot holds a partial:
-    // the first occurrence of its id), lse [top_k][G] (-inf for unused slots), the staged rows
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    int* ids = reinterpret_cast<int*>(smem_raw);
-    int* used = ids + top_k;
-    float* lse_s = reinterpret_cast<float*>(used + top_k);
-    const int header = ((2 * top_k + top_k * G) * 4 + 15) & ~15;
-    T* rows_s = reinterpret_cast<T*>(smem_raw + header);
-    unsigned smem_bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
-    const int chunk = ((int)smem_bytes - header) / (G * D * (int)sizeof(T));  // slots staged at once (>= 1)
-    for (int s = threadIdx.x; s < top_k; s += THREADS) ids[s] = s < THREADS ? pick : picks[s];
-    __syncthreads();
-    for (int s = threadIdx.x; s < top_k; s += THREADS) used[s] = first_occurrence(ids, s);
-    __syncthreads();
-    auto stage = [&](int c0) {  // the G partial rows of the used slots [c0, c0 + chunk)
-        constexpr int CH = G * D * (int)sizeof(T) / 16;  // 16-byte pieces of a slot's rows
-        const int c1 = min(c0 + chunk, top_k);
-        for (int i = threadIdx.x; i < (c1 - c0) * CH; i += THREADS) {
-            const int s = c0 + i / CH, piece = i % CH;
-            if (used[s])
-                cp_async_16(rows_s + (i64)(s - c0) * G * D + piece * 8, part_o + (row_g + s) * G * D + piece * 8);
+        // shared memory (the K/V space is free): ids [top_k], has_partial [top_k] (the first
+        // occurrence of its id), lse [top_k][G] (-inf for unused slots), the staged rows
+        int* ids = reinterpret_cast<int*>(smem_raw);
+        int* has_partial = ids + top_k;
+        float* lse_s = reinterpret_cast<float*>(has_partial + top_k);
+        const int header = ((2 * top_k + top_k * G) * 4 + 15) & ~15;
+        T* rows_s = reinterpret_cast<T*>(smem_raw + header);
+        unsigned smem_bytes;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+        const int chunk = ((int)smem_bytes - header) / (G * D * (int)sizeof(T));  // slots staged at once (>= 1)
+        for (int s = threadIdx.x; s < top_k; s += THREADS) ids[s] = s < THREADS ? pick : picks[s];
+        __syncthreads();
+        for (int s = threadIdx.x; s < top_k; s += THREADS) has_partial[s] = first_occurrence(ids, s);
+        __syncthreads();
+        auto stage = [&](int c0) {  // the G partial rows of the used slots [c0, c0 + chunk)
+            constexpr int CH = G * D * (int)sizeof(T) / 16;  // 16-byte pieces of a slot's rows
+            const int c1 = min(c0 + chunk, top_k);
+            for (int i = threadIdx.x; i < (c1 - c0) * CH; i += THREADS) {
+                const int s = c0 + i / CH, piece = i % CH;
+                if (has_partial[s])
+                    cp_async_16(rows_s + (i64)(s - c0) * G * D + piece * 8, part_o + (row_g + s) * G * D + piece * 8);
+            }
+            cp_async_commit();
+        };
+        stage(0);
+        for (int i = threadIdx.x; i < top_k * G; i += THREADS) {  // issued behind the rows: one trip for both
+            const int s = i / G;
+            lse_s[i] = has_partial[s] ? load_cg(part_lse + (row_g + s) * G + i % G) : MSA_NEG_INF;
         }
-        cp_async_commit();
-    };
-    stage(0);
-    for (int i = threadIdx.x; i < top_k * G; i += THREADS) {  // issued behind the rows: one trip for both
-        const int s = i / G;
-        lse_s[i] = used[s] ? load_cg(part_lse + (row_g + s) * G + i % G) : MSA_NEG_INF;
-    }
-    cp_async_wait<0>();
-    __syncthreads();
+        cp_async_wait<0>();
+        __syncthreads();
 
-    // half-warp w combines heads w, w + HALF_WARPS, ... of the group (G < HALF_WARPS: some idle,
-    // with no slot: they only join the shuffles)
-    const int hw = (int)threadIdx.x / COMBINE_LANES;
-    PairCombine<T, D, G> pc[HP];
-#pragma unroll
-    for (int j = 0; j < HP; ++j) {
-        const int hh = min(hw + j * HALF_WARPS, G - 1);
-        const bool mine = hw + j * HALF_WARPS < G;
-        pc[j].weigh([&](int s) { return mine ? lse_s[s * G + hh] : MSA_NEG_INF; }, top_k);
-    }
-    for (int c0 = 0; c0 < top_k; c0 += chunk) {
-        if (c0 > 0) {
-            __syncthreads();  // every half-warp is done with the previous chunk
-            stage(c0);
-            cp_async_wait<0>();
-            __syncthreads();
-        }
+        // half-warp w combines heads w, w + HALF_WARPS, ... of the group (G < HALF_WARPS: some idle,
+        // with no slot: they only join the shuffles)
+        constexpr int HP = (G + HALF_WARPS - 1) / HALF_WARPS;  // heads per half-warp
+        const int hw = (int)threadIdx.x / COMBINE_LANES;
+        PairCombine<T, D, G> pc[HP];
 #pragma unroll
         for (int j = 0; j < HP; ++j) {
             const int hh = min(hw + j * HALF_WARPS, G - 1);
             const bool mine = hw + j * HALF_WARPS < G;
-            pc[j].add(rows_s, [&](int s) { return mine && used[s] ? s - c0 : -1; },
-                      [&](int s) { return lse_s[s * G + hh]; }, hh, c0, min(c0 + chunk, top_k));
+            pc[j].weigh([&](int s) { return mine ? lse_s[s * G + hh] : MSA_NEG_INF; }, top_k);
         }
-    }
+        for (int c0 = 0; c0 < top_k; c0 += chunk) {
+            if (c0 > 0) {
+                __syncthreads();  // every half-warp is done with the previous chunk
+                stage(c0);
+                cp_async_wait<0>();
+                __syncthreads();
+            }
 #pragma unroll
-    for (int j = 0; j < HP; ++j) {
-        const int hh = hw + j * HALF_WARPS;
-        const i64 dst = (i64)token * n_heads_q + g * G + hh;
-        if (hh < G) pc[j].store(out + dst * D, lse_out + dst);
+            for (int j = 0; j < HP; ++j) {
+                const int hh = min(hw + j * HALF_WARPS, G - 1);
+                const bool mine = hw + j * HALF_WARPS < G;
+                pc[j].add(rows_s, [&](int s) { return mine && has_partial[s] ? s - c0 : -1; },
+                          [&](int s) { return lse_s[s * G + hh]; }, hh, c0, min(c0 + chunk, top_k));
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < HP; ++j) {
+            const int hh = hw + j * HALF_WARPS;
+            const i64 dst = (i64)token * n_heads_q + g * G + hh;
+            if (hh < G) pc[j].store(out + dst * D, lse_out + dst);
+        }
+    } else {
+#if __CUDA_ARCH__ >= 900
+        int* pick_used = reinterpret_cast<int*>(pick_lse + G);
+        if (!used && (int)threadIdx.x < G) pick_lse[threadIdx.x] = MSA_NEG_INF;
+        if (threadIdx.x == 0) *pick_used = used;
+        cluster_sync();  // every pick's partial is in its CTA's shared memory
+        // heads slot, slot + CLUSTER, ... of the group, half-warp j the j-th (its warp's other
+        // half-warp, idle or not, joins the shuffles)
+        constexpr int HEADS = (G + CLUSTER - 1) / CLUSTER;
+        static_assert(HEADS <= HALF_WARPS, "a half-warp per head of the CTA");
+        const int hw = (int)threadIdx.x / COMBINE_LANES;
+        const int hh = slot + hw * CLUSTER;
+        const bool mine = hw < HEADS && hh < G;
+        if (live && (int)threadIdx.x / 32 < (HEADS + 1) / 2) {
+            const int h = mine ? hh : 0;
+            auto lse_of = [&](int s) { return cluster_map(pick_lse, s)[h]; };
+            PairCombine<T, D, G> pc;
+            pc.weigh([&](int s) { return mine ? lse_of(s) : MSA_NEG_INF; }, top_k);
+            pc.add_blocks([&](int s) { return static_cast<const T*>(cluster_map(pick_o, s)); },
+                          [&](int s) { return mine && *cluster_map(pick_used, s) ? s : -1; }, lse_of, h, 0, top_k);
+            const i64 dst = (i64)token * n_heads_q + g * G + h;
+            if (mine) pc.store(out + dst * D, lse_out + dst);
+        }
+        cluster_sync();  // no CTA leaves while the others read its shared memory
+#endif
     }
 }
+
+#undef MSA_DECODE_CLUSTER_DIMS

@@ -438,6 +438,9 @@ def _load(source: str, arch: str, expr: str):
             rejected = f"cached copy rejected by the driver: {exc}"
 
 
+_FUNC_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+
+
 class Kernel:
     """A compiled kernel on one device: ``kernel(grid, block, args, shared_mem=0)``
     launches on CuPy's current stream (the caller's stream inside a public call)."""
@@ -446,6 +449,7 @@ class Kernel:
         self.function = function
         self.name = name
         self._smem_limit = 48 * 1024
+        self._nonportable_cluster = False
 
     def reserve_shared(self, nbytes: int):
         """Raise the kernel's dynamic shared-memory limit to nbytes (a plan does it up front, so
@@ -456,6 +460,15 @@ class Kernel:
             cupy.cuda.driver.funcSetAttribute(
                 self.function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(nbytes))
             self._smem_limit = int(nbytes)
+
+    def allow_cluster(self, size: int):
+        """Let the kernel (built with __cluster_dims__) run clusters of ``size`` CTAs: above 8,
+        a non-portable size, allowed per function."""
+        import cupy
+
+        if size > 8 and not self._nonportable_cluster:
+            cupy.cuda.driver.funcSetAttribute(self.function.ptr, _FUNC_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
+            self._nonportable_cluster = True
 
     def __call__(self, grid, block, args, shared_mem=0):
         import cupy

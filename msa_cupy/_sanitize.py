@@ -172,14 +172,16 @@ def _attention_case(rng, seqs):
     return layout, cu_q, cu_k, (q, k, v, ids), scale, ref
 
 
-def _sparse_kernels(rng, seqs, path, prefill_kernel=None, schedule="kv", min_useful=0.3, tile_kernel="mma"):
+def _sparse_kernels(rng, seqs, path, prefill_kernel=None, schedule="kv", min_useful=0.3, tile_kernel="mma",
+                    decode_combine=None):
     from . import sparse
 
     layout, cu_q, cu_k, arrays, scale, ref = _attention_case(rng, seqs)
     sparse._poison_outputs = True  # an element no kernel writes stays NaN
     try:
         tuning = sparse.SparseTuning(path=path, prefill_kernel=prefill_kernel, schedule=schedule,
-                                     tile_min_useful=min_useful, tile_kernel=tile_kernel)
+                                     tile_min_useful=min_useful, tile_kernel=tile_kernel,
+                                     decode_combine=decode_combine)
         out, lse = sparse.sparse_attention(*_device(*arrays), layout, *_device(cu_q, cu_k), block_size=ATTN_BLOCK,
                                            causal=True, scale=scale, tuning=tuning)
     finally:
@@ -326,7 +328,8 @@ def stages(wgmma: bool):
         ("tile_schedule.cu classification + sparse_prefill_tile.cu + reverse_index.cu + sparse_prefill.cu + "
          "combine.cu (schedule auto: both paths)",
          p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="mma", schedule="auto", min_useful=0.9)),
-        ("decode.cu (combined by the last CTA of each row)", p(_sparse_kernels, seqs=DECODE_SEQS, path="decode")),
+        ("decode.cu (combined by the last CTA of each row)",
+         p(_sparse_kernels, seqs=DECODE_SEQS, path="decode", decode_combine="last_cta")),
         ("block_max.cu causal (plain path)", p(_block_max, causal=True)),
         ("block_max.cu non-causal (plain path)", p(_block_max, causal=False)),
         ("plain path end to end", _plain_end_to_end),
@@ -350,6 +353,8 @@ def stages(wgmma: bool):
              p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="wgmma")),
             ("tile_schedule.cu + sparse_prefill_tile_sm90.cu (wgmma, every tile tile-outer)",
              p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", schedule="tile", tile_kernel="wgmma")),
+            ("decode.cu (combined by a cluster of each row's top_k CTAs)",
+             p(_sparse_kernels, seqs=DECODE_SEQS, path="decode", decode_combine="cluster")),
         ]
     return out
 

@@ -888,7 +888,7 @@ class DecodePlan(_CachePlan):
 
     def _init_attention(self):
         self._decode, self._decode_smem = sparse.decode_kernel(self.dtype, self.head_dim, self.group_size,
-                                                               self.block_size)
+                                                               self.block_size, self.top_k)
         self._decode.reserve_shared(self._decode_smem)
         self._kernels["uniform"] = _jit.kernel("plan_update.cu", "uniform_cu_seqlens")
 
@@ -896,7 +896,8 @@ class DecodePlan(_CachePlan):
         return (batch, self.queries_per_seq)
 
     def _attention_launches(self, record, launches, *, n_seq, rows, q, k, v, ids, cu_q, cu_k, pages, out, lse):
-        """Split-K decode: a partial per pick, combined by the last CTA of each (row, KV head)."""
+        """Split-K decode: a partial per pick, combined by a cluster of the (row, KV head)'s CTAs
+        (sm_90) or by its last CTA."""
         P = _jit.Pointer
         part_o, part_lse = P("part_o", (0,), self.dtype), P("part_lse", (0,), np.float32)
         decode = _jit.Recorder(self._decode)

@@ -66,6 +66,8 @@ PREFILL_MT = 1  # m16 row tiles per warp (2: each K/V fragment load feeds two mm
 WGMMA_WARPGROUPS = 1  # sm_90 prefill (sparse_prefill_sm90.cu, D = BK = 128): 64-row tiles per warpgroup
 WGMMA_STAGES = 2
 DECODE_WARPS = 4  # split-K decode: each warp takes BK / 4 keys of the pick's block
+DECODE_CLUSTERS = (4, 8, 16)  # top_k of the cluster combine (sm_90): a cluster of top_k CTAs (16: non-portable size)
+DECODE_COMBINES = ("cluster", "last_cta")
 TILES_PER_ITEM = 8  # query tiles per prefill work item (K/V block reuse vs. load balance)
 DECODE_MAX_QUERIES = 16  # sequences with at most this many queries take the decode path
 SCHEDULES = ("auto", "kv", "tile")  # prefill: per query tile by the cost model, all KV-outer, all tile-outer
@@ -113,7 +115,10 @@ for _t in ("bf16", "f16"):
                      *[(_t, _d, _g, _bk, PREFILL_WARPS, PREFILL_STAGES, PREFILL_MT) for _g in SUPPORTED_GROUP_SIZES
                        for _bk in SUPPORTED_BLOCK_SIZES])
         _jit.declare("decode.cu", "sparse_decode_kernel",
-                     *[(_t, _d, _g, _bk, DECODE_WARPS) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
+                     *[(_t, _d, _g, _bk, DECODE_WARPS, 0) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
+        _jit.declare("decode.cu", "sparse_decode_kernel",
+                     *[(_t, _d, _g, _bk, DECODE_WARPS, _c) for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES
+                       for _c in DECODE_CLUSTERS], arch_specific=True)
 _jit.declare("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel",
              *[(_t, 128, _g, 128, WGMMA_WARPGROUPS, WGMMA_STAGES) for _t in ("bf16", "f16")
                for _g in SUPPORTED_GROUP_SIZES], arch_specific=True)
@@ -189,7 +194,10 @@ class SparseTuning:
     per warp).  ``schedule`` of the prefill: "auto" (per query tile, the cost model with
     ``tile_min_useful``), "kv" (all KV-outer) or "tile" (all tile-outer); ``tile_rows`` (64
     or 128) and ``tile_stages`` (>= 2) the tile-outer kernel's query tile and K/V buffers,
-    ``tile_kernel`` the tile-outer kernel like ``prefill_kernel`` (None: wgmma where it fits)."""
+    ``tile_kernel`` the tile-outer kernel like ``prefill_kernel`` (None: wgmma where it fits);
+    ``decode_combine`` how the decode path combines a row's picks: "cluster" (a thread-block
+    cluster of its top_k CTAs, sm_90, top_k in DECODE_CLUSTERS), "last_cta" (the CTA that
+    finishes last), None (the cluster where it can)."""
 
     path: str | None = None
     prefill_kernel: str | None = None
@@ -201,6 +209,7 @@ class SparseTuning:
     tile_stages: int = TILE_STAGES
     tile_min_useful: float = TILE_MIN_USEFUL
     tile_kernel: str | None = None
+    decode_combine: str | None = None
 
     def __post_init__(self):
         if self.path not in (None, "prefill", "decode"):
@@ -208,6 +217,8 @@ class SparseTuning:
         for name in ("prefill_kernel", "tile_kernel"):
             if getattr(self, name) not in (None, "mma", "wgmma"):
                 raise ValueError(f"{name} must be None, 'mma' or 'wgmma', got {getattr(self, name)!r}")
+        if self.decode_combine not in (None, *DECODE_COMBINES):
+            raise ValueError(f"decode_combine must be None, 'cluster' or 'last_cta', got {self.decode_combine!r}")
         for name in ("prefill_warps", "prefill_stages", "prefill_mt"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -257,19 +268,31 @@ class PhaseTimes:
 # --------------------------------------------------------------------------- stages
 
 
-def decode_kernel(dtype, head_dim: int, group: int, block_size: int):
-    """(kernel, shared memory bytes) of the split-K decode attention (decode.cu)."""
+def decode_kernel(dtype, head_dim: int, group: int, block_size: int, top_k: int, combine=None):
+    """(kernel, shared memory bytes) of the split-K decode attention (decode.cu), combining a
+    row's picks as ``combine`` says (SparseTuning.decode_combine)."""
     tname = _jit.dtype_template(dtype)
-    kernel = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, head_dim, group, block_size, DECODE_WARPS))
-    return kernel, _smem_bytes(head_dim, block_size, DECODE_WARPS, group, True)
+    can_cluster = top_k in DECODE_CLUSTERS and _jit.has_wgmma()
+    if combine == "cluster" and not can_cluster:
+        raise ValueError(f"decode_combine='cluster' needs an sm_90 GPU and top_k in {DECODE_CLUSTERS}, got top_k={top_k}")
+    smem = _smem_bytes(head_dim, block_size, DECODE_WARPS, group, True)
+    if combine == "last_cta" or not can_cluster:
+        return _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, head_dim, group, block_size, DECODE_WARPS, 0)), smem
+    kernel = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, head_dim, group, block_size, DECODE_WARPS, top_k),
+                         arch_specific=True)
+    kernel.allow_cluster(top_k)
+    # the pick's partial (G rows, G lse values, a flag) beyond the merge space (decode_merge_bytes)
+    merge = (2 * DECODE_WARPS * 16 + DECODE_WARPS * 16 * head_dim) * 4
+    return kernel, max(smem, merge + group * head_dim * np.dtype(dtype).itemsize + group * 4 + 4)
 
 
 def launch_decode(kernel, smem, q, k, v, block_indices, cu_q, cu_k, n_seq, q_begin, rows, part_o, part_lse, counters,
                   out, lse, *, causal, scale_log2, pages=CONTIGUOUS_KEYS):
     """decode.cu: one CTA per entry of block_indices rows [q_begin, q_begin + rows), each a
-    partial (o, lse) at partial row entry * G + head; the last CTA of each (row, KV head)
-    combines them into out/lse (rows at or past cu_q[n_seq] are left alone).  ``counters``:
-    uint32, one per (row, KV head), zero before the launch and left zero after it."""
+    partial (o, lse) combined into out/lse (rows at or past cu_q[n_seq] are left alone): the
+    last_cta kernel writes the partials at partial row entry * G + head and the last CTA of each
+    (row, KV head) combines them, counting in ``counters`` (uint32, one per (row, KV head), zero
+    before the launch and left zero after it); the cluster kernel uses neither."""
     n_heads_q, n_heads_kv, top_k = q.shape[1], k.shape[-2], block_indices.shape[-1]
     kernel((rows * n_heads_kv * top_k,), (32 * DECODE_WARPS,),
            (q, k, v, block_indices, cu_q, cu_k, np.int32(n_seq), np.int32(q_begin), np.int32(n_heads_q),
@@ -656,7 +679,7 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
             schedule = "kv"
     kv_outer = schedule != "tile"  # some picks go KV-outer (partials and combine)
     if decode:
-        attn, smem = decode_kernel(q.dtype, head_dim, group, block_size)
+        attn, smem = decode_kernel(q.dtype, head_dim, group, block_size, top_k, tuning.decode_combine)
     elif kv_outer:
         prefill = prefill_kernel(q.dtype, head_dim, group, block_size, variant=tuning.prefill_kernel,
                                  warps=tuning.prefill_warps, stages=tuning.prefill_stages, mt=tuning.prefill_mt)

@@ -116,6 +116,50 @@ def test_decode_shaped_batch(rng, group, path):
         assert np.array_equal(auto.get().view(np.uint16), out.get().view(np.uint16))
 
 
+@st.composite
+def _cluster_cases(draw):
+    """Decode-shaped cases whose top_k a cluster takes (1-16 queries per sequence: some rows past
+    a sequence's keys, repeated and -1 picks among the random modes)."""
+    from msa_cupy import sparse
+
+    group, hkv, head_dim, block_size, dtype_name, causal, lengths, _, mode = _draw_problem(
+        draw, max_q=16, modes=["random", "local"])
+    return (group, hkv, head_dim, block_size, dtype_name, causal, lengths, draw(st.sampled_from(sparse.DECODE_CLUSTERS)),
+            mode, "decode", draw(st.integers(0, 2**31 - 1)))
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=_cluster_cases())
+def test_decode_cluster_combine_gives_the_last_cta_bits(case):
+    """sm_90: the cluster of a row's top_k CTAs combines through distributed shared memory what
+    the last CTA combines from global memory: the same sums in the same order, the same bits
+    (and both against the oracle)."""
+    from msa_cupy import _jit
+
+    if not _jit.has_wgmma():
+        pytest.skip("clusters: sm_90")
+    _check_case(case, decode_combine="cluster")
+    group, hkv, head_dim, block_size, dtype_name, causal, lengths, top_k, mode, path, seed = case
+    rng = np.random.default_rng(seed)
+    (q, k, v, bi, cu_q, cu_k, scale), _ = _varlen_case(rng, lengths, group, hkv, head_dim, dtype_name, top_k,
+                                                       block_size, causal, mode)
+    runs = [_run(q, k, v, bi, cu_q, cu_k, block_size, causal, scale, path="decode", decode_combine=c)
+            for c in ("cluster", "last_cta")]
+    assert np.array_equal(runs[0][0].get().view(np.uint16), runs[1][0].get().view(np.uint16))
+    assert np.array_equal(runs[0][1].get().view(np.uint32), runs[1][1].get().view(np.uint32))
+
+
+@pytest.mark.gpu
+def test_decode_cluster_combine_refuses_what_it_cannot_take(rng):
+    from msa_cupy import _jit, sparse
+
+    combine_ok = _jit.has_wgmma()
+    for top_k in (3, 32) if combine_ok else (16,):
+        with pytest.raises(ValueError, match="decode_combine='cluster' needs an sm_90 GPU and top_k"):
+            sparse.decode_kernel(np.dtype("float16"), 128, 4, 128, top_k, "cluster")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("warps,stages,mt", [(8, 2, 1), (4, 3, 1), (4, 2, 2), (8, 2, 2)])
 @pytest.mark.parametrize("group,head_dim", [(16, 128), (2, 64)])

@@ -38,6 +38,7 @@ def test_sparse_tuning_defaults_are_the_module_constants():
     (dict(tile_rows=True), "tile_rows"),
     (dict(tile_stages=1), "tile_stages"),
     (dict(tile_kernel="tma"), "tile_kernel"),
+    (dict(decode_combine="atomic"), "decode_combine"),
     (dict(tile_min_useful=1.5), "tile_min_useful"),
     (dict(tile_min_useful="0.3"), "tile_min_useful"),
 ])
