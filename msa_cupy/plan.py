@@ -888,7 +888,8 @@ class DecodePlan(_CachePlan):
 
     def _init_attention(self):
         self._decode, self._decode_smem = sparse.decode_kernel(self.dtype, self.head_dim, self.group_size,
-                                                               self.block_size, self.top_k)
+                                                               self.block_size, self.top_k,
+                                                               pairs=self.max_rows * self.num_kv_heads)
         self._decode.reserve_shared(self._decode_smem)
         self._kernels["uniform"] = _jit.kernel("plan_update.cu", "uniform_cu_seqlens")
 

@@ -68,6 +68,9 @@ WGMMA_STAGES = 2
 DECODE_WARPS = 4  # split-K decode: each warp takes BK / 4 keys of the pick's block
 DECODE_CLUSTERS = (4, 8, 16)  # top_k of the cluster combine (sm_90): a cluster of top_k CTAs (16: non-portable size)
 DECODE_COMBINES = ("cluster", "last_cta")
+DECODE_CLUSTER_MAX_CTAS = 64  # the cluster combine by default only on grids this small: measured (H100, paper
+                              # shapes, cluster / last CTA) 12.8 / 15.7 us at 64 CTAs (B1), 26.1 / 17.6 at 256 (B4),
+                              # 40.8 / 27.7 at 512 (B8): larger grids lose more to placing 16-CTA clusters
 TILES_PER_ITEM = 8  # query tiles per prefill work item (K/V block reuse vs. load balance)
 DECODE_MAX_QUERIES = 16  # sequences with at most this many queries take the decode path
 SCHEDULES = ("auto", "kv", "tile")  # prefill: per query tile by the cost model, all KV-outer, all tile-outer
@@ -197,7 +200,8 @@ class SparseTuning:
     ``tile_kernel`` the tile-outer kernel like ``prefill_kernel`` (None: wgmma where it fits);
     ``decode_combine`` how the decode path combines a row's picks: "cluster" (a thread-block
     cluster of its top_k CTAs, sm_90, top_k in DECODE_CLUSTERS), "last_cta" (the CTA that
-    finishes last), None (the cluster where it can)."""
+    finishes last), None (the cluster where it can and the grid has at most
+    DECODE_CLUSTER_MAX_CTAS CTAs, else the last CTA)."""
 
     path: str | None = None
     prefill_kernel: str | None = None
@@ -268,15 +272,18 @@ class PhaseTimes:
 # --------------------------------------------------------------------------- stages
 
 
-def decode_kernel(dtype, head_dim: int, group: int, block_size: int, top_k: int, combine=None):
-    """(kernel, shared memory bytes) of the split-K decode attention (decode.cu), combining a
-    row's picks as ``combine`` says (SparseTuning.decode_combine)."""
+def decode_kernel(dtype, head_dim: int, group: int, block_size: int, top_k: int, combine=None, *, pairs: int):
+    """(kernel, shared memory bytes) of the split-K decode attention (decode.cu) for a grid of
+    ``pairs`` (row, KV head) pairs at most, combining a row's picks as ``combine`` says
+    (SparseTuning.decode_combine)."""
     tname = _jit.dtype_template(dtype)
     can_cluster = top_k in DECODE_CLUSTERS and _jit.has_wgmma()
     if combine == "cluster" and not can_cluster:
         raise ValueError(f"decode_combine='cluster' needs an sm_90 GPU and top_k in {DECODE_CLUSTERS}, got top_k={top_k}")
     smem = _smem_bytes(head_dim, block_size, DECODE_WARPS, group, True)
-    if combine == "last_cta" or not can_cluster:
+    if combine is None:
+        combine = "cluster" if can_cluster and pairs * top_k <= DECODE_CLUSTER_MAX_CTAS else "last_cta"
+    if combine == "last_cta":
         return _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, head_dim, group, block_size, DECODE_WARPS, 0)), smem
     kernel = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, head_dim, group, block_size, DECODE_WARPS, top_k),
                          arch_specific=True)
@@ -678,15 +685,16 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
         else:
             schedule = "kv"
     kv_outer = schedule != "tile"  # some picks go KV-outer (partials and combine)
+    chunk = _chunk_rows(total_q, n_heads_q, top_k, head_dim, q.dtype.itemsize)
     if decode:
-        attn, smem = decode_kernel(q.dtype, head_dim, group, block_size, top_k, tuning.decode_combine)
+        attn, smem = decode_kernel(q.dtype, head_dim, group, block_size, top_k, tuning.decode_combine,
+                                   pairs=min(chunk, total_q) * n_heads_kv)
     elif kv_outer:
         prefill = prefill_kernel(q.dtype, head_dim, group, block_size, variant=tuning.prefill_kernel,
                                  warps=tuning.prefill_warps, stages=tuning.prefill_stages, mt=tuning.prefill_mt)
     scale_log2 = np.float32(scale * LOG2E)
     kernel_args = dict(causal=causal, scale_log2=scale_log2, pages=pages)
 
-    chunk = _chunk_rows(total_q, n_heads_q, top_k, head_dim, q.dtype.itemsize)
     max_entries = chunk * n_heads_kv * top_k
     slot_pos = row_mode = None
     if kv_outer:

@@ -157,7 +157,7 @@ def test_decode_cluster_combine_refuses_what_it_cannot_take(rng):
     combine_ok = _jit.has_wgmma()
     for top_k in (3, 32) if combine_ok else (16,):
         with pytest.raises(ValueError, match="decode_combine='cluster' needs an sm_90 GPU and top_k"):
-            sparse.decode_kernel(np.dtype("float16"), 128, 4, 128, top_k, "cluster")
+            sparse.decode_kernel(np.dtype("float16"), 128, 4, 128, top_k, "cluster", pairs=1)
 
 
 @pytest.mark.gpu

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
+
 import pytest
 
 from msa_cupy import selection, sparse
@@ -84,3 +86,25 @@ def test_operations_take_one_tuning_object():
         assert "tuning" in params and not (HOOKS - {"tuning"} | SELECT_HOOKS) & params
     assert inspect.signature(sparse.sparse_attention).parameters["tuning"].default is sparse.DEFAULT_TUNING
 
+
+
+@pytest.mark.parametrize("combine,pairs,top_k,cluster", [
+    (None, 4, 16, 16),                                              # 64 CTAs: the cluster
+    (None, sparse.DECODE_CLUSTER_MAX_CTAS // 16 + 1, 16, 0),        # larger grids: the last CTA
+    (None, 16, 4, 4),
+    (None, 1, 3, 0),                                                # no cluster of 3
+    ("last_cta", 1, 16, 0),
+    ("cluster", 64, 16, 16),                                        # asked for: any grid
+])
+def test_decode_combine_default_takes_the_cluster_on_small_grids_only(monkeypatch, combine, pairs, top_k, cluster):
+    from msa_cupy import _jit
+
+    class Stub:
+        def allow_cluster(self, n):
+            pass
+
+    built = []
+    monkeypatch.setattr(_jit, "has_wgmma", lambda: True)
+    monkeypatch.setattr(_jit, "kernel", lambda path, name, args, **kw: built.append(args) or Stub())
+    sparse.decode_kernel(np.dtype("float16"), 128, 16, 128, top_k, combine, pairs=pairs)
+    assert built[-1][-1] == cluster
