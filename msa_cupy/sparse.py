@@ -174,10 +174,15 @@ def _wgmma_smem_bytes(head_dim, block_size, group_size) -> int:
             + 1024)
 
 
+def _decode_merge_bytes(head_dim, warps):
+    """decode.cu's fp32 merge of the warps (decode_merge_bytes: m_s, l_s, o_s)."""
+    return (2 * warps * 16 + warps * 16 * head_dim) * 4
+
+
 def _smem_bytes(head_dim, block_size, warps, group_size, decode, stages=2, mt=1):
     if decode:  # per warp: its K and V slice + a 16-row copy of the query; then the fp32 merge
         loads = warps * (2 * (block_size // warps) * head_dim + 16 * head_dim) * 2
-        return max(loads, (2 * warps * 16 + warps * 16 * head_dim) * 4)
+        return max(loads, _decode_merge_bytes(head_dim, warps))
     rows = 16 * mt * warps
     return 2 * (2 * block_size * head_dim + stages * rows * head_dim) + stages * (rows // group_size) * 4
 
@@ -288,9 +293,9 @@ def decode_kernel(dtype, head_dim: int, group: int, block_size: int, top_k: int,
     kernel = _jit.kernel("decode.cu", "sparse_decode_kernel", (tname, head_dim, group, block_size, DECODE_WARPS, top_k),
                          arch_specific=True)
     kernel.allow_cluster(top_k)
-    # the pick's partial (G rows, G lse values, a flag) beyond the merge space (decode_merge_bytes)
-    merge = (2 * DECODE_WARPS * 16 + DECODE_WARPS * 16 * head_dim) * 4
-    return kernel, max(smem, merge + group * head_dim * np.dtype(dtype).itemsize + group * 4 + 4)
+    # the pick's partial (G rows, G lse values, a flag) beyond the merge space
+    partial = group * head_dim * np.dtype(dtype).itemsize + group * 4 + 4
+    return kernel, max(smem, _decode_merge_bytes(head_dim, DECODE_WARPS) + partial)
 
 
 def launch_decode(kernel, smem, q, k, v, block_indices, cu_q, cu_k, n_seq, q_begin, rows, part_o, part_lse, counters,

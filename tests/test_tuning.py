@@ -87,7 +87,6 @@ def test_operations_take_one_tuning_object():
     assert inspect.signature(sparse.sparse_attention).parameters["tuning"].default is sparse.DEFAULT_TUNING
 
 
-
 @pytest.mark.parametrize("combine,pairs,top_k,cluster", [
     (None, 4, 16, 16),                                              # 64 CTAs: the cluster
     (None, sparse.DECODE_CLUSTER_MAX_CTAS // 16 + 1, 16, 0),        # larger grids: the last CTA
