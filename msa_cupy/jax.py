@@ -29,6 +29,7 @@ and no ``jax.vmap`` (the arrays already carry a batch axis: fold a mapped axis i
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import threading
 import warnings
@@ -43,11 +44,12 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("msa_cupy.jax needs JAX: pip install jax (CPU) or 'jax[cuda13]' (GPU)") from exc
 
-from . import _api, _interop, reference
+from . import _api, _interop, _native, reference
 from . import plan as _plan
 
 __all__ = ["attention", "decode"]
 
+NATIVE = _native.ENABLED  # decode steps through the native XLA handler where it builds (read when a call is traced)
 _ARRAY_CACHE_SIZE = 256  # CuPy views of XLA buffers kept by address (a loop reuses the same ones)
 
 
@@ -57,6 +59,7 @@ class _Op(NamedTuple):
     arrays: tuple      # names of the arrays passed, in order
     options: tuple     # (option, value) pairs of the public call
     plan: tuple = ()   # decode: DecodePlan keyword arguments, as (name, value) pairs
+    native: bool = False  # decode on the GPU: the native XLA handler (else the Python callback)
 
 
 # --------------------------------------------------------------------------- public functions
@@ -102,7 +105,7 @@ def decode(q, k_cache, v_cache, seq_lens, block_table=None, *, index_q=None, ind
                       index_q=index_q, index_k_cache=index_k_cache)
     gpu = bool(_cuda_devices())
     plan_args = _check_decode(arrays, options, gpu=gpu)
-    result = _staged(_Op("decode", tuple(arrays), tuple(options.items()), tuple(plan_args.items())),
+    result = _staged(_Op("decode", tuple(arrays), tuple(options.items()), tuple(plan_args.items()), NATIVE and gpu),
                      *arrays.values())
     return result if len(result) > 1 else result[0]
 
@@ -217,9 +220,63 @@ def _gpu_call(op: _Op, *arrays):
     # the workspace is one more output, sized for any of the GPUs, with room to start it on a boundary
     workspace = max(p.workspace_bytes for p, _ in plans.values()) + _plan._ALIGN
     shapes.append(jax.ShapeDtypeStruct((workspace,), jnp.uint8))
+    shape = dict(zip(op.arrays, (a.shape for a in arrays)))
+    key = (_native_program(op, len(shapes), shape["q"][0], shape["block_table"][1] if "block_table" in shape else 0)
+           if op.native else None)
+    if key is not None:
+        run = jax.ffi.ffi_call(_native.TARGET, tuple(shapes))
+        return tuple(run(*arrays, program=np.int64(key)))[:-1]
     run = buffer_callback(functools.partial(_decode_callback, op, plans), tuple(shapes),
                           command_buffer_compatible=True)
     return tuple(run(*arrays))[:-1]
+
+
+# the step's slots (DecodePlan.step_programs) and the decode operand each is bound to
+_STEP_OPERANDS = {"q": "q", "k": "k_cache", "v": "v_cache", "seq_lens": "seq_lens", "table_in": "block_table",
+                  "iq": "index_q", "ik": "index_k_cache"}
+
+
+@functools.lru_cache(maxsize=None)
+def _native_program(op: _Op, n_results: int, batch: int, pages: int):
+    """The registry key of the step's program (``batch`` sequences, block tables of ``pages``
+    columns) in the native XLA handler, registered for each GPU's plan now (at trace time);
+    None where the handler is unavailable: then the Python
+    callback runs the step (warned once, with the reason)."""
+    lib = _native.library()
+    if lib is None:
+        warnings.warn(f"msa_cupy.jax.decode runs each step through a Python callback ({_native.unavailable}): "
+                      "tens of microseconds of host time a step more", RuntimeWarning, stacklevel=4)
+        return None
+    _register_native_target(lib)
+    key = int.from_bytes(hashlib.sha256(repr((op, batch, pages)).encode()).digest()[:8], "little") >> 1
+    n_args = len(op.arrays)
+    cp = _interop.require_cupy()
+    entry_points = _native.driver_entry_points()
+    for device, (plan, _) in _decode_plans(op.plan).items():
+        sources = {name: (_native.SOURCE_WORKSPACE, offset) for name, offset in plan._offsets.items()}
+        sources.update({slot: (op.arrays.index(name), 0) for slot, name in _STEP_OPERANDS.items()
+                        if name in op.arrays})
+        sources["out"] = (n_args, 0)
+        if dict(op.options)["return_lse"]:
+            sources["lse"] = (n_args + 1, 0)
+        with cp.cuda.Device(device):
+            programs = plan.step_programs(batch, pages)
+            words, keep = _native.flat_program(programs, sources, n_args=n_args, n_rets=n_results,
+                                               counter_span=plan._counter_span, align=_plan._ALIGN,
+                                               entry_points=entry_points)
+        _native.register(lib, key, device, words, keep)
+    return key
+
+
+@functools.lru_cache(maxsize=None)
+def _register_native_target(lib) -> None:
+    try:
+        from jaxlib.xla_client import CustomCallTargetTraits
+        traits = dict(traits=CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE)
+    except ImportError:  # pragma: no cover - a jaxlib without traits: XLA reads them from the handler
+        traits = {}
+    jax.ffi.register_ffi_target(_native.TARGET, jax.ffi.pycapsule(lib.msa_cupy_decode_step), platform="CUDA",
+                                api_version=1, **traits)
 
 
 @functools.lru_cache(maxsize=None)

@@ -930,6 +930,22 @@ class DecodePlan(_CachePlan):
         """
         return self._run(q, k_cache, v_cache, index_q, index_k_cache, out, lse, return_lse)
 
+    def step_programs(self, batch: int, pages: int = 0) -> tuple:
+        """The prepared launches of one step of ``batch`` sequences from device lengths (and
+        block tables of ``pages`` columns; 0 for a contiguous cache): update's, then run's, as
+        :meth:`update` and :meth:`run` launch them once :meth:`use_workspace` zeroed the
+        counters.  For a caller that binds the addresses itself and launches without Python
+        (msa_cupy.jax's XLA handler): the slots are the workspace views (by name, at their
+        offsets), ``seq_lens``, ``table_in`` (the block table), ``q``, ``k``, ``v``, ``out``,
+        ``lse`` and, with a learned index, ``iq`` and ``ik``."""
+        batch = _interop.check_int("batch", batch, minimum=1)
+        if batch > self.max_batch:
+            raise ValueError(f"batch must be <= max_batch ({self.max_batch}), got {batch}")
+        if (pages > 0) != self.paged:
+            raise ValueError("pages must be the block table's columns for a paged plan, 0 for a contiguous one")
+        return (self._program(("update", batch, int(pages), False)),
+                self._program(("run", batch, batch * self.queries_per_seq)))
+
     @property
     def block_indices(self):
         """The last run's selection (batch, queries_per_seq, Hkv, top_k) int32 (a workspace view)."""

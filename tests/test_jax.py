@@ -323,9 +323,18 @@ def _plan_steps(p, options):
 GPU_OPTS = dict(block_size=64, top_k=4)
 
 
+@pytest.fixture(params=[True, False], ids=["native", "callback"])
+def native(request, monkeypatch):
+    """Decode steps through the native XLA handler, or through the Python callback."""
+    if request.param and not mj._native.library():
+        pytest.skip(f"no native XLA handler: {mj._native.unavailable}")
+    monkeypatch.setattr(mj, "NATIVE", request.param)
+    return request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("paged, learned, nq", [(False, True, 1), (True, True, 1), (True, False, 2), (False, False, 4)])
-def test_gpu_decode_scan_equals_plan_steps_bitwise(rng, paged, learned, nq):
+def test_gpu_decode_scan_equals_plan_steps_bitwise(rng, paged, learned, nq, native):
     _jax_gpu()
     p = _decode_problem(rng, batch=3, cache=1500, nq=nq, learned=learned, paged=paged, steps=6, hq=32, hkv=4, d=128)
     outs, lses = _scan(p, GPU_OPTS)
@@ -334,7 +343,7 @@ def test_gpu_decode_scan_equals_plan_steps_bitwise(rng, paged, learned, nq):
 
 
 @pytest.mark.gpu
-def test_gpu_decode_steps_allocate_nothing(rng):
+def test_gpu_decode_steps_allocate_nothing(rng, native):
     import cupy as cp
 
     _jax_gpu()
@@ -361,11 +370,13 @@ extern "C" __global__ void spin(long long cycles) {
 @pytest.mark.gpu
 def test_gpu_decode_steps_never_wait_for_the_gpu(rng, monkeypatch):
     """A busy XLA stream (a 1 s kernel queued first): every decode step must be queued while
-    the GPU still works, i.e. no callback waits for the GPU (host sync)."""
+    the GPU still works, i.e. no callback waits for the GPU (host sync).  The Python callback
+    path (stamped per step); the native handler makes no host call but its launches."""
     import cupy as cp
     from jax.experimental.buffer_callback import buffer_callback
 
     _jax_gpu()
+    monkeypatch.setattr(mj, "NATIVE", False)
     seconds = 1.0
     spin = cp.RawKernel(_SPIN, "spin")
     cycles = int(1.8e9 * seconds)  # clock64 ticks: about a second at H100/A100 clocks
@@ -413,29 +424,33 @@ import jax
 import msa_cupy.jax as mj
 import test_jax as t
 
+mj.NATIVE = sys.argv[2] == "native"
 calls = [0]
 callback = mj._decode_callback
 def counted(*args):
     calls[0] += 1
     callback(*args)
 mj._decode_callback = counted
+def runs():  # Python callbacks, or the native handler's executions
+    lib = mj._native._library
+    return calls[0] + (lib.msa_cupy_executions() if lib is not None else 0)
 p = t._decode_problem(np.random.default_rng(5), batch=2, cache=3000, learned=True, steps=16, hq=32, hkv=4, d=128)
 fn, args = t._scan_fn(p, t.GPU_OPTS)
 first = jax.block_until_ready(fn(*args))
-recorded = calls[0]
+recorded = runs()
 again = jax.block_until_ready(fn(*args))
 want = t._plan_steps(p, t.GPU_OPTS)
-print(json.dumps(dict(recorded=recorded, replayed=calls[0] - recorded, steps=16,
+print(json.dumps(dict(recorded=recorded, replayed=runs() - recorded, steps=16, native=mj._native._library is not None,
                       equal=bool(t._same(first[0], want[0]) and t._same(first[1], want[1])
                                  and t._same(again[0], want[0]) and t._same(again[1], want[1])))))
 """
 
 
 @functools.lru_cache(maxsize=None)
-def _command_buffer_run(flags):
+def _command_buffer_run(flags, path):
     env = dict(os.environ, XLA_FLAGS=flags, XLA_PYTHON_CLIENT_PREALLOCATE="false",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    done = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_CHILD, str(ROOT / "tests")], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_CHILD, str(ROOT / "tests"), path], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -446,11 +461,13 @@ _CB_ON = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL -
 
 
 @pytest.mark.gpu
-def test_gpu_command_buffer_flags_keep_the_steps_exact():
+@pytest.mark.parametrize("path", ["native", "callback"])
+def test_gpu_command_buffer_flags_keep_the_steps_exact(path):
     _jax_gpu()
-    off = _command_buffer_run(_CB_OFF)
-    assert off["equal"] and off["recorded"] == off["replayed"] == off["steps"], off  # the callback runs every step
-    on = _command_buffer_run(_CB_ON)
+    off = _command_buffer_run(_CB_OFF, path)
+    assert off["native"] == (path == "native"), off
+    assert off["equal"] and off["recorded"] == off["replayed"] == off["steps"], off  # it runs at every step
+    on = _command_buffer_run(_CB_ON, path)
     assert on["equal"], on
 
 
@@ -460,6 +477,6 @@ def test_gpu_command_buffer_flags_keep_the_steps_exact():
                    "the step is allocation-free and declared command-buffer compatible, but XLA did not record it")
 def test_gpu_command_buffers_record_the_steps_once_and_replay_them():
     _jax_gpu()
-    on = _command_buffer_run(_CB_ON)
+    on = _command_buffer_run(_CB_ON, "callback")
     assert on["equal"], on
     assert on["replayed"] < on["steps"], f"XLA did not replay recorded steps: {on}"

@@ -24,7 +24,7 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_command():
     assert test in ci, ".ci/run must run the README's test command"
 
 
-def test_wheel_carries_the_cuda_sources(tmp_path):
+def test_wheel_carries_the_cuda_sources_and_the_handler_source(tmp_path):
     wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(wheel_dir), str(ROOT)], check=True, timeout=600)
@@ -33,7 +33,8 @@ def test_wheel_carries_the_cuda_sources(tmp_path):
                    check=True, timeout=600)
     code = ("import msa_cupy, msa_cupy._jit as j; print(j.CUDA_DIR); print(' '.join(j.kernel_sources()));"
             "print(len(j.source_text(j.kernel_sources()[0])));"
-            "import msa_cupy.testing as t, msa_cupy._bench as b; print(t.__file__); print(' '.join(sorted(b.SUITES)))")
+            "import msa_cupy.testing as t, msa_cupy._bench as b; print(t.__file__); print(' '.join(sorted(b.SUITES)));"
+            "import msa_cupy._native as n; print(n.SOURCE.is_file())")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout.splitlines()
@@ -42,6 +43,7 @@ def test_wheel_carries_the_cuda_sources(tmp_path):
     assert int(out[2]) > 0
     assert Path(out[3]).is_relative_to(site), "the test kit (msa_cupy.testing) ships in the wheel"
     assert out[4].split() == sorted(__import__("msa_cupy._bench", fromlist=["SUITES"]).SUITES)
+    assert out[5] == "True", "the XLA decode handler's C source ships in the wheel"
     headers = sorted(p.name for p in (ROOT / "cuda").glob("*.cuh"))
     assert sorted(p.name for p in Path(out[0]).glob("*.cuh")) == headers
 

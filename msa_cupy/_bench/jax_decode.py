@@ -4,20 +4,23 @@ index with one shared index-key head, contiguous cache): milliseconds per step o
 - ``plan eager``: ``DecodePlan.update`` + ``run`` queued step after step (CuPy);
 - ``plan graph``: ``update`` + one CUDA-graph replay of ``run`` per step;
 - ``jax scan``: ``msa_cupy.jax.decode`` in a jitted ``lax.scan`` over the steps, XLA command
-  buffers off (the Python callback runs every step);
+  buffers off; each step is the native XLA handler (C: binds XLA's buffers, launches the
+  plan's kernels; no Python);
 - ``jax scan, unroll 8``: the same scan with eight steps per loop iteration (XLA reads a while
   loop's predicate on the host each iteration: a host-device sync that the unrolled loop pays
   once per eight steps);
 - ``jax scan, command buffers``: the same with XLA command buffers on for custom calls
   (``--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL``), where XLA may
-  record the loop into CUDA graphs.
+  record the loop into CUDA graphs;
+- ``jax scan, Python callback``: the scan with each step through the Python callback
+  (``buffer_callback``), as where no C compiler builds the handler.
 
 Every step reads a new length (the cache grows by one key a step).  Wall clock over STEPS steps
 queued back to back, one sync at the end, median of REPEATS runs: the cost a decode loop pays
 per step, host time included.  XLA flags hold for a whole process, so each JAX mode runs in a
 child process (``child_main``) that prints one JSON line; the rows
-say how many times the Python callback ran per step (1 without command buffers; below 1 only
-where XLA replays recorded steps, which it did not on an H100 in 2026-12).
+say how many times the step ran on the host per step (the Python callback or the native
+handler; 1 without command buffers, below 1 where XLA replays recorded steps).
 """
 from __future__ import annotations
 
@@ -38,11 +41,12 @@ BATCHES = (1,)
 STEPS = 256
 REPEATS = 5
 _NO_BUFFERS = "--xla_gpu_enable_command_buffer="
-MODES = {  # name: (XLA flags, lax.scan unroll)
-    "jax scan": (_NO_BUFFERS, 1),
-    "jax scan, unroll 8": (_NO_BUFFERS, 8),
-    "jax scan, command buffers": ("--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL "
-                                  "--xla_gpu_graph_min_graph_size=1", 1),
+_BUFFERS = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1"
+MODES = {  # name: (XLA flags, lax.scan unroll, native handler)
+    "jax scan": (_NO_BUFFERS, 1, True),
+    "jax scan, unroll 8": (_NO_BUFFERS, 8, True),
+    "jax scan, command buffers": (_BUFFERS, 1, True),
+    "jax scan, Python callback": (_NO_BUFFERS, 1, False),
 }
 CHILD_TIMEOUT_S = 300
 
@@ -92,15 +96,16 @@ def _plan_ms(batch, n):
     return eager_ms, graph_ms
 
 
-def _jax_child(batch, n, unroll=1):
+def _jax_child(batch, n, unroll=1, native=True):
     """In a child process (XLA flags set by the parent): ms per step of the jitted scan
-    (``unroll`` steps per loop iteration), and how many times the decode callback ran per step."""
+    (``unroll`` steps per loop iteration), and how many times a step ran on the host per step."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
 
     import msa_cupy.jax as msa_jax
 
+    msa_jax.NATIVE = native
     calls = [0]
     callback = msa_jax._decode_callback
 
@@ -129,19 +134,24 @@ def _jax_child(batch, n, unroll=1):
 
     loop = jax.jit(steps)
     args = (lens, k, v, ik, qs, iqs)
+    def runs():  # Python callbacks, or the native handler's executions
+        lib = msa_jax._native._library
+        return calls[0] + (lib.msa_cupy_executions() if lib is not None and native else 0)
+
     loop(*args).block_until_ready()  # compile, record
-    calls[0] = 0
+    first = runs()
     ms = _median_ms_per_step(lambda: loop(*args).block_until_ready())
-    return dict(ms_per_step=ms, callbacks_per_step=calls[0] / (STEPS * (REPEATS + 1)), jax=jax.__version__)
+    return dict(ms_per_step=ms, host_runs_per_step=(runs() - first) / (STEPS * (REPEATS + 1)),
+                native=msa_jax._native._library is not None and native, jax=jax.__version__)
 
 
-def _run_child(batch, n, flags, unroll):
+def _run_child(batch, n, flags, unroll, native):
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
                XLA_PYTHON_CLIENT_PREALLOCATE="false")
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", CHILD, "--batch", str(batch), "--tokens", str(n), "--unroll",
-                           str(unroll)], env=env,
+                           str(unroll), "--native", str(int(native))], env=env,
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -167,14 +177,14 @@ def run(report, ceilings, tokens=CACHES, batches=BATCHES):
             eager_ms, graph_ms = _plan_ms(batch, n)
             report(f"{name} plan eager", **fields, mode="plan eager", ms_per_step=eager_ms)
             report(f"{name} plan graph", **fields, mode="plan graph", ms_per_step=graph_ms)
-            for mode, (flags, unroll) in MODES.items():
-                got = _run_child(batch, n, flags, unroll)
+            for mode, (flags, unroll, native) in MODES.items():
+                got = _run_child(batch, n, flags, unroll, native)
                 if "error" in got:
                     report(f"{name} {mode}", **fields, mode=mode, skipped=got["error"])
                     continue
                 ms = got["ms_per_step"]
-                report(f"{name} {mode}", **fields, mode=mode, ms_per_step=ms,
-                       callbacks_per_step=got["callbacks_per_step"], vs_plan_eager=ms / eager_ms,
+                report(f"{name} {mode}", **fields, mode=mode, ms_per_step=ms, native=got["native"],
+                       host_runs_per_step=got["host_runs_per_step"], vs_plan_eager=ms / eager_ms,
                        vs_plan_graph=ms / graph_ms, jax=got["jax"])
 
 
@@ -184,8 +194,9 @@ def child_main(argv):
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--tokens", type=int, required=True)
     parser.add_argument("--unroll", type=int, default=1)
+    parser.add_argument("--native", type=int, default=1)
     args = parser.parse_args(argv)
-    print(json.dumps(_jax_child(args.batch, args.tokens, args.unroll)), flush=True)
+    print(json.dumps(_jax_child(args.batch, args.tokens, args.unroll, bool(args.native))), flush=True)
 
 
 CHILD = "import sys; from msa_cupy._bench.jax_decode import child_main; child_main(sys.argv[1:])"
