@@ -5,18 +5,19 @@
     out = jax.jit(lambda q, k, v: msa_jax.attention(q, k, v, top_k=16))(q, k, v)
     out = msa_jax.decode(q, k_cache, v_cache, seq_lens, block_table)   # in lax.scan / while_loop bodies
 
-On a GPU each call is an XLA custom call (``jax.experimental.buffer_callback``): XLA hands the
-callback its device buffers and its stream, and msa_cupy's kernels run on that stream, reading
-the inputs and writing the outputs in place (no copies, no host sync).  ``decode`` allocates
-nothing: the decode plan (kernels, grids) is built once per static configuration when the
-function is traced, its workspace is one more output that XLA allocates, and each step is
-``DecodePlan.update`` + ``DecodePlan.run`` into XLA's output buffers.  That makes it
-command-buffer compatible (declared so to XLA); measured on an H100, XLA with
-``--xla_gpu_enable_command_buffer`` including ``CUSTOM_CALL`` still ran the callback at every
-step of a scan (results exact), rather than replaying a recording.  ``attention`` (prefill, any
-shape) allocates its scratch through CuPy inside the callback and copies its results into
-XLA's buffers: it is not command-buffer compatible, and needs GPU memory that XLA has not
-taken (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` or a lower ``XLA_PYTHON_CLIENT_MEM_FRACTION``).
+On a GPU each call is an XLA custom call on XLA's stream: the kernels read XLA's input
+buffers and write its output buffers in place (no copies, no host sync).  ``decode``
+allocates nothing: the decode plan (kernels, grids) is built once per static configuration
+when the function is traced, its workspace is one more output that XLA allocates, and a step
+is the plan's prepared launches (``DecodePlan.step_programs``: update + run) run by msa_cupy's
+native XLA FFI handler (``xla_ffi.c``, built at first use by ``_native``): no Python at run
+time, declared command-buffer compatible.  Where the handler cannot be built (no C compiler)
+or ``MSA_CUPY_JAX_NATIVE=0``, the step runs ``DecodePlan.update`` + ``run`` in a Python
+callback (``jax.experimental.buffer_callback``) instead: same results, more host time a step.
+``attention`` (prefill, any shape) is such a callback: it allocates its scratch through CuPy
+and copies its results into XLA's buffers; it is not command-buffer compatible, and needs GPU
+memory that XLA has not taken (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` or a lower
+``XLA_PYTHON_CLIENT_MEM_FRACTION``).
 
 On the CPU the same functions run the float64 reference (``msa_cupy.reference``) through
 ``jax.pure_callback``, so that jitted code, scans and loops can be tested without a GPU.  Where
