@@ -381,6 +381,15 @@ def _cached_cubin(source, arch, names, *, rejected=None):
     options = compile_options(arch)
     key = hashlib.sha256(json.dumps([text, options, sorted(names), _nvrtc_version(_nvrtc_cupy)]).encode()).hexdigest()
     fname = f"{Path(source).stem}-{arch}-{key[:24]}{ENTRY_SUFFIX}"
+    return cached_build(fname, key, names, f"{source} for {arch}",
+                        lambda: _nvrtc_cupy(text, source, options, list(names))[:2], rejected=rejected)
+
+
+def cached_build(fname: str, key: str, names, what: str, build, *, rejected=None):
+    """(bytes, {name: lowered name}, from_disk): the verified cache entry ``fname`` written for
+    ``key`` and ``names``, else ``build()`` (announced on stderr before it starts: a cold
+    compile takes seconds to minutes) and stored.  ``rejected`` skips the read and replaces
+    the entry."""
     opened = _open_cache()
     path, dir_fd = opened if opened else (None, None)
     try:
@@ -392,22 +401,21 @@ def _cached_cubin(source, arch, names, *, rejected=None):
                     return (*entry, True)
             except (_Refused, OSError) as exc:
                 why = f"cached copy rejected: {exc}"
-        # before the compile starts: a cold compile takes seconds to minutes
-        print(f"msa_cupy: compiling {source} for {arch} ({why}) ...", end="", file=sys.stderr, flush=True)
+        print(f"msa_cupy: compiling {what} ({why}) ...", end="", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
-            cubin, lowered, _ = _nvrtc_cupy(text, source, options, list(names))
+            data, lowered = build()
         except BaseException:
             print(" failed", file=sys.stderr, flush=True)
             raise
         print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         if dir_fd is not None:
             try:
-                _write_entry(dir_fd, fname, _entry_bytes(key, cubin, lowered))
+                _write_entry(dir_fd, fname, _entry_bytes(key, data, lowered))
             except OSError as exc:
                 _warn_once(f"msa_cupy: kernel cache {path} is not writable ({exc}); "
                            "kernels will be recompiled in each process")
-        return cubin, lowered, False
+        return data, lowered, False
     finally:
         if dir_fd is not None:
             os.close(dir_fd)

@@ -20,7 +20,6 @@ import sys
 import sysconfig
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -67,38 +66,9 @@ def _cached_library(cc: list[str], include: str) -> bytes:
     header = Path(include) / "xla" / "ffi" / "api" / "c_api.h"
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), header.read_bytes(), " ".join(cc).encode(),
                                      sys.platform.encode()])).hexdigest()
-    fname = f"xla_ffi-{key[:24]}{_jit.ENTRY_SUFFIX}"
     names = {"handler": TARGET}
-    opened = _jit._open_cache()
-    path, dir_fd = opened if opened else (None, None)
-    try:
-        why = "first use; cached after" if dir_fd is not None else "first use; in memory only"
-        if dir_fd is not None:
-            try:
-                entry = _jit._read_entry(dir_fd, fname, key, names)
-                if entry is not None:
-                    return entry[0]
-            except (_jit._Refused, OSError) as exc:
-                why = f"cached copy rejected: {exc}"
-        print(f"msa_cupy: compiling the XLA decode handler with {cc[0]} ({why}) ...", end="", file=sys.stderr,
-              flush=True)
-        t0 = time.perf_counter()
-        try:
-            data = _build(cc, include)
-        except BaseException:
-            print(" failed", file=sys.stderr, flush=True)
-            raise
-        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        if dir_fd is not None:
-            try:
-                _jit._write_entry(dir_fd, fname, _jit._entry_bytes(key, data, names))
-            except OSError as exc:
-                _jit._warn_once(f"msa_cupy: kernel cache {path} is not writable ({exc}); the XLA decode handler "
-                                "will be recompiled in each process")
-        return data
-    finally:
-        if dir_fd is not None:
-            os.close(dir_fd)
+    return _jit.cached_build(f"xla_ffi-{key[:24]}{_jit.ENTRY_SUFFIX}", key, names,
+                             f"the XLA decode handler with {cc[0]}", lambda: (_build(cc, include), names))[0]
 
 
 def _load(data: bytes) -> ctypes.CDLL:
