@@ -33,7 +33,6 @@ SOURCE_WORKSPACE = -1  # a bind to the aligned workspace (the last result)
 LAUNCH_WORDS = 12
 MAX_CELLS = 64
 COMPILE_TIMEOUT_S = 120
-ENABLED = os.environ.get("MSA_CUPY_JAX_NATIVE", "1") != "0"  # 0: msa_cupy.jax keeps its Python callback
 
 _lock = threading.Lock()
 _library = None
@@ -98,9 +97,6 @@ def library(include: str | None = None):
     with _lock:
         if _library is not None or (unavailable is not None and include is None):
             return _library
-        if not ENABLED:
-            unavailable = "MSA_CUPY_JAX_NATIVE=0"
-            return None
         cc = compiler()
         if cc is None:
             unavailable = "no C compiler found (set CC)"

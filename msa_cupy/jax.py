@@ -9,11 +9,12 @@ On a GPU each call is an XLA custom call on XLA's stream: the kernels read XLA's
 buffers and write its output buffers in place (no copies, no host sync).  ``decode``
 allocates nothing: the decode plan (kernels, grids) is built once per static configuration
 when the function is traced, its workspace is one more output that XLA allocates, and a step
-is the plan's prepared launches (``DecodePlan.step_programs``: update + run) run by msa_cupy's
-native XLA FFI handler (``xla_ffi.c``, built at first use by ``_native``): no Python at run
-time, declared command-buffer compatible.  Where the handler cannot be built (no C compiler)
-or ``MSA_CUPY_JAX_NATIVE=0``, the step runs ``DecodePlan.update`` + ``run`` in a Python
-callback (``jax.experimental.buffer_callback``) instead: same results, more host time a step.
+is ``DecodePlan.update`` + ``run`` into XLA's buffers in a Python callback
+(``jax.experimental.buffer_callback``), declared command-buffer compatible.  With
+``MSA_CUPY_JAX_NATIVE=1`` (or ``NATIVE = True`` before the call is traced) a step is instead
+the plan's prepared launches (``DecodePlan.step_programs``) run by msa_cupy's native XLA FFI
+handler (``xla_ffi.c``, built at first use by ``_native``): no Python at run time.  It is
+opt-in until it has run on a GPU (its CPU tests call it through XLA's CPU runtime).
 ``attention`` (prefill, any shape) is such a callback: it allocates its scratch through CuPy
 and copies its results into XLA's buffers; it is not command-buffer compatible, and needs GPU
 memory that XLA has not taken (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` or a lower
@@ -32,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 import threading
 import warnings
 from typing import NamedTuple
@@ -50,7 +52,8 @@ from . import plan as _plan
 
 __all__ = ["attention", "decode"]
 
-NATIVE = _native.ENABLED  # decode steps through the native XLA handler where it builds (read when a call is traced)
+# decode steps through the native XLA handler (read when a call is traced); opt-in until it has run on a GPU
+NATIVE = os.environ.get("MSA_CUPY_JAX_NATIVE", "0") == "1"
 _ARRAY_CACHE_SIZE = 256  # CuPy views of XLA buffers kept by address (a loop reuses the same ones)
 
 
