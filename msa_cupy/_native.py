@@ -141,7 +141,7 @@ def flat_program(programs, sources: dict, *, n_args: int, n_rets: int, counter_s
             if n_cells > MAX_CELLS:
                 raise ValueError(f"{launch.kernel.name}: {n_cells} arguments, the handler takes {MAX_CELLS}")
             cells = launch.values.copy()  # the constants as prepared; the slots are rewritten per call
-            keep.append(cells)
+            keep += [cells, launch._keep]  # (arrays whose addresses are constants: live as long as the words)
             binds = []
             for name, view, index in launch.slots:
                 if view is not launch.values:

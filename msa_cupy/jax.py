@@ -251,6 +251,15 @@ def _native_program(op: _Op, n_results: int, batch: int, pages: int):
         warnings.warn(f"msa_cupy.jax.decode runs each step through a Python callback ({_native.unavailable}): "
                       "tens of microseconds of host time a step more", RuntimeWarning, stacklevel=4)
         return None
+    try:
+        return _register_native_step(lib, op, n_results, batch, pages)
+    except (OSError, AttributeError, ValueError, RuntimeError) as exc:  # e.g. a driver without cuLaunchKernelEx
+        warnings.warn(f"msa_cupy.jax.decode runs each step through a Python callback (the native handler "
+                      f"refused the step: {exc})", RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _register_native_step(lib, op: _Op, n_results: int, batch: int, pages: int) -> int:
     _register_native_target(lib)
     key = int.from_bytes(hashlib.sha256(repr((op, batch, pages)).encode()).digest()[:8], "little") >> 1
     n_args = len(op.arrays)

@@ -35,7 +35,7 @@
 
 /* CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out (no CUDA header needed here) */
 typedef struct {
-  int id;
+  _Alignas(8) int id; /* the value union holds 64-bit members */
   char pad[4];
   int value[16];
 } LaunchAttribute;

@@ -323,6 +323,11 @@ def _plan_steps(p, options):
 GPU_OPTS = dict(block_size=64, top_k=4)
 
 
+def _native_runs():
+    lib = mj._native._library
+    return 0 if lib is None else lib.msa_cupy_executions()
+
+
 @pytest.fixture(params=[True, False], ids=["native", "callback"])
 def native(request, monkeypatch):
     """Decode steps through the native XLA handler, or through the Python callback."""
@@ -337,7 +342,9 @@ def native(request, monkeypatch):
 def test_gpu_decode_scan_equals_plan_steps_bitwise(rng, paged, learned, nq, native):
     _jax_gpu()
     p = _decode_problem(rng, batch=3, cache=1500, nq=nq, learned=learned, paged=paged, steps=6, hq=32, hkv=4, d=128)
+    before = _native_runs()
     outs, lses = _scan(p, GPU_OPTS)
+    assert _native_runs() - before == (6 if native else 0), "the step did not take the path asked for"
     want_out, want_lse = _plan_steps(p, GPU_OPTS)
     assert _same(outs, want_out) and _same(lses, want_lse)  # (the plan against the reference: test_plan_gpu)
 
