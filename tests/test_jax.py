@@ -5,9 +5,11 @@ decode loops against the reference, bitwise; errors under jax.grad / jax.jvp / j
 for bad arrays, at trace time, naming the argument; `import msa_cupy` without JAX; the example.
 GPU (marked gpu): jitted attention == eager msa_cupy.attention bitwise; a jitted lax.scan of
 decode steps over growing lengths == per-step DecodePlan runs bitwise (contiguous, paged,
-learned and training-free index, multi-token prediction); no allocation and no host sync in
-the decode steps; XLA command buffers on (a child process: the flag is per process) keep the
-results exact; that XLA replays recorded steps is a strict xfail (measured: it does not yet).
+learned and training-free index, multi-token prediction), through the native XLA handler and
+through the Python callback (and the path asked for is the one that ran); no allocation and
+no host sync in the decode steps; XLA command buffers on (a child process: the flag is per
+process) keep the results exact on both paths; that XLA replays recorded callback steps is a
+strict xfail (measured: it does not yet).
 """
 import functools
 import json
