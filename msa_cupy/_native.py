@@ -36,7 +36,7 @@ COMPILE_TIMEOUT_S = 120
 
 _lock = threading.Lock()
 _library = None
-unavailable = None  # why the handler is not available (None: not tried yet, or it is)
+unavailable = None  # why the handler is not available (None: not tried yet, or it built)
 _kept: list = []  # registered programs and their cells: the handler reads them for good
 
 
@@ -90,31 +90,27 @@ def _load(data: bytes) -> ctypes.CDLL:
     return lib
 
 
-def library(include: str | None = None):
-    """The loaded handler library (ctypes), or None (``unavailable`` says why).  ``include``: the
-    directory holding ``xla/ffi/api/c_api.h`` (default: jaxlib's)."""
+def library():
+    """The loaded handler library (ctypes), or None (``unavailable`` says why); tried once."""
     global _library, unavailable
     with _lock:
-        if _library is not None or (unavailable is not None and include is None):
+        if _library is not None or unavailable is not None:
             return _library
         cc = compiler()
         if cc is None:
             unavailable = "no C compiler found (set CC)"
             return None
-        if include is None:
-            try:
-                import jax.ffi
+        try:
+            import jax.ffi
 
-                include = jax.ffi.include_dir()
-            except (ImportError, AttributeError) as exc:
-                unavailable = f"jaxlib ships no XLA FFI header ({exc})"
-                return None
+            include = jax.ffi.include_dir()
+        except (ImportError, AttributeError) as exc:
+            unavailable = f"jaxlib ships no XLA FFI header ({exc})"
+            return None
         try:
             _library = _load(_cached_library(cc, include))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             unavailable = f"the XLA decode handler did not build: {exc}"
-            return None
-        unavailable = None
         return _library
 
 

@@ -244,19 +244,18 @@ _STEP_OPERANDS = {"q": "q", "k": "k_cache", "v": "v_cache", "seq_lens": "seq_len
 def _native_program(op: _Op, n_results: int, batch: int, pages: int):
     """The registry key of the step's program (``batch`` sequences, block tables of ``pages``
     columns) in the native XLA handler, registered for each GPU's plan now (at trace time);
-    None where the handler is unavailable: then the Python
-    callback runs the step (warned once, with the reason)."""
+    None where the handler is unavailable or refuses the step: then the Python callback runs
+    it (warned, with the reason)."""
     lib = _native.library()
-    if lib is None:
-        warnings.warn(f"msa_cupy.jax.decode runs each step through a Python callback ({_native.unavailable}): "
-                      "tens of microseconds of host time a step more", RuntimeWarning, stacklevel=4)
-        return None
-    try:
-        return _register_native_step(lib, op, n_results, batch, pages)
-    except (OSError, AttributeError, ValueError, RuntimeError) as exc:  # e.g. a driver without cuLaunchKernelEx
-        warnings.warn(f"msa_cupy.jax.decode runs each step through a Python callback (the native handler "
-                      f"refused the step: {exc})", RuntimeWarning, stacklevel=4)
-        return None
+    why = _native.unavailable
+    if lib is not None:
+        try:
+            return _register_native_step(lib, op, n_results, batch, pages)
+        except (OSError, AttributeError, ValueError, RuntimeError) as exc:  # e.g. a driver without cuLaunchKernelEx
+            why = f"the native handler refused the step: {exc}"
+    warnings.warn(f"msa_cupy.jax.decode runs each step through a Python callback ({why}): tens of microseconds "
+                  "of host time a step more", RuntimeWarning, stacklevel=4)
+    return None
 
 
 def _register_native_step(lib, op: _Op, n_results: int, batch: int, pages: int) -> int:
