@@ -131,14 +131,15 @@ struct PrefillItem {
 // reach rows that never see them.  So they are zeroed in shared memory and their keys marked
 // in `nonfinite` (one bit per key of the block); add_back_nonfinite_v adds p * v for them to
 // the rows that see the key, in fp32, as dense attention would (p * Inf = Inf, NaN stays NaN).
-// Every thread of the CTA calls this; a thread checks the 16-byte chunks tid, tid + THREADS,
+// Every thread of the THREADS that loaded the block calls this (tid: its index among them,
+// by default its index in the CTA); a thread checks the 16-byte chunks tid, tid + THREADS,
 // ... of the block, the ones it copied itself with the same loop (PrefillItem::load_kv,
 // QueryTile::load_keys), so it may call this right after its own cp.async wait (before the
 // barrier that publishes the block) as well as between two barriers.
 template <int D, int BK, int THREADS, typename T, typename Offset>
-__device__ __forceinline__ void zero_nonfinite_v(T* Vs, unsigned* nonfinite, Offset offset) {
+__device__ __forceinline__ void zero_nonfinite_v(T* Vs, unsigned* nonfinite, Offset offset, int tid = threadIdx.x) {
     constexpr int CH = D / 8;
-    for (int c = threadIdx.x; c < BK * CH; c += THREADS) {
+    for (int c = tid; c < BK * CH; c += THREADS) {
         const int row = c / CH, ch = c % CH;
         uint4* chunk = reinterpret_cast<uint4*>(Vs + offset(row, ch));
         const uint4 u = *chunk;

@@ -54,13 +54,14 @@ struct QueryTile {
     }
 
     // Keys key0 .. key0 + KC of KV head g into Ks and Vs (KC x D; keys >= key_end zero-filled,
-    // their address the valid key `safe`).  cp.async: the caller commits.
+    // their address the valid key `safe`), by THREADS threads, this one the tid-th of them.
+    // cp.async: the caller commits.
     template <int D, int KC, int THREADS, typename T, typename Offset>
     __device__ __forceinline__ void load_keys(T* Ks, T* Vs, const T* __restrict__ k, const T* __restrict__ v,
                                               const KeyRows& key_rows, int key0, int safe, int key_end, int g,
-                                              int n_heads_kv, Offset offset) const {
+                                              int n_heads_kv, Offset offset, int tid = threadIdx.x) const {
         constexpr int CH = D / 8;
-        for (int x = threadIdx.x; x < KC * CH; x += THREADS) {
+        for (int x = tid; x < KC * CH; x += THREADS) {
             const int row = x / CH, ch = x % CH, key = key0 + row;
             const bool ok = key < key_end;
             const i64 off = (key_rows.row(seq, k_start, ok ? key : safe) * n_heads_kv + g) * D + ch * 8;

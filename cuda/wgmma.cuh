@@ -1,4 +1,5 @@
-// Hopper warpgroup matrix multiply (wgmma, sm_90a only): A in registers, B in shared memory.
+// Hopper warpgroup matrix multiply (wgmma, sm_90a only): A in registers or shared memory, B in
+// shared memory.
 // Used by select_sm90.cu (index GEMM), sparse_prefill_sm90.cu and sparse_prefill_tile_sm90.cu
 // (Q K^T and P V).
 //
@@ -54,16 +55,26 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[64]) {
     "%56, %57, %58, %59, %60, %61, %62, %63}"
 #define MSA_F8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
                      "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+// One wgmma.mma_async m64n128k16 into d[64] (fp32): OPERANDS is the PTX text of the A and B
+// operands and of the immediates after the accumulate predicate, whose input operand is PRED;
+// the inputs follow.
+#define MSA_WGMMA_M64N128K16(TYPE, PRED, OPERANDS, ...)                                          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " MSA_WGMMA_D64    \
+                 ", " OPERANDS ";\n}\n"                                                            \
+                 : MSA_F8(d, 0), MSA_F8(d, 8), MSA_F8(d, 16), MSA_F8(d, 24), MSA_F8(d, 32),          \
+                   MSA_F8(d, 40), MSA_F8(d, 48), MSA_F8(d, 56)                                       \
+                 : __VA_ARGS__)
 // A from registers: the four b32 registers of this warp's 16 x 16 A slice, in the
 // mma.m16n8k16 A-fragment layout (ldmatrix_x4 of rows 16w.., mma.cuh); only B is read from
 // shared memory, K-major (TRANS_B = 0) or MN-major (TRANS_B = 1).
-#define MSA_WGMMA_M64N128K16(TYPE)                                                                \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                       \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " " MSA_WGMMA_D64    \
-                 ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                     \
-                 : MSA_F8(d, 0), MSA_F8(d, 8), MSA_F8(d, 16), MSA_F8(d, 24), MSA_F8(d, 32),          \
-                   MSA_F8(d, 40), MSA_F8(d, 48), MSA_F8(d, 56)                                       \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B))
+#define MSA_WGMMA_RS(TYPE)                                                                        \
+    MSA_WGMMA_M64N128K16(TYPE, "%69", "{%64, %65, %66, %67}, %68, p, 1, 1, %70", "r"(a[0]), "r"(a[1]), \
+                         "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B))
+// Both operands from shared memory: A (64 x 16) K-major through its descriptor as well.
+#define MSA_WGMMA_SS(TYPE)                                                                        \
+    MSA_WGMMA_M64N128K16(TYPE, "%66", "%64, %65, p, 1, 1, 0, %67", "l"(desc_a), "l"(desc_b), "r"(accumulate), \
+                         "n"(TRANS_B))
 
 // D (+)= A (64 x 16) * B (16 x 128) over one k16 step, B stored as 128 rows of K (K-major,
 // e.g. keys for Q K^T) or as 16 rows of N (MN-major, TRANS_B = 1, e.g. V for P V);
@@ -71,8 +82,19 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[64]) {
 template <typename T, int TRANS_B = 0>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const unsigned (&a)[4], u64 desc_b, int accumulate) {
     if constexpr (mma_type<T>::is_bf16) {
-        MSA_WGMMA_M64N128K16("bf16");
+        MSA_WGMMA_RS("bf16");
     } else {
-        MSA_WGMMA_M64N128K16("f16");
+        MSA_WGMMA_RS("f16");
+    }
+}
+
+// The same with A from shared memory (64 rows of K, K-major, the 128-byte swizzle): desc_a
+// from wgmma_desc_sw128 at the warpgroup's first row, 32 bytes further per k16 step.
+template <typename T, int TRANS_B = 0>
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], u64 desc_a, u64 desc_b, int accumulate) {
+    if constexpr (mma_type<T>::is_bf16) {
+        MSA_WGMMA_SS("bf16");
+    } else {
+        MSA_WGMMA_SS("f16");
     }
 }

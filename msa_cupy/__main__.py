@@ -270,7 +270,12 @@ def sparse_variant(text: str):
         if name not in types or not value:
             raise argparse.ArgumentTypeError(f"{item!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
         kind = types[name]
-        fields[name] = None if value == "None" else kind(value) if kind in (int, float) else value
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise argparse.ArgumentTypeError(f"{item!r}: {name} takes true or false")
+            fields[name] = value.lower() in ("true", "1")
+        else:
+            fields[name] = None if value == "None" else kind(value) if kind in (int, float) else value
     try:
         return sparse.SparseTuning(**fields)
     except ValueError as exc:

@@ -173,7 +173,7 @@ def _attention_case(rng, seqs):
 
 
 def _sparse_kernels(rng, seqs, path, prefill_kernel=None, schedule="kv", min_useful=0.3, tile_kernel="mma",
-                    decode_combine=None):
+                    tile_producer=False, decode_combine=None):
     from . import sparse
 
     layout, cu_q, cu_k, arrays, scale, ref = _attention_case(rng, seqs)
@@ -181,7 +181,7 @@ def _sparse_kernels(rng, seqs, path, prefill_kernel=None, schedule="kv", min_use
     try:
         tuning = sparse.SparseTuning(path=path, prefill_kernel=prefill_kernel, schedule=schedule,
                                      tile_min_useful=min_useful, tile_kernel=tile_kernel,
-                                     decode_combine=decode_combine)
+                                     tile_producer=tile_producer, decode_combine=decode_combine)
         out, lse = sparse.sparse_attention(*_device(*arrays), layout, *_device(cu_q, cu_k), block_size=ATTN_BLOCK,
                                            causal=True, scale=scale, tuning=tuning)
     finally:
@@ -353,6 +353,9 @@ def stages(wgmma: bool):
              p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="wgmma")),
             ("tile_schedule.cu + sparse_prefill_tile_sm90.cu (wgmma, every tile tile-outer)",
              p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", schedule="tile", tile_kernel="wgmma")),
+            ("sparse_prefill_tile_sm90.cu with a producer warpgroup (mbarrier ring, pipeline.cuh)",
+             p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", schedule="tile", tile_kernel="wgmma",
+               tile_producer=True)),
             ("decode.cu (combined by a cluster of each row's top_k CTAs)",
              p(_sparse_kernels, seqs=DECODE_SEQS, path="decode", decode_combine="cluster")),
         ]

@@ -78,6 +78,7 @@ PREFILL_SCHEDULE = "kv"  # measured (H100, 128K, f02938c): KV-outer 55.7 / 55.6 
                          # auto 58.4 / 61.7, tile 210.7 / 55.9: the tile-outer kernel is not yet faster
 TILE_ROWS = 128  # rows of a tile-outer query tile: tokens x G heads (8 warps; at most 64 tokens)
 TILE_STAGES = 2  # K/V chunks of 64 keys buffered by the tile-outer kernel
+TILE_PRODUCER_STAGES = 2  # the wgmma tile-outer kernel with a producer warpgroup: chunks of 128 keys buffered
 # A (query tile, KV head) runs tile-outer when its tokens picked at least this share of the
 # tile's token x block pairs (the tile-outer kernel computes them all, or skips a warp's rows;
 # the KV-outer path computes the picks only, at about 21% of the matmul ceiling, bound by its
@@ -130,8 +131,9 @@ for _t in ("bf16", "f16"):
                  *[(_t, _d, _g, _bk, _tile_warps(TILE_ROWS, _g), TILE_STAGES) for _d in SUPPORTED_HEAD_DIMS
                    for _g in SUPPORTED_GROUP_SIZES for _bk in SUPPORTED_BLOCK_SIZES])
 _jit.declare("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel",
-             *[(_t, 128, _g, 128, _tile_warpgroups(TILE_ROWS, _g), TILE_STAGES) for _t in ("bf16", "f16")
-               for _g in SUPPORTED_GROUP_SIZES], arch_specific=True)
+             *[(_t, 128, _g, 128, _tile_warpgroups(TILE_ROWS, _g), _stages, _producer) for _t in ("bf16", "f16")
+               for _g in SUPPORTED_GROUP_SIZES for _stages, _producer in ((TILE_STAGES, 0), (TILE_PRODUCER_STAGES, 1))],
+             arch_specific=True)
 _jit.declare("tile_schedule.cu", "query_tile_offsets")
 _jit.declare("tile_schedule.cu", "classify_query_tiles", (CLASSIFY_WARPS,))
 # reverse_index.cu's kernels that reverse_index launches: name -> (template argument, threads a CTA)
@@ -202,7 +204,8 @@ class SparseTuning:
     per warp).  ``schedule`` of the prefill: "auto" (per query tile, the cost model with
     ``tile_min_useful``), "kv" (all KV-outer) or "tile" (all tile-outer); ``tile_rows`` (64
     or 128) and ``tile_stages`` (>= 2) the tile-outer kernel's query tile and K/V buffers,
-    ``tile_kernel`` the tile-outer kernel like ``prefill_kernel`` (None: wgmma where it fits);
+    ``tile_kernel`` the tile-outer kernel like ``prefill_kernel`` (None: wgmma where it fits),
+    ``tile_producer`` its wgmma variant with a producer warpgroup (pipeline.cuh);
     ``decode_combine`` how the decode path combines a row's picks: "cluster" (a thread-block
     cluster of its top_k CTAs, sm_90, top_k in DECODE_CLUSTERS), "last_cta" (the CTA that
     finishes last), None (the cluster where it can and the grid has at most
@@ -218,6 +221,7 @@ class SparseTuning:
     tile_stages: int = TILE_STAGES
     tile_min_useful: float = TILE_MIN_USEFUL
     tile_kernel: str | None = None
+    tile_producer: bool = False
     decode_combine: str | None = None
 
     def __post_init__(self):
@@ -238,6 +242,10 @@ class SparseTuning:
             raise ValueError(f"tile_rows must be 64 or 128, got {self.tile_rows!r}")
         if isinstance(self.tile_stages, bool) or not isinstance(self.tile_stages, int) or self.tile_stages < 2:
             raise ValueError(f"tile_stages must be an int >= 2, got {self.tile_stages!r}")
+        if not isinstance(self.tile_producer, bool):
+            raise ValueError(f"tile_producer must be a bool, got {self.tile_producer!r}")
+        if self.tile_producer and self.tile_kernel == "mma":
+            raise ValueError("tile_producer: a variant of the wgmma tile-outer kernel, not of tile_kernel='mma'")
         useful = self.tile_min_useful
         if isinstance(useful, bool) or not isinstance(useful, (int, float)) or not 0 <= useful <= 1:
             raise ValueError(f"tile_min_useful must be a number in [0, 1], got {useful!r}")
@@ -544,7 +552,8 @@ def tile_schedule_model(block_indices, cu_q, *, tile_tokens: int, min_useful: fl
 class TilePrefillKernel(NamedTuple):
     """The tile-outer attention kernel and its launch shape: ``tile_tokens`` tokens per query
     tile (rows / G), ``stages`` buffers of ``chunk_keys`` K/V rows, ``align`` bytes of shared
-    memory to align them.  ``kernel`` None: the shape alone (tile_prefill_kernel(load=False))."""
+    memory to align them, ``query_bytes`` for a query tile kept in a region of its own (the
+    producer variant).  ``kernel`` None: the shape alone (tile_prefill_kernel(load=False))."""
 
     kernel: object
     threads: int
@@ -553,12 +562,15 @@ class TilePrefillKernel(NamedTuple):
     head_dim: int
     chunk_keys: int
     align: int
+    query_bytes: int = 0
 
     def smem_bytes(self, top_k: int) -> int:
-        """Dynamic shared memory for top_k: the K/V chunk buffers, then per id of the tile's
-        picks a union mask (8 bytes), union id, pick and first-occurrence flag."""
+        """Dynamic shared memory for top_k: the K/V chunk buffers (and the query tile's region),
+        then per id of the tile's picks a union mask (8 bytes), union id, pick and
+        first-occurrence flag."""
         entries = self.tile_tokens * top_k
-        return self.align + self.stages * 2 * self.chunk_keys * self.head_dim * 2 + -(-entries * 17 // 16) * 16
+        return (self.align + self.stages * 2 * self.chunk_keys * self.head_dim * 2 + self.query_bytes
+                + -(-entries * 17 // 16) * 16)
 
     def fits(self, top_k: int) -> bool:
         """The kernel takes this top_k: its ids deduplicate in bounded time, its shared memory
@@ -570,12 +582,13 @@ class TilePrefillKernel(NamedTuple):
 
 
 def tile_prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, rows=TILE_ROWS, stages=TILE_STAGES,
-                        variant=None, load=True) -> TilePrefillKernel:
+                        variant=None, producer=False, load=True) -> TilePrefillKernel:
     """The tile-outer kernel with query tiles of ``rows`` rows (at most 64 tokens):
     ``variant`` None (wgmma where it fits, else mma.sync), "wgmma" (sparse_prefill_tile_sm90.cu,
-    sm_90 at D = BK = 128: ``stages`` buffers of 128-key chunks) or "mma"
-    (sparse_prefill_tile.cu: ``stages`` buffers of 64-key chunks).  ``load`` False: the launch
-    shape only (kernel None), to size shared memory before compiling."""
+    sm_90 at D = BK = 128: ``stages`` buffers of 128-key chunks; ``producer``: one more
+    warpgroup loads them, the query tile in shared memory) or "mma" (sparse_prefill_tile.cu:
+    ``stages`` buffers of 64-key chunks).  ``load`` False: the launch shape only (kernel None),
+    to size shared memory before compiling."""
     if variant is None:
         variant = "wgmma" if _wgmma_prefill_fits(head_dim, block_size) else "mma"
     tokens = tile_tokens(group, rows)
@@ -584,9 +597,13 @@ def tile_prefill_kernel(dtype, head_dim: int, group: int, block_size: int, *, ro
             raise ValueError("the wgmma tile-outer kernel needs an sm_90 GPU and head_dim = block_size = 128")
         wgs = _tile_warpgroups(rows, group)
         kernel = _jit.kernel("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel",
-                             (_jit.dtype_template(dtype), head_dim, group, block_size, wgs, stages),
+                             (_jit.dtype_template(dtype), head_dim, group, block_size, wgs, stages, int(producer)),
                              arch_specific=True) if load else None
-        return TilePrefillKernel(kernel, 128 * wgs, tokens, stages, head_dim, block_size, 1024)
+        return TilePrefillKernel(kernel, 128 * (wgs + producer), tokens, stages, head_dim, block_size, 1024,
+                                 64 * wgs * head_dim * 2 if producer else 0)
+    if producer:
+        raise ValueError("a producer warpgroup is a variant of the wgmma tile-outer kernel only (sm_90, "
+                         "head_dim = block_size = 128)")
     warps = _tile_warps(rows, group)
     kernel = _jit.kernel("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel",
                          (_jit.dtype_template(dtype), head_dim, group, block_size, warps, stages)) if load else None
@@ -679,7 +696,8 @@ def sparse_attention(q, k, v, block_indices, layout, cu_q, cu_k, *, block_size, 
     schedule = "kv" if decode else tuning.schedule
     tile = None
     if schedule != "kv":
-        tile_args = dict(rows=tuning.tile_rows, stages=tuning.tile_stages, variant=tuning.tile_kernel)
+        tile_args = dict(rows=tuning.tile_rows, stages=tuning.tile_stages, variant=tuning.tile_kernel,
+                         producer=tuning.tile_producer)
         shape = tile_prefill_kernel(q.dtype, head_dim, group, block_size, **tile_args, load=False)
         if shape.fits(top_k):
             tile = tile_prefill_kernel(q.dtype, head_dim, group, block_size, **tile_args)

@@ -63,7 +63,10 @@ def test_bench_variants_are_sparse_tunings():
     assert cli.sparse_variant("tile_stages=3,tile_kernel=mma") == sparse.SparseTuning(tile_stages=3, tile_kernel="mma")
     assert cli.sparse_variant("schedule=tile,tile_rows=64,tile_min_useful=0.5") == sparse.SparseTuning(
         schedule="tile", tile_rows=64, tile_min_useful=0.5)
-    for bad in ("tile_rows=96", "rows=64", "schedule="):
+    assert cli.sparse_variant("tile_producer=true,tile_kernel=wgmma") == sparse.SparseTuning(tile_producer=True,
+                                                                                         tile_kernel="wgmma")
+    assert cli.sparse_variant("tile_producer=0") == sparse.SparseTuning()
+    for bad in ("tile_rows=96", "rows=64", "schedule=", "tile_producer=yes", "tile_producer=true,tile_kernel=mma"):
         with pytest.raises(argparse.ArgumentTypeError):
             cli.sparse_variant(bad)
     res = run_cli("bench", "--suite", "sparse", "--variant", "tile_rows=96")

@@ -54,9 +54,12 @@ def _kernel_run(path):
                       wgmma=sparse.SparseTuning(path="prefill", prefill_kernel="wgmma", schedule="kv"),
                       tile=sparse.SparseTuning(path="prefill", schedule="tile"),  # wgmma on sm_90 at D = Bk = 128
                       tile_mma=sparse.SparseTuning(path="prefill", schedule="tile", tile_kernel="mma"),
+                      tile_producer=sparse.SparseTuning(path="prefill", schedule="tile", tile_kernel="wgmma",
+                                                        tile_producer=True),
                       # tiles of both kinds in one call at the Bk = 128 shapes (a quarter to a half KV-outer)
                       auto=sparse.SparseTuning(path="prefill", schedule="auto", tile_min_useful=0.58))[path]
-        if path == "wgmma" and not (_jit.has_wgmma() and q.shape[-1] == 128 and case.block_size == 128):
+        wgmma = _jit.has_wgmma() and q.shape[-1] == 128 and case.block_size == 128
+        if path in ("wgmma", "tile_producer") and not wgmma:
             pytest.skip("the wgmma prefill kernel runs on sm_90 at head_dim = block_size = 128")
         cu_q = cupy.asarray([0, nq], cupy.int32)
         cu_k = cupy.asarray([0, nk], cupy.int32)
@@ -112,7 +115,7 @@ def _check(case, out, lse, clean_out, clean_lse, dtype_name):
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("path", ["decode", "mma", "wgmma", "tile", "tile_mma", "auto", "plain"])
+@pytest.mark.parametrize("path", ["decode", "mma", "wgmma", "tile", "tile_mma", "tile_producer", "auto", "plain"])
 def test_kernel_paths(path, shape, dtype_name, rng):
     case = planted_case(rng, dtype=DTYPES[dtype_name], **SHAPES[shape])
     run = _kernel_run(path)
@@ -122,7 +125,7 @@ def test_kernel_paths(path, shape, dtype_name, rng):
 
 
 @pytest.mark.parametrize("kinds", [("v",), ("k",), ("q",)])
-@pytest.mark.parametrize("path", ["decode", "mma", "wgmma", "tile", "tile_mma", "auto", "plain"])
+@pytest.mark.parametrize("path", ["decode", "mma", "wgmma", "tile", "tile_mma", "tile_producer", "auto", "plain"])
 def test_kernel_paths_one_kind_at_a_time(path, kinds, rng):
     """v only: no row NaN from a score; k only and q only: as the rule says, nothing more."""
     case = planted_case(rng, dtype=DTYPES["bfloat16"], kinds=kinds, **SHAPES["prefill-d128-bk128"])

@@ -61,16 +61,44 @@ def test_tile_and_auto_schedules_match_reference(case):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(case=_cases(), kernel=st.sampled_from(["wgmma", "mma"]))
+@given(case=_cases(), kernel=st.sampled_from(["wgmma", "wgmma_producer", "mma"]))
 def test_tile_kernels_at_d128_bk128(case, kernel):
-    """Both tile-outer kernels (sm_90 wgmma, mma.sync) at the shape where sm_90 defaults to wgmma."""
+    """Every tile-outer kernel (sm_90 wgmma, with and without a producer warpgroup; mma.sync) at
+    the shape where sm_90 defaults to wgmma."""
     from msa_cupy import _jit
 
-    if kernel == "wgmma" and not _jit.has_wgmma():
+    if kernel.startswith("wgmma") and not _jit.has_wgmma():
         pytest.skip("the wgmma kernel runs on sm_90 only")
     group, hkv, _, _, dtype_name, causal, lengths, top_k, mode, schedule, tile_rows, min_useful, seed = case
     _check_case((group, hkv, 128, 128, dtype_name, causal, lengths, top_k, mode, "prefill", seed), select=_selection,
-                schedule=schedule, tile_rows=tile_rows, tile_min_useful=min_useful, tile_kernel=kernel)
+                schedule=schedule, tile_rows=tile_rows, tile_min_useful=min_useful, tile_kernel=kernel[:5],
+                tile_producer=kernel == "wgmma_producer")
+
+
+@pytest.mark.parametrize("mode", ["coherent", "random"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("group,hkv,top_k,tile_rows,stages", [(16, 2, 16, 128, 2), (16, 1, 5, 64, 3), (4, 2, 6, 128, 2),
+                                                               (1, 1, 4, 128, 2), (2, 2, 3, 64, 3)])
+def test_producer_variant_is_bitwise_the_wgmma_kernel(rng, mode, causal, group, hkv, top_k, tile_rows, stages):
+    """sparse_prefill_tile_sm90.cu with a producer warpgroup (the chunks through an mbarrier ring,
+    the query tile read by wgmma from shared memory, the non-finite V zeroed by the producer)
+    against the same kernel without one: the same products summed in the same order, so the same
+    bits; and both against the oracle.  One and two computing warpgroups, 2 and 3 buffers (3 fit
+    the query tile of one warpgroup only)."""
+    from msa_cupy import _jit
+
+    if not _jit.has_wgmma():
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    lengths = [(600, 600), (1, 1), (0, 50), (130, 1000), (5, 3), (300, 2100)]
+    (q, k, v, bi, cu_q, cu_k, scale), (ref_out, ref_lse) = _case(
+        rng, lengths, group, hkv, 128, "bfloat16", top_k, 128, causal, mode)
+    runs = []
+    for producer in (False, True):
+        out, lse = _run(q, k, v, bi, cu_q, cu_k, 128, causal, scale, path="prefill", schedule="tile",
+                        tile_kernel="wgmma", tile_rows=tile_rows, tile_stages=stages, tile_producer=producer)
+        testing.assert_attention_close(out, ref_out, "bfloat16", lse, ref_lse)
+        runs.append((out, lse))
+    assert _bitwise(runs[0][0], runs[1][0]) and _bitwise(runs[0][1], runs[1][1]), "producer variant not bitwise"
 
 
 @pytest.mark.parametrize("mode", ["coherent", "random"])

@@ -88,8 +88,9 @@ def test_tile_kernels_are_declared():
                     assert name in tile, name
     assert set(variants["tile_schedule.cu"]) == {"query_tile_offsets", f"classify_query_tiles<{sparse.CLASSIFY_WARPS}>"}
     assert set(variants["sparse_prefill_tile_sm90.cu"]) == {
-        f"sparse_prefill_tile_sm90_kernel<{dt}, 128, {g}, 128, {min(2, g)}, {sparse.TILE_STAGES}>"
-        for dt in ("bf16", "f16") for g in sparse.SUPPORTED_GROUP_SIZES}
+        f"sparse_prefill_tile_sm90_kernel<{dt}, 128, {g}, 128, {min(2, g)}, {stages}, {producer}>"
+        for dt in ("bf16", "f16") for g in sparse.SUPPORTED_GROUP_SIZES
+        for stages, producer in ((sparse.TILE_STAGES, 0), (sparse.TILE_PRODUCER_STAGES, 1))}
     assert all(variants["sparse_prefill_tile_sm90.cu"].values())  # arch-specific: sm_90a
 
 
@@ -99,7 +100,8 @@ def test_tile_kernels_compile_for_sm80_and_sm90():
     pytest.importorskip("cuda.bindings")
     for source, names, archs in [
             ("sparse_prefill_tile.cu", ["sparse_prefill_tile_kernel<bf16, 128, 16, 128, 8, 2>"], ("sm_80", "sm_90")),
-            ("sparse_prefill_tile_sm90.cu", ["sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2>"], ("sm_90a",)),
+            ("sparse_prefill_tile_sm90.cu", ["sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2, 0>",
+                                             "sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2, 1>"], ("sm_90a",)),
             ("tile_schedule.cu", ["query_tile_offsets", f"classify_query_tiles<{sparse.CLASSIFY_WARPS}>"],
              ("sm_80", "sm_90"))]:
         for arch in archs:
@@ -121,10 +123,16 @@ def test_attention_kernels_keep_their_arrays_in_registers():
             ("sparse_prefill.cu", "sparse_prefill_kernel<bf16, 128, 16, 128, 4, 2, 1>", "sm_80"),
             ("sparse_prefill_sm90.cu", "sparse_prefill_sm90_kernel<bf16, 128, 16, 128, 1, 2>", "sm_90a"),
             ("sparse_prefill_tile.cu", "sparse_prefill_tile_kernel<bf16, 128, 16, 128, 8, 2>", "sm_90"),
-            ("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2>", "sm_90a")]:
+            ("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2, 0>", "sm_90a"),
+            ("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2, 1>", "sm_90a")]:
         _, lowered, log = _jit.compile_cubin(source, arch, [name], verbose=True, frontend=_jit._nvrtc_cuda_python)
         regs, frame, spill_st, spill_ld = parse_ptxas(log)[lowered[name]]
         assert (frame, spill_st, spill_ld) == (0, 0, 0), (name, frame, spill_st, spill_ld)
+        if name.endswith("2, 2, 1>"):
+            # the producer variant's 384 threads start with the launch bounds' 168 registers each,
+            # which setmaxnreg moves: 128 x 40 (producer) + 256 x 232 (computing) = 384 x 168; a
+            # kernel given fewer would wait forever for registers the pool does not have
+            assert regs == 168, (name, regs)
 
 
 def test_tile_smem_counts_the_union():
@@ -133,6 +141,18 @@ def test_tile_smem_counts_the_union():
     assert mma.smem_bytes(3) == 2 * 2 * 64 * 128 * 2 + 416  # 24 * 17 = 408, rounded to 16
     wgmma = mma._replace(threads=256, chunk_keys=128, align=1024)  # sparse_prefill_tile_sm90.cu: whole blocks
     assert wgmma.smem_bytes(16) == 1024 + 2 * 2 * 128 * 128 * 2 + 8 * 16 * 17
+
+
+def test_the_producer_variant_adds_a_warpgroup_and_the_query_region(monkeypatch):
+    """The wgmma tile kernel's producer variant: 128 more threads, and the query tile (128 rows x
+    128 dims) in a region of its own; wgmma only."""
+    monkeypatch.setattr(sparse, "_wgmma_prefill_fits", lambda head_dim, block_size: True)  # as on sm_90
+    shape = {p: sparse.tile_prefill_kernel(np.dtype("float16"), 128, 16, 128, variant="wgmma", producer=p, load=False)
+             for p in (False, True)}
+    assert (shape[False].threads, shape[True].threads) == (256, 384)
+    assert shape[True].smem_bytes(16) == shape[False].smem_bytes(16) + 128 * 128 * 2
+    with pytest.raises(ValueError, match="producer"):
+        sparse.tile_prefill_kernel(np.dtype("float16"), 64, 16, 64, variant="mma", producer=True, load=False)
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_with_no_local_memory():

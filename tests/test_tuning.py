@@ -11,7 +11,7 @@ import pytest
 from msa_cupy import selection, sparse
 
 HOOKS = {"tuning", "stats", "force_path", "prefill_kernel", "prefill_warps", "prefill_stages", "prefill_mt", "schedule",
-         "tile_rows", "tile_stages", "tile_min_useful", "tile_kernel"}
+         "tile_rows", "tile_stages", "tile_min_useful", "tile_kernel", "tile_producer"}
 SELECT_HOOKS = {"splits", "warps"}
 
 
@@ -22,6 +22,7 @@ def test_sparse_tuning_defaults_are_the_module_constants():
                                                                   sparse.PREFILL_MT)
     assert (t.schedule, t.tile_rows, t.tile_stages, t.tile_min_useful, t.tile_kernel) == (
         sparse.PREFILL_SCHEDULE, sparse.TILE_ROWS, sparse.TILE_STAGES, sparse.TILE_MIN_USEFUL, None)
+    assert t.tile_producer is False
     assert sparse.SparseTuning(schedule="tile", tile_rows=64).changes() == {"schedule": "tile", "tile_rows": 64}
     assert t == sparse.DEFAULT_TUNING and t.changes() == {}
     assert sparse.SparseTuning(prefill_kernel="mma", prefill_warps=8).changes() == {"prefill_kernel": "mma",
@@ -40,6 +41,8 @@ def test_sparse_tuning_defaults_are_the_module_constants():
     (dict(tile_rows=True), "tile_rows"),
     (dict(tile_stages=1), "tile_stages"),
     (dict(tile_kernel="tma"), "tile_kernel"),
+    (dict(tile_producer=1), "tile_producer"),
+    (dict(tile_producer=True, tile_kernel="mma"), "tile_producer"),
     (dict(decode_combine="atomic"), "decode_combine"),
     (dict(tile_min_useful=1.5), "tile_min_useful"),
     (dict(tile_min_useful="0.3"), "tile_min_useful"),
