@@ -111,6 +111,16 @@ def cmd_check(args):
         print(f"msa_cupy check: unsupported --arch {', '.join(bad)}: the kernels need sm_80 or newer; "
               f"accepted: {', '.join(accepted)}", file=sys.stderr)
         return 2
+    if args.stage:
+        from msa_cupy import _sanitize
+
+        try:
+            if not args.sanitize:
+                raise ValueError("--stage selects sanitizer stages: it needs --sanitize")
+            _sanitize.selected(_sanitize.stages(wgmma=True), args.stage)
+        except ValueError as exc:
+            print(f"msa_cupy check: {exc}", file=sys.stderr)
+            return 2
     variants = _declared_variants()
     missing = sorted(set(_jit.kernel_sources()) - set(variants))
     failures = 0
@@ -157,7 +167,7 @@ def cmd_check(args):
     if args.sanitize:
         from msa_cupy import _sanitize
 
-        failures += _sanitize.sanitize()
+        failures += _sanitize.sanitize(match=tuple(args.stage))
     return 1 if failures else 0
 
 
@@ -341,6 +351,8 @@ def main(argv=None):
     check.add_argument("--sanitize", action="store_true",
                        help="then run every kernel on small shapes under compute-sanitizer memcheck, racecheck, "
                             "synccheck (GPU)")
+    check.add_argument("--stage", action="append", default=[], metavar="TEXT",
+                       help="with --sanitize: only the stages whose name holds TEXT (repeatable)")
     warmup = sub.add_parser("warmup", help="compile every kernel variant for this GPU into the cache (parallel)")
     warmup.add_argument("--jobs", type=int, help="compile processes (default: one per CPU)")
     bench = sub.add_parser("bench", help="timings against ceilings measured on this card")

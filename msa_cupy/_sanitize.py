@@ -2,8 +2,9 @@
 reference: the workload that ``python -m msa_cupy check --sanitize`` and
 tests/test_sanitize_gpu.py run under compute-sanitizer's memcheck, racecheck and synccheck.
 
-    python -m msa_cupy._sanitize      the workload in this process: a line per stage, exit
-                                      status 1 if a result is wrong
+    python -m msa_cupy._sanitize [TEXT ...]   the workload in this process (only the stages
+                                              whose name holds a TEXT, when given): a line per
+                                              stage, exit status 1 if a result is wrong
 
 The workload switches CuPy's memory pool off, so that each array is its own device
 allocation: memcheck then sees an access past an array's end, which inside a pooled chunk
@@ -362,15 +363,28 @@ def stages(wgmma: bool):
     return out
 
 
-def workload(log=print) -> int:
-    """Run every stage once; returns the number of wrong results."""
+def selected(all_stages, match=()):
+    """The stages whose name holds one of the strings in ``match`` (all of them when it is
+    empty); ValueError for a string no stage name holds, so that a typo does not pass as a
+    clean run of nothing."""
+    if not match:
+        return list(all_stages)
+    missing = [m for m in match if not any(m in name for name, _ in all_stages)]
+    if missing:
+        raise ValueError(f"no sanitizer stage matches {', '.join(map(repr, missing))}; the stages: "
+                         + "; ".join(name for name, _ in all_stages))
+    return [(name, check) for name, check in all_stages if any(m in name for m in match)]
+
+
+def workload(log=print, match=()) -> int:
+    """Run every stage once (or those ``selected`` by ``match``); returns the number of wrong results."""
     import cupy
 
     from . import _jit
 
     failures = 0
     rng = np.random.default_rng(0)
-    for name, check in stages(_jit.has_wgmma()):
+    for name, check in selected(stages(_jit.has_wgmma()), match):
         problem = check(rng)
         cupy.cuda.runtime.deviceSynchronize()
         log(f"{'ok  ' if problem is None else 'FAIL'} {name}" + ("" if problem is None else f": {problem}"))
@@ -392,11 +406,11 @@ def compute_sanitizer() -> str | None:
     return None
 
 
-def run(tool: str | None = None, timeout: float = 3600) -> tuple[bool, str]:
-    """The workload in a fresh process, under compute-sanitizer --tool `tool` (None: alone).
-    Returns (clean, output): the workload's checks passed and, under a tool, the sanitizer
-    reported 0 errors."""
-    command = [sys.executable, "-m", "msa_cupy._sanitize"]
+def run(tool: str | None = None, timeout: float = 3600, match=()) -> tuple[bool, str]:
+    """The workload in a fresh process (its stages ``match`` selects), under compute-sanitizer
+    --tool `tool` (None: alone).  Returns (clean, output): the workload's checks passed and,
+    under a tool, the sanitizer reported 0 errors."""
+    command = [sys.executable, "-m", "msa_cupy._sanitize", *match]
     if tool is not None:
         exe = compute_sanitizer()
         if exe is None:
@@ -414,15 +428,16 @@ def run(tool: str | None = None, timeout: float = 3600) -> tuple[bool, str]:
     return clean, output
 
 
-def sanitize(tools=TOOLS, log=print) -> int:
+def sanitize(tools=TOOLS, log=print, match=()) -> int:
     """The workload alone (which also compiles and caches every kernel it needs), then under
-    each tool.  Returns the number of failed runs (1 when compute-sanitizer is absent)."""
+    each tool; the stages ``match`` selects.  Returns the number of failed runs (1 when
+    compute-sanitizer is absent)."""
     if compute_sanitizer() is None:
         log("sanitize: compute-sanitizer not found on PATH, under $CUDA_HOME/bin or /usr/local/cuda/bin")
         return 1
     failures = 0
     for tool in (None, *tools):
-        clean, output = run(tool)
+        clean, output = run(tool, match=match)
         log(f"sanitize {tool or 'workload alone'}: {'clean' if clean else 'FAILED'}")
         if not clean:
             log(output[-8000:])
@@ -434,7 +449,7 @@ def main() -> int:
     import cupy
 
     cupy.cuda.set_allocator(None)  # one device allocation per array (see the module docstring)
-    return 1 if workload() else 0
+    return 1 if workload(match=tuple(sys.argv[1:])) else 0
 
 
 if __name__ == "__main__":

@@ -184,3 +184,23 @@ def test_sanitizer_summaries_are_read_per_tool():
     assert not _sanitize.reports_clean("========= ERROR SUMMARY: 3 errors\n")
     assert not _sanitize.reports_clean("========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n")
     assert not _sanitize.reports_clean("no summary: the tool did not finish\n")
+
+
+def test_sanitizer_stages_are_selected_by_name():
+    """`check --sanitize --stage TEXT` (and `python -m msa_cupy._sanitize TEXT`) run the stages
+    whose name holds TEXT; a TEXT no stage holds is refused before anything compiles."""
+    from msa_cupy import _sanitize
+
+    every = _sanitize.stages(wgmma=True)
+    assert _sanitize.selected(every) == every
+    producer = _sanitize.selected(every, ("producer warpgroup",))
+    assert [name for name, _ in producer] == [name for name, _ in every if "producer warpgroup" in name]
+    assert len(producer) == 1
+    both = _sanitize.selected(every, ("decode.cu", "producer warpgroup"))
+    assert len(both) > 1 and [s for s in every if s in both] == both  # in the workload's order
+    with pytest.raises(ValueError, match="'no such stage'"):
+        _sanitize.selected(every, ("decode.cu", "no such stage"))
+    res = run_cli("check", "--sanitize", "--stage", "no such stage", timeout=120)
+    assert res.returncode == 2 and "no sanitizer stage matches 'no such stage'" in res.stderr and res.stdout == ""
+    res = run_cli("check", "--stage", "decode.cu", timeout=120)
+    assert res.returncode == 2 and "needs --sanitize" in res.stderr and res.stdout == ""
