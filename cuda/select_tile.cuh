@@ -63,11 +63,12 @@ struct SelectRows {
         return (i64)(q_start + fr / rows_per_q) * n_heads + g0 + fr % rows_per_q;
     }
 
-    // Key tile t -> dst ([KEY_TILE][DI] in swizzled panels), zero past the sequence's end.
+    // Key tile t -> dst ([KEY_TILE][DI] in swizzled panels), zero past the sequence's end, by
+    // THREADS threads, this one the tid-th.
     template <int DI, int THREADS, typename T>
-    __device__ __forceinline__ void load_keys(T* dst, const T* index_k, int t) const {
+    __device__ __forceinline__ void load_keys(T* dst, const T* index_k, int t, int tid = threadIdx.x) const {
         constexpr int CH = DI / 8;
-        for (int c = threadIdx.x; c < KEY_TILE * CH; c += THREADS) {
+        for (int c = tid; c < KEY_TILE * CH; c += THREADS) {
             const int kr = c / CH, ch = c % CH;
             const int key = t * KEY_TILE + kr;
             const bool in = key < nk;

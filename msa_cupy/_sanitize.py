@@ -124,14 +124,15 @@ def _select_scores(rng, warps):
     return _equal(got.get(), ref, "block scores")
 
 
-def _select_topk(rng, warps, splits, seqs):
+def _select_topk(rng, warps, splits, seqs, producer=False):
     from . import reference, selection
 
     layout, cu_q, cu_k = _layout(seqs)
     iq, ik = _index(rng, layout)
     options = dict(top_k=TOP_K, block_size=SELECT_BLOCK, local_blocks=LOCAL, sink_blocks=SINK, causal=True)
     got = selection.select_blocks(*_device(iq, ik), layout, *_device(cu_q, cu_k),
-                                  tuning=selection.SelectTuning(splits=splits, warps=warps), **options)
+                                  tuning=selection.SelectTuning(splits=splits, warps=warps, producer=producer),
+                                  **options)
     ref = reference.select_blocks(iq, ik, **options, **_seq_kw(cu_q, cu_k))
     return _equal(got.get(), ref, "block ids")
 
@@ -350,6 +351,8 @@ def stages(wgmma: bool):
             ("select_sm90.cu top-k epilogue", p(_select_topk, warps=WGMMA, splits=1, seqs=PREFILL_SEQS)),
             ("select_sm90.cu top-k epilogue, split-K (merged by the last split)",
              p(_select_topk, warps=WGMMA, splits=3, seqs=DECODE_SEQS)),
+            ("select_sm90.cu with a producer warpgroup (mbarrier ring, pipeline.cuh), split-K",
+             p(_select_topk, warps=WGMMA, splits=3, seqs=PREFILL_SEQS, producer=True)),
             ("reverse_index.cu + sparse_prefill_sm90.cu (wgmma) + combine.cu",
              p(_sparse_kernels, seqs=PREFILL_SEQS, path="prefill", prefill_kernel="wgmma")),
             ("tile_schedule.cu + sparse_prefill_tile_sm90.cu (wgmma, every tile tile-outer)",

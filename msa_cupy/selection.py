@@ -55,8 +55,8 @@ _jit.declare("select.cu", "select_kernel", *[
     for _wm, _wn, _mt in map(_with_mt, (PREFILL_WARPS, SMALL_SMEM_WARPS, DECODE_WARPS, DECODE_WARPS_16))
     for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")])
 _jit.declare("select_sm90.cu", "select_sm90_kernel", *[
-    (_di, _bs, _st, _epi, _t) for _di in INDEX_DIMS for _bs in BLOCK_SIZES for _st in WGMMA_STAGES
-    for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16")], arch_specific=True)
+    (_di, _bs, _st, _epi, _t, _producer) for _di in INDEX_DIMS for _bs in BLOCK_SIZES for _st in WGMMA_STAGES
+    for _epi in (EPI_SCORES, EPI_TOPK) for _t in ("bf16", "f16") for _producer in (0, 1)], arch_specific=True)
 _jit.declare("topk.cu", "topk_kernel", (4, TOPK_WARPS), (1, TOPK_WARPS))
 
 
@@ -80,11 +80,13 @@ def supports(*, top_k: int, block_size: int, index_dim: int) -> bool:
 class SelectTuning:
     """Choices the launch heuristics otherwise make, for tests and tuning: ``splits`` key-range
     splits per CTA (None: enough CTAs for CTAS_PER_SM_TARGET per SM), ``warps`` the (WM, WN)
-    warp grid of select.cu (or (WM, WN, MT) with MT m16 row tiles a warp, 2 by default) or ``WGMMA`` for select_sm90.cu (None: by rows, card and shared
-    memory)."""
+    warp grid of select.cu (or (WM, WN, MT) with MT m16 row tiles a warp, 2 by default) or
+    ``WGMMA`` for select_sm90.cu (None: by rows, card and shared memory); ``producer``:
+    select_sm90.cu with a producer warpgroup (pipeline.cuh) where it runs."""
 
     splits: int | None = None
     warps: tuple | str | None = None
+    producer: bool = False
 
     def __post_init__(self):
         if self.splits is not None and (isinstance(self.splits, bool) or not isinstance(self.splits, int)
@@ -95,6 +97,8 @@ class SelectTuning:
         if self.warps is not None and self.warps != WGMMA and not grid:
             raise ValueError(f"warps must be None, {WGMMA!r} or a (WM, WN) / (WM, WN, MT) tuple of positive ints, "
                              f"got {self.warps!r}")
+        if not isinstance(self.producer, bool):
+            raise ValueError(f"producer must be a bool, got {self.producer!r}")
 
 
 DEFAULT_TUNING = SelectTuning()
@@ -180,10 +184,11 @@ def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_
         limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN)
         stages = next((st for st in WGMMA_STAGES if _smem_bytes(index_dim, block_size, warps, top_k, epilogue, st) <= limit),
                       WGMMA_STAGES[-1])
-        kernel = _jit.kernel("select_sm90.cu", "select_sm90_kernel", (index_dim, block_size, stages, epilogue, dt),
-                             arch_specific=True)
-        return SelectLaunch(kernel, 256, _smem_bytes(index_dim, block_size, warps, top_k, epilogue, stages), q_tiles,
-                            group_grid, splits, bm)
+        producer = int(tuning.producer)  # a third warpgroup loads the key tiles
+        kernel = _jit.kernel("select_sm90.cu", "select_sm90_kernel",
+                             (index_dim, block_size, stages, epilogue, dt, producer), arch_specific=True)
+        return SelectLaunch(kernel, 256 + 128 * producer, _smem_bytes(index_dim, block_size, warps, top_k, epilogue, stages),
+                            q_tiles, group_grid, splits, bm)
     kernel = _jit.kernel("select.cu", "select_kernel", (index_dim, block_size, *warps, epilogue, dt))
     return SelectLaunch(kernel, 32 * warps[0] * warps[1], _smem_bytes(index_dim, block_size, warps, top_k, epilogue),
                         q_tiles, group_grid, splits, bm)

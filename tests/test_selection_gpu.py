@@ -177,7 +177,7 @@ def test_topk_long_rows(rng):
 # --------------------------------------------------------------------------- fused select
 
 
-def _check_fused(case, splits=None, warps=None):
+def _check_fused(case, splits=None, warps=None, producer=False):
     import cupy
 
     from msa_cupy import selection
@@ -187,7 +187,7 @@ def _check_fused(case, splits=None, warps=None):
     cu_q, cu_k = _device_cu(layout)
     diq, dik = cupy.asarray(iq), cupy.asarray(ik)
     opts = _options(case)
-    tuning = selection.SelectTuning(splits=splits, warps=warps)
+    tuning = selection.SelectTuning(splits=splits, warps=warps, producer=producer)
     got = run_poisoned_twice(lambda out: selection.select_blocks(diq, dik, layout, cu_q, cu_k, out=out, tuning=tuning,
                                                                  **opts),
                              lambda: cupy.empty((layout.total_q, case["hkv"], case["top_k"]), cupy.int32), ID_POISON)
@@ -246,9 +246,10 @@ def test_select_blocks_merge_of_many_splits(order, splits):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(case=selection_case(), splits=st.integers(1, 5), scores=st.booleans())
-def test_select_wgmma_kernel(case, splits, scores):
-    """The sm_90 wgmma kernel on every shape (decode ones too), split-K forced, both epilogues."""
+@given(case=selection_case(), splits=st.integers(1, 5), scores=st.booleans(), producer=st.booleans())
+def test_select_wgmma_kernel(case, splits, scores, producer):
+    """The sm_90 wgmma kernel on every shape (decode ones too), split-K forced, both epilogues,
+    with and without a producer warpgroup."""
     import cupy
 
     from msa_cupy import selection
@@ -256,7 +257,7 @@ def test_select_wgmma_kernel(case, splits, scores):
     if not _jit.has_wgmma():
         pytest.skip("the wgmma kernel runs on sm_90 only")
     if not scores:
-        _check_fused(case, splits=splits, warps=selection.WGMMA)
+        _check_fused(case, splits=splits, warps=selection.WGMMA, producer=producer)
         return
     layout, bs = case["layout"], case["block_size"]
     iq, ik = _index_inputs(np.random.default_rng(case["seed"]), layout, case)
@@ -264,9 +265,36 @@ def test_select_wgmma_kernel(case, splits, scores):
     got = run_poisoned_twice(
         lambda out: selection.block_scores(cupy.asarray(iq), cupy.asarray(ik), layout, cu_q, cu_k, block_size=bs,
                                            causal=case["causal"], out=out,
-                                           tuning=selection.SelectTuning(warps=selection.WGMMA)),
+                                           tuning=selection.SelectTuning(warps=selection.WGMMA, producer=producer)),
         lambda: cupy.empty((layout.total_q, case["hkv"], layout.n_blocks(bs)), cupy.float32), SCORE_POISON)
     _assert_scores(got, iq, ik, layout, bs, case["causal"])
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_select_wgmma_producer_is_bitwise_the_wgmma_kernel(splits, rng):
+    """select_sm90.cu with a producer warpgroup (the key tiles through an mbarrier ring, the
+    computing warpgroups out of step) computes the same products and folds: block scores and
+    ids equal to the kernel without one, bit for bit (long rows: many key tiles a CTA)."""
+    import cupy
+
+    from msa_cupy import selection
+
+    if not _jit.has_wgmma():
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    layout = _layout([(700, 9000), (300, 300), (1, 20_000)])
+    hkv, di, bs, dt = 4, 128, 128, testing.DTYPES["bfloat16"]
+    iq = cupy.asarray(testing.randn(rng, (layout.total_q, hkv, di), dt))
+    ik = cupy.asarray(testing.randn(rng, (layout.total_k, 1, di), dt))
+    cu_q, cu_k = _device_cu(layout)
+    runs = []
+    for producer in (False, True):
+        tuning = selection.SelectTuning(splits=splits, warps=selection.WGMMA, producer=producer)
+        scores = selection.block_scores(iq, ik, layout, cu_q, cu_k, block_size=bs, causal=True, tuning=tuning)
+        ids = selection.select_blocks(iq, ik, layout, cu_q, cu_k, top_k=16, block_size=bs, local_blocks=1,
+                                      sink_blocks=1, causal=True, tuning=tuning)
+        runs.append((cupy.asnumpy(scores), cupy.asnumpy(ids)))
+    np.testing.assert_array_equal(runs[0][0].view(np.uint32), runs[1][0].view(np.uint32))
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
 
 
 def test_supports():

@@ -128,11 +128,21 @@ def test_attention_kernels_keep_their_arrays_in_registers():
         _, lowered, log = _jit.compile_cubin(source, arch, [name], verbose=True, frontend=_jit._nvrtc_cuda_python)
         regs, frame, spill_st, spill_ld = parse_ptxas(log)[lowered[name]]
         assert (frame, spill_st, spill_ld) == (0, 0, 0), (name, frame, spill_st, spill_ld)
-        if name.endswith("2, 2, 1>"):
-            # the producer variant's 384 threads start with the launch bounds' 168 registers each,
-            # which setmaxnreg moves: 128 x 40 (producer) + 256 x 232 (computing) = 384 x 168; a
-            # kernel given fewer would wait forever for registers the pool does not have
-            assert regs == 168, (name, regs)
+
+
+def test_producer_variants_start_with_the_registers_they_move():
+    """The producer variants (384 threads) must be given the launch bounds' 168 registers a
+    thread: setmaxnreg then moves them, 128 x 40 (producer) + 256 x 232 (computing) = 384 x 168.
+    A kernel given fewer would wait forever for registers the CTA does not hold.  No spills in
+    either role's budget."""
+    pytest.importorskip("cuda.bindings")
+    from msa_cupy.__main__ import parse_ptxas
+
+    for source, name in [("sparse_prefill_tile_sm90.cu", "sparse_prefill_tile_sm90_kernel<bf16, 128, 16, 128, 2, 2, 1>"),
+                         ("select_sm90.cu", "select_sm90_kernel<128, 128, 4, 1, bf16, 1>"),
+                         ("select_sm90.cu", "select_sm90_kernel<64, 64, 3, 0, f16, 1>")]:
+        _, lowered, log = _jit.compile_cubin(source, "sm_90a", [name], verbose=True, frontend=_jit._nvrtc_cuda_python)
+        assert parse_ptxas(log)[lowered[name]] == (168, 0, 0, 0), (name, parse_ptxas(log)[lowered[name]])
 
 
 def test_tile_smem_counts_the_union():

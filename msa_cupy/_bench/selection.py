@@ -9,8 +9,9 @@
   index keys once at the copy ceiling's bandwidth.
 
 Suite "selection" runs all three; suite "select_variants" times the default prefill kernel against
-its variants (on sm_90 the default is the wgmma kernel, select_sm90.cu, and warps=(8, 1) the
-mma.sync kernel, select.cu), checking that each variant picks the default's block ids.
+its variants (on sm_90 the default is the wgmma kernel, select_sm90.cu, warps=(8, 1) the
+mma.sync kernel, select.cu, and producer=True select_sm90.cu with a producer warpgroup),
+checking that each variant picks the default's block ids.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 
 import numpy as np
 
+from .. import _jit
 from .._layout import uniform_layout
 from . import harness
 
@@ -25,7 +27,9 @@ HKV, DI, BLOCK, TOP_K = 4, 128, 128, 16
 PREFILL_TOKENS = (32768, 131072, 1 << 20)
 DECODE_CACHES = (131072, 1 << 20)
 DECODE_BATCHES = (1, 8, 32)
-VARIANTS = ((8, 1),)  # warp grids timed against the default (mma.sync on sm_90)
+# SelectTuning fields of the variants timed against the default: mma.sync on sm_90, and the
+# wgmma kernel with a producer warpgroup (sm_90 only)
+VARIANTS = (dict(warps=(8, 1)), dict(warps="wgmma", producer=True))
 HOST_CALLS = 20
 OPTS = dict(top_k=TOP_K, block_size=BLOCK, local_blocks=1, sink_blocks=0)
 
@@ -111,12 +115,15 @@ def bench_prefill(report, ceil, n, plain=True, variants=()):
             fields["plain_ms"] = f"n/a ({type(exc).__name__}: {exc})"[:80]
     report(f"select_blocks prefill {n // 1024}K", **fields)
     ref = fn()
-    for warps in variants:  # tuning: other warp grids, checked against the default first
-        tuning = selection.SelectTuning(warps=warps)
+    for fields in variants:  # tuning: other kernels, checked against the default first
+        if fields.get("warps") == selection.WGMMA and not _jit.has_wgmma():
+            continue
+        tuning = selection.SelectTuning(**fields)
         vfn = lambda: selection.select_blocks(iq, ik, layout, cu_q, cu_k, tuning=tuning, **opts)  # noqa: E731
         same = bool(cp.array_equal(vfn(), ref))
         vms = harness.time_ms(vfn, [()], warmup=1, repeat=repeat)
-        report(f"  variant warps={warps}", tokens=n, ms=vms, TFLOPs=flops / vms / 1e9,
+        name = " ".join(f"{key}={value}" for key, value in fields.items())
+        report(f"  variant {name}", tokens=n, ms=vms, TFLOPs=flops / vms / 1e9,
                pct_matmul=100 * flops / vms / 1e9 / ceil["matmul_TFLOPs"], same_ids=same)
 
 
