@@ -39,7 +39,7 @@ __device__ __forceinline__ void named_barrier_sync(int id) {
 // Register reallocation between the warpgroups of a CTA (sm_90a; every thread of the
 // warpgroup executes it): the producer gives registers back, the consumers take them.  The
 // kernel is compiled for its thread count (launch bounds); these set the budget of the code
-// that follows them.
+// that follows them.  A warpgroup's warps must meet (a barrier) between two of them.
 template <int REGS> __device__ __forceinline__ void warpgroup_registers_dec() {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(REGS));
 }

@@ -203,10 +203,11 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                 fence_proxy_async();  // this thread's cp.async writes, read next by wgmma
                 mbarrier_arrive(&full[st]);
             }
+            named_barrier_sync<128>(2);  // a warpgroup's warps meet between two setmaxnreg (PTX)
             warpgroup_registers_inc<LAUNCH_REGS>();  // for the epilogue, once the others give theirs back
         } else {
             warpgroup_registers_inc<CONSUMER_REGS>();
-            stream_keys();
+            stream_keys();  // its warps meet at its named barrier 1 before the next setmaxnreg
             warpgroup_registers_dec<LAUNCH_REGS>();  // back to the launch's share, for the producer
         }
     } else {

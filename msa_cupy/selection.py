@@ -181,10 +181,12 @@ def select_config(*, dtype, index_dim, block_size, n_heads, k_heads, n_seq, max_
         splits = split_count(tiles, group_grid, max_k)
     dt = _jit.dtype_template(dtype)
     if warps == WGMMA:
-        limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN)
+        producer = int(tuning.producer)  # a third warpgroup loads the key tiles
+        # what the dynamic shared memory may take: the device's limit less the producer's
+        # static mbarriers (two of 8 bytes a stage)
+        limit = _device_attr(_ATTR_SMEM_PER_BLOCK_OPTIN) - producer * 16 * WGMMA_STAGES[0]
         stages = next((st for st in WGMMA_STAGES if _smem_bytes(index_dim, block_size, warps, top_k, epilogue, st) <= limit),
                       WGMMA_STAGES[-1])
-        producer = int(tuning.producer)  # a third warpgroup loads the key tiles
         kernel = _jit.kernel("select_sm90.cu", "select_sm90_kernel",
                              (index_dim, block_size, stages, epilogue, dt, producer), arch_specific=True)
         return SelectLaunch(kernel, 256 + 128 * producer, _smem_bytes(index_dim, block_size, warps, top_k, epilogue, stages),

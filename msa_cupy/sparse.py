@@ -78,7 +78,8 @@ PREFILL_SCHEDULE = "kv"  # measured (H100, 128K, f02938c): KV-outer 55.7 / 55.6 
                          # auto 58.4 / 61.7, tile 210.7 / 55.9: the tile-outer kernel is not yet faster
 TILE_ROWS = 128  # rows of a tile-outer query tile: tokens x G heads (8 warps; at most 64 tokens)
 TILE_STAGES = 2  # K/V chunks of 64 keys buffered by the tile-outer kernel
-TILE_PRODUCER_STAGES = 2  # the wgmma tile-outer kernel with a producer warpgroup: chunks of 128 keys buffered
+TILE_PRODUCER_STAGES = 2  # 128-key chunks the producer variant of the wgmma tile kernel buffers at 128-row tiles (3 do
+# not fit with its query tile at top_k 16); what check and warmup compile, SparseTuning.tile_stages picks at run time
 # A (query tile, KV head) runs tile-outer when its tokens picked at least this share of the
 # tile's token x block pairs (the tile-outer kernel computes them all, or skips a warp's rows;
 # the KV-outer path computes the picks only, at about 21% of the matmul ceiling, bound by its

@@ -111,3 +111,22 @@ def test_decode_combine_default_takes_the_cluster_on_small_grids_only(monkeypatc
     monkeypatch.setattr(_jit, "kernel", lambda path, name, args, **kw: built.append(args) or Stub())
     sparse.decode_kernel(np.dtype("float16"), 128, 16, 128, top_k, combine, pairs=pairs)
     assert built[-1][-1] == cluster
+
+
+def test_select_producer_leaves_room_for_its_barriers(monkeypatch):
+    """select_sm90.cu's producer variant has static mbarriers besides the dynamic shared memory:
+    where the deepest key ring fills the device's limit to the byte, it takes the next one."""
+    from msa_cupy import _jit
+
+    built = []
+    monkeypatch.setattr(_jit, "has_wgmma", lambda: True)
+    monkeypatch.setattr(_jit, "kernel", lambda path, name, args, **kw: built.append(args) or object())
+    monkeypatch.setattr(selection, "_device_attr", lambda attr: 232448 if attr == selection._ATTR_SMEM_PER_BLOCK_OPTIN
+                        else 132)  # H100: 227 KB a block, 132 SMs
+    top_k = 17  # rows 64 KB + 4 key tiles 128 KB + lists 34 KB + 1 KB: 232,448 bytes, the limit
+    assert selection._smem_bytes(128, 128, selection.WGMMA, top_k, selection.EPI_TOPK, 4) == 232448
+    for producer, stages, threads in ((False, 4, 256), (True, 3, 384)):
+        cfg = selection.select_config(dtype=np.dtype("float16"), index_dim=128, block_size=128, n_heads=4, k_heads=1,
+                                      n_seq=1, max_q=4096, max_k=4096, top_k=top_k, epilogue=selection.EPI_TOPK,
+                                      tuning=selection.SelectTuning(warps=selection.WGMMA, producer=producer))
+        assert built[-1] == (128, 128, stages, selection.EPI_TOPK, "f16", int(producer)) and cfg.threads == threads
