@@ -191,17 +191,24 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         }
     };
     if constexpr (PRODUCER) {
-        if (wg == 2) {  // the producer: tile after tile into the ring, one in flight
+        if (wg == 2) {  // the producer: tile t loaded while tile t - LAG is handed over
             warpgroup_registers_dec<PRODUCER_REGS>();
+            // tiles in flight besides the one handed over: STAGES - 2 (as many as the ring of the
+            // kernel without a producer), so that the tile handed over after the wait for a free
+            // stage is never the one the consumers need next
+            constexpr int LAG = STAGES - 2;
 #pragma unroll 1
-            for (int t = t_begin; t < t_end; ++t) {
-                const int st = (t - t_begin) % STAGES;
-                mbarrier_wait(&empty[st], ((t - t_begin) / STAGES + 1) & 1);  // tile t - STAGES released
-                rows.template load_keys<DI, 128>(stage_of(t), index_k, t, tid - CONSUMERS);
-                cp_async_commit();
-                cp_async_wait<0>();
+            for (int t = t_begin; t < t_end + LAG; ++t) {
+                if (t < t_end) {
+                    mbarrier_wait(&empty[(t - t_begin) % STAGES], ((t - t_begin) / STAGES + 1) & 1);  // t - STAGES released
+                    rows.template load_keys<DI, 128>(stage_of(t), index_k, t, tid - CONSUMERS);
+                }
+                cp_async_commit();  // a group every step, empty past the last tile: wait_group counts them
+                const int f = t - LAG;
+                if (f < t_begin) continue;
+                cp_async_wait<LAG>();  // this thread's copies of tile f have landed
                 fence_proxy_async();  // this thread's cp.async writes, read next by wgmma
-                mbarrier_arrive(&full[st]);
+                mbarrier_arrive(&full[(f - t_begin) % STAGES]);
             }
             named_barrier_sync<128>(2);  // a warpgroup's warps meet between two setmaxnreg (PTX)
             warpgroup_registers_inc<LAUNCH_REGS>();  // for the epilogue, once the others give theirs back

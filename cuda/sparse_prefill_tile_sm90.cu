@@ -122,27 +122,33 @@ sparse_prefill_tile_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k
         }
     };
     if constexpr (PRODUCER) {
-        if (wg == WGS) {  // the producer: chunk after chunk into the ring, one in flight
+        if (wg == WGS) {  // the producer: chunk c loaded while chunk c - LAG is handed over
             if constexpr (WGS > 1) warpgroup_registers_dec<PRODUCER_REGS>();
+            // chunks in flight besides the one handed over: STAGES - 2, so that the chunk handed
+            // over after the wait for a free buffer is never the one the consumers need next
+            constexpr int LAG = STAGES - 2;
             const int loader = tid - CONSUMERS;
 #pragma unroll 1
-            for (int c = 0; c < n_chunks; ++c) {
-                const int buf = c % STAGES;
-                const bool part = partly(c);
-                mbarrier_wait(&empty[buf], (c / STAGES + 1) & 1);  // the consumers' release of its chunk c - STAGES
-                if (part) {
-                    if (loader < KC / 32) nonfinite_v[buf][loader] = 0;
-                    named_barrier_sync<LOADERS>(2);  // cleared before any producer thread marks a key
+            for (int c = 0; c < n_chunks + LAG; ++c) {
+                if (c < n_chunks) {
+                    const int buf = c % STAGES;
+                    mbarrier_wait(&empty[buf], (c / STAGES + 1) & 1);  // the consumers' release of chunk c - STAGES
+                    if (partly(c)) {
+                        if (loader < KC / 32) nonfinite_v[buf][loader] = 0;
+                        named_barrier_sync<LOADERS>(2);  // cleared before any producer thread marks a key
+                    }
+                    load_chunk(c, buf, loader);
                 }
-                load_chunk(c, buf, loader);
-                cp_async_commit();
-                cp_async_wait<0>();
-                if (part)  // what this thread copied
-                    zero_nonfinite_v<D, KC, LOADERS>(bufs + buf * STAGE + KC * D, nonfinite_v[buf],
+                cp_async_commit();  // a group every step, empty past the last chunk: wait_group counts them
+                const int f = c - LAG, fbuf = f % STAGES;
+                if (f < 0) continue;
+                cp_async_wait<LAG>();  // this thread's copies of chunk f have landed
+                if (partly(f))  // what this thread copied
+                    zero_nonfinite_v<D, KC, LOADERS>(bufs + fbuf * STAGE + KC * D, nonfinite_v[fbuf],
                                                      [](int row, int ch) { return swizzled_panel<D, KC>(row, ch); },
                                                      loader);
                 fence_proxy_async();  // this thread's cp.async and zeroing writes, read next by wgmma
-                mbarrier_arrive(&full[buf]);
+                mbarrier_arrive(&full[fbuf]);
             }
             return;
         }
