@@ -18,7 +18,8 @@
 // pipeline.cuh) and the two computing warpgroups run out of step, with no CTA barrier per
 // tile: one's fold overlaps the other's products.  The producer hands its registers to them
 // for the key stream and all three take the launch's share back for the epilogue (finish),
-// which every thread of the CTA runs.
+// which every thread of the CTA runs: a CTA barrier orders the computing warpgroups' return
+// before the producer's.
 #include "pipeline.cuh"
 #include "select_tile.cuh"
 #include "wgmma.cuh"
@@ -210,12 +211,17 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                 fence_proxy_async();  // this thread's cp.async writes, read next by wgmma
                 mbarrier_arrive(&full[(f - t_begin) % STAGES]);
             }
-            named_barrier_sync<128>(2);  // a warpgroup's warps meet between two setmaxnreg (PTX)
-            warpgroup_registers_inc<LAUNCH_REGS>();  // for the epilogue, once the others give theirs back
+            // Not before the computing warpgroups have given theirs back: a producer with few tiles
+            // (or none) would otherwise take back the registers they have not yet claimed, and they
+            // would wait for them forever.  The barrier also makes the warps of each warpgroup meet
+            // between two setmaxnreg (PTX).
+            named_barrier_sync<THREADS>(2);
+            warpgroup_registers_inc<LAUNCH_REGS>();  // for the epilogue
         } else {
             warpgroup_registers_inc<CONSUMER_REGS>();
             stream_keys();  // its warps meet at its named barrier 1 before the next setmaxnreg
             warpgroup_registers_dec<LAUNCH_REGS>();  // back to the launch's share, for the producer
+            named_barrier_sync<THREADS>(2);
         }
     } else {
         stream_keys();
