@@ -184,11 +184,26 @@ static XLA_FFI_Error* error(const XLA_FFI_Api* api, XLA_FFI_Error_Code code, con
   return api->XLA_FFI_Error_Create(&e);
 }
 
+/* The head of each extension in a call frame's chain and the metadata extension, as the C ABI
+ * lays them out (size, type, next; then the metadata pointer).  Declared here: jaxlib versions
+ * declare the extension base differently in C (one of them so that `ext->next` does not
+ * compile), while the layout XLA passes stays the same. */
+typedef struct ExtensionHead {
+  size_t struct_size;
+  int type; /* XLA_FFI_Extension_Type, an int-sized enum */
+  const struct ExtensionHead* next;
+} ExtensionHead;
+
+typedef struct {
+  ExtensionHead head;
+  XLA_FFI_Metadata* metadata;
+} MetadataExtension;
+
 /* XLA asks for the handler's API version and traits with a metadata extension, not a call. */
 static int answer_metadata(XLA_FFI_CallFrame* frame) {
-  for (XLA_FFI_Extension_Base* ext = frame->extension_start; ext; ext = ext->next) {
+  for (const ExtensionHead* ext = (const ExtensionHead*)(const void*)frame->extension_start; ext; ext = ext->next) {
     if (ext->type != XLA_FFI_Extension_Metadata) continue;
-    XLA_FFI_Metadata* metadata = ((XLA_FFI_Metadata_Extension*)ext)->metadata;
+    XLA_FFI_Metadata* metadata = ((const MetadataExtension*)ext)->metadata;
     metadata->api_version.major_version = XLA_FFI_API_MAJOR;
     metadata->api_version.minor_version = XLA_FFI_API_MINOR;
     metadata->traits = XLA_FFI_HANDLER_TRAITS_COMMAND_BUFFER_COMPATIBLE;
