@@ -63,17 +63,12 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
     if (!rows.init(cu_q, cu_k, n_heads, k_heads, q_tiles, causal, n_splits, KeyRows{block_table, max_pages, page_size})) return;
     const int rows_here = rows.rows_here, t_begin = rows.t_begin, t_end = rows.t_end;
     auto stage_of = [&](int t) { return kbuf + ((t - t_begin) % STAGES) * KEY_TILE * DI; };
-    __shared__ mbarrier_t full[PRODUCER ? STAGES : 1], empty[PRODUCER ? STAGES : 1];
+    __shared__ MbarrierRing<STAGES> ring;  // with a producer
 
     if (!PRODUCER || tid < CONSUMERS) rows.template load_rows<DI, CONSUMERS>(qs, index_q);
     cp_async_commit();
     if constexpr (PRODUCER) {
-        if (tid == 0) {
-            for (int st = 0; st < STAGES; ++st) {
-                mbarrier_init(&full[st], 128);         // every producer thread, its copies landed
-                mbarrier_init(&empty[st], CONSUMERS / 32);  // every computing warp, done reading
-            }
-        }
+        if (tid == 0) ring.init(CONSUMERS / 32);
         __syncthreads();  // the barriers initialized
     } else {
 #pragma unroll
@@ -116,7 +111,7 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                 ldmatrix_x4(a_frag[mt][kk], qs + swizzled_panel<DI, BM>(wg * 128 + mt * 64 + wq * 16 + (lane & 15), kk * 2 + (lane >> 4)));
         for (int t = t_begin; t < t_end; ++t) {
             if constexpr (PRODUCER) {
-                mbarrier_wait(&full[(t - t_begin) % STAGES], ((t - t_begin) / STAGES) & 1);  // tile t landed
+                ring.wait_filled(t - t_begin);  // tile t landed
             } else {
                 cp_async_wait<STAGES - 2>();
                 fence_proxy_async();
@@ -174,10 +169,7 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
                     wgmma_wait<1>();  // fold m-tile 0 while m-tile 1 multiplies
                 } else {
                     wgmma_wait<0>();
-                    if constexpr (PRODUCER) {  // both products have read the tile: the producer may refill it
-                        __syncwarp();
-                        if (lane == 0) mbarrier_arrive(&empty[(t - t_begin) % STAGES]);
-                    }
+                    if constexpr (PRODUCER) ring.release(t - t_begin);  // both products have read the tile
                 }
                 wgmma_fence_operands(acc[mt]);
                 if (need_mask) fold(acc[mt], mt, true);
@@ -192,25 +184,15 @@ select_sm90_kernel(const T* __restrict__ index_q, const T* __restrict__ index_k,
         }
     };
     if constexpr (PRODUCER) {
-        if (wg == 2) {  // the producer: tile t loaded while tile t - LAG is handed over
+        if (wg == 2) {  // the producer: the CTA's key tiles into the ring (STAGES - 2 in flight, as deep
+                        // as the ring without a producer)
             warpgroup_registers_dec<PRODUCER_REGS>();
-            // tiles in flight besides the one handed over: STAGES - 2 (as many as the ring of the
-            // kernel without a producer), so that the tile handed over after the wait for a free
-            // stage is never the one the consumers need next
-            constexpr int LAG = STAGES - 2;
-#pragma unroll 1
-            for (int t = t_begin; t < t_end + LAG; ++t) {
-                if (t < t_end) {
-                    mbarrier_wait(&empty[(t - t_begin) % STAGES], ((t - t_begin) / STAGES + 1) & 1);  // t - STAGES released
-                    rows.template load_keys<DI, 128>(stage_of(t), index_k, t, tid - CONSUMERS);
-                }
-                cp_async_commit();  // a group every step, empty past the last tile: wait_group counts them
-                const int f = t - LAG;
-                if (f < t_begin) continue;
-                cp_async_wait<LAG>();  // this thread's copies of tile f have landed
-                fence_proxy_async();  // this thread's cp.async writes, read next by wgmma
-                mbarrier_arrive(&full[(f - t_begin) % STAGES]);
-            }
+            ring.produce(
+                t_end - t_begin,
+                [&](int i, int) {
+                    rows.template load_keys<DI, 128>(stage_of(t_begin + i), index_k, t_begin + i, tid - CONSUMERS);
+                },
+                [](int, int) {});
             // Not before the computing warpgroups have given theirs back: a producer with few tiles
             // (or none) would otherwise take back the registers they have not yet claimed, and they
             // would wait for them forever.  The barrier also makes the warps of each warpgroup meet

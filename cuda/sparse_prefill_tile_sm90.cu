@@ -78,17 +78,12 @@ sparse_prefill_tile_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k
     // slot is cleared one barrier before the chunk that next uses it marks it.  With one, buffer
     // b's in slot b: the producer clears it once the consumers have freed the buffer.
     __shared__ unsigned nonfinite_v[STAGES + 1][KC / 32];
-    __shared__ mbarrier_t full[PRODUCER ? STAGES : 1], empty[PRODUCER ? STAGES : 1];
+    __shared__ MbarrierRing<STAGES> ring;  // with a producer
     __shared__ int n_union;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
     if (tid < (STAGES + 1) * (KC / 32)) nonfinite_v[tid / (KC / 32)][tid % (KC / 32)] = 0;
-    if (PRODUCER && tid == 0) {  // published by the barriers of the union's build
-        for (int b = 0; b < STAGES; ++b) {
-            mbarrier_init(&full[b], LOADERS);     // every producer thread, its copies landed
-            mbarrier_init(&empty[b], 4 * WGS);    // every computing warp, done reading
-        }
-    }
+    if (PRODUCER && tid == 0) ring.init(4 * WGS);  // published by the barriers of the union's build
 
     // the query tile (rows past the tile's tokens zero), by the computing threads
     if (!PRODUCER || tid < CONSUMERS)
@@ -114,42 +109,29 @@ sparse_prefill_tile_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k
         const int key0 = u.block[c] * BK;
         return tr.partly(u.mask[c], key0, min(key0 + KC, tr.key_end) - key0);
     };
-    // the computing warps are done with buffer b (with a producer: it may load the next chunk)
-    auto release = [&](int b) {
-        if constexpr (PRODUCER) {
-            __syncwarp();
-            if (lane == 0) mbarrier_arrive(&empty[b]);
-        }
+    // the computing warps are done with chunk c (with a producer: it may load another into its buffer)
+    auto release = [&](int c) {
+        if constexpr (PRODUCER) ring.release(c);
     };
     if constexpr (PRODUCER) {
-        if (wg == WGS) {  // the producer: chunk c loaded while chunk c - LAG is handed over
+        if (wg == WGS) {  // the producer: the chunks into the ring, their non-finite V cleaned
             if constexpr (WGS > 1) warpgroup_registers_dec<PRODUCER_REGS>();
-            // chunks in flight besides the one handed over: STAGES - 2, so that the chunk handed
-            // over after the wait for a free buffer is never the one the consumers need next
-            constexpr int LAG = STAGES - 2;
             const int loader = tid - CONSUMERS;
-#pragma unroll 1
-            for (int c = 0; c < n_chunks + LAG; ++c) {
-                if (c < n_chunks) {
-                    const int buf = c % STAGES;
-                    mbarrier_wait(&empty[buf], (c / STAGES + 1) & 1);  // the consumers' release of chunk c - STAGES
+            ring.produce(
+                n_chunks,
+                [&](int c, int buf) {
                     if (partly(c)) {
                         if (loader < KC / 32) nonfinite_v[buf][loader] = 0;
                         named_barrier_sync<LOADERS>(2);  // cleared before any producer thread marks a key
                     }
                     load_chunk(c, buf, loader);
-                }
-                cp_async_commit();  // a group every step, empty past the last chunk: wait_group counts them
-                const int f = c - LAG, fbuf = f % STAGES;
-                if (f < 0) continue;
-                cp_async_wait<LAG>();  // this thread's copies of chunk f have landed
-                if (partly(f))  // what this thread copied
-                    zero_nonfinite_v<D, KC, LOADERS>(bufs + fbuf * STAGE + KC * D, nonfinite_v[fbuf],
-                                                     [](int row, int ch) { return swizzled_panel<D, KC>(row, ch); },
-                                                     loader);
-                fence_proxy_async();  // this thread's cp.async and zeroing writes, read next by wgmma
-                mbarrier_arrive(&full[fbuf]);
-            }
+                },
+                [&](int c, int buf) {
+                    if (partly(c))  // what this thread copied
+                        zero_nonfinite_v<D, KC, LOADERS>(bufs + buf * STAGE + KC * D, nonfinite_v[buf],
+                                                         [](int row, int ch) { return swizzled_panel<D, KC>(row, ch); },
+                                                         loader);
+                });
             return;
         }
         if constexpr (WGS > 1) warpgroup_registers_inc<CONSUMER_REGS>();
@@ -187,7 +169,7 @@ sparse_prefill_tile_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k
         T* Ks = bufs + buf * STAGE;
         T* Vs = Ks + KC * D;
         if constexpr (PRODUCER) {
-            mbarrier_wait(&full[buf], (c / STAGES) & 1);  // chunk c has landed, its V cleaned
+            ring.wait_filled(c);  // chunk c has landed, its V cleaned
         } else {
             cp_async_wait<STAGES - 2>();  // chunk c has landed, for this thread
             if (part)  // what this thread copied
@@ -202,7 +184,7 @@ sparse_prefill_tile_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k
         // the warpgroup's last token that picked the block sees the most of it (causal)
         const unsigned long long mine = mask & wg_tokens;
         if (mine == 0 || tile.visible(63 - __clzll(mine), causal) <= key0) {  // warpgroup-uniform skip
-            release(buf);
+            release(c);
             continue;
         }
         int lim[2];  // keys of the chunk each of this lane's rows sees
@@ -241,7 +223,7 @@ sparse_prefill_tile_sm90_kernel(const T* __restrict__ q, const T* __restrict__ k
                     v_row, col, col, lim, [&](int n, int h, int e) { return packed_p<T>(pa, n, h, e); },
                     [&](int n, int h, int e, float x) { o[n][2 * h + e] += x; });
             });
-        release(buf);
+        release(c);
     }
 
 #pragma unroll

@@ -99,6 +99,9 @@ class SelectTuning:
                              f"got {self.warps!r}")
         if not isinstance(self.producer, bool):
             raise ValueError(f"producer must be a bool, got {self.producer!r}")
+        if self.producer and grid:
+            raise ValueError(f"producer: a variant of select_sm90.cu (warps None or {WGMMA!r}), not of the "
+                             f"select.cu grid {self.warps!r}")
 
 
 DEFAULT_TUNING = SelectTuning()

@@ -60,6 +60,7 @@ def test_sparse_tuning_rejects(options, match):
     (dict(warps="mma"), "warps"),
     (dict(warps=[8, 1]), "warps"),
     (dict(producer=1), "producer"),
+    (dict(producer=True, warps=(8, 1)), "producer"),
 ])
 def test_select_tuning_rejects(options, match):
     with pytest.raises(ValueError, match=match):
